@@ -1,0 +1,63 @@
+"""The HTTP API: accepts jobs and batches, reports on them, and never imports torch or transformers.
+
+``create_app()`` reads settings at startup (not at import) and builds the services in the lifespan.
+Run it with ``queueformer api`` or ``uvicorn api.app:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from api import errors, metrics
+from api.middleware import BodyLimit
+from api.routes import health, jobs, models
+from api.services import Services
+from queueformer import __version__
+from queueformer.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = Services.build(settings)
+        try:
+            yield
+        finally:
+            app.state.services.close()
+
+    app = FastAPI(
+        title="queueformer",
+        version=__version__,
+        summary="A job queue for Hugging Face transformer models: generate, fill-mask, translate, classify, fine-tune.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for router in (health.router, models.router, jobs.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+        metrics.LATENCY.labels(path, request.method).observe(time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.api.max_body_bytes, limit_for=_upload_limit(settings))
+    return app
+
+
+def _upload_limit(settings: Settings) -> Callable[[str], int | None]:
+    def limit_for(path: str) -> int | None:
+        # File uploads carry batch inputs and training data: they get the tenant upload cap instead.
+        return settings.quota.max_upload_bytes + 64 * 1024 if path.rstrip("/") == "/v1/files" else None
+
+    return limit_for

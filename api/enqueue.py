@@ -1,0 +1,85 @@
+"""Accepting work: check it against the registry and quotas, record it, then publish it.
+
+Records are written before messages, in one pipelined round trip; messages group up to
+``chunk`` jobs of one model, so small jobs cost a fraction of a broker message each. If publishing
+fails, the jobs just recorded are failed as ``broker_unavailable`` (never left queued with no message)
+and the caller gets a 503 to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import cast
+
+from api.services import Services
+from queueformer.broker import JobsUnit, publish
+from queueformer.errors import BrokerUnavailable, QuotaExceeded
+from queueformer.jobs import AnyJob, FineTuneJob, GenerateJob
+from queueformer.state import new_id, tenant_tokens_key
+
+log = logging.getLogger(__name__)
+
+
+def estimate_tokens(spec: AnyJob) -> int:
+    """A cheap upper-bound-ish token estimate for quotas (about 4 characters per token)."""
+    text = getattr(spec, "prompt", None) or getattr(spec, "text", "") or ""
+    chars = len(text) if isinstance(text, str) else sum(len(t) for t in text)
+    extra = spec.max_new_tokens * spec.num_return_sequences if isinstance(spec, GenerateJob) else getattr(spec, "max_new_tokens", 0)
+    return chars // 4 + 1 + int(extra or 0)
+
+
+class Enqueuer:
+    """Turns validated job specs into records and broker messages."""
+
+    def __init__(self, services: Services, chunk: int = 128) -> None:
+        self.s = services
+        self.chunk = chunk
+
+    def check_quota(self, tenant: str, tokens: int) -> None:
+        current = int(cast(str | None, self.s.redis.get(tenant_tokens_key(tenant))) or 0)
+        cap = self.s.settings.quota.max_enqueued_tokens
+        if current + tokens > cap:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {current} tokens enqueued; adding {tokens} would pass the limit of {cap}",
+                details={"enqueued_tokens": current, "limit": cap},
+            )
+
+    def submit(self, specs: Sequence[AnyJob], tenant: str) -> list[str]:
+        registry = self.s.registry()
+        queues: dict[str, str] = {}
+        tokens: dict[str, int] = {}
+        pairs: list[tuple[str, AnyJob]] = []
+        for spec in specs:
+            entry = registry.get(spec.model, spec.task, tenant=tenant)
+            job_id = new_id("job")
+            queues[job_id] = registry.queue_for(entry, spec.task)
+            tokens[job_id] = estimate_tokens(spec) if not isinstance(spec, FineTuneJob) else 0
+            pairs.append((job_id, spec))
+        self.check_quota(tenant, sum(tokens.values()))
+        self.s.jobs.create_many(pairs, tenant=tenant, queue=queues, estimate_tokens=tokens)
+        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for job_id, spec in pairs:
+            groups[(spec.model, queues[job_id])].append(job_id)
+        self.publish(groups)
+        return [job_id for job_id, _ in pairs]
+
+    def publish(self, groups: dict[tuple[str, str], list[str]]) -> None:
+        sent: set[str] = set()
+        try:
+            with self.s.celery.producer_or_acquire() as producer:
+                for (model, queue), ids in groups.items():
+                    for start in range(0, len(ids), self.chunk):
+                        part = ids[start : start + self.chunk]
+                        publish(self.s.celery, JobsUnit(model=model, ids=part), queue, producer=producer)
+                        sent.update(part)
+        except Exception as exc:
+            unsent = [i for ids in groups.values() for i in ids if i not in sent]
+            err = BrokerUnavailable(f"could not enqueue: {exc}")
+            for job_id in unsent:
+                try:
+                    self.s.jobs.fail(job_id, err.info())
+                except Exception:  # the broker and the state store are the same Redis: log and move on
+                    log.exception("could not mark unsent job %s failed", job_id)
+            raise err from exc

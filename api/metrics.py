@@ -1,0 +1,35 @@
+"""Prometheus metrics of the API process: requests, submissions and the depth of every queue."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from api.services import Services
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter("queueformer_api_requests_total", "HTTP requests by route and status.", ["route", "method", "status"], registry=REGISTRY)
+LATENCY = Histogram(
+    "queueformer_api_request_seconds",
+    "HTTP request latency by route.",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge("queueformer_queue_depth", "Messages waiting in each model queue.", ["queue"], registry=REGISTRY)
+WORKERS = Gauge("queueformer_live_workers", "Workers announcing themselves per model.", ["model"], registry=REGISTRY)
+
+
+def refresh_queue_depths(services: Services) -> None:
+    """Read queue lengths (kombu keeps a Redis list per queue) at scrape time."""
+    queues = sorted(services.registry().queues())
+    p = services.redis.pipeline(transaction=False)
+    for q in queues:
+        p.llen(q)
+    for q, depth in zip(queues, p.execute(), strict=True):
+        QUEUE_DEPTH.labels(q).set(depth)
+    for model, workers in services.fleet.by_model().items():
+        WORKERS.labels(model).set(len(workers))

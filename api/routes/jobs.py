@@ -1,0 +1,183 @@
+"""Single jobs: submit (one or many), status, result, cancel and a live event stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from api.deps import ServicesDep, TenantDep
+from api.enqueue import Enqueuer
+from api.services import Services
+from queueformer.errors import Conflict, NotFound
+from queueformer.jobs import AnyJob, JobSpec, valid_object_id
+from queueformer.records import TERMINAL, JobRecord, JobState
+from queueformer.state import PREFIX, events_key
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class JobAccepted(BaseModel):
+    id: str
+    object: str = "job"
+    state: JobState = JobState.QUEUED
+    status_url: str
+    result_url: str
+    events_url: str
+
+
+class BulkJobs(BaseModel):
+    jobs: list[JobSpec] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
+
+
+class JobList(BaseModel):
+    object: str = "list"
+    data: list[Any]
+    has_more: bool = False
+
+
+def _accepted(job_id: str) -> JobAccepted:
+    base = f"/v1/jobs/{job_id}"
+    return JobAccepted(id=job_id, status_url=base, result_url=f"{base}/result", events_url=f"{base}/events")
+
+
+def _idempotent(services: Services, tenant: str, key: str, body: bytes) -> tuple[str, list[str] | None]:
+    """Claim ``key`` for this body; returns (redis key, job ids already created for it, if any)."""
+    rkey = f"{PREFIX}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+    digest = hashlib.sha256(body).hexdigest()
+    if services.redis.set(rkey, json.dumps({"body": digest, "ids": None}), nx=True, ex=IDEMPOTENCY_TTL_S):
+        return rkey, None
+    stored = json.loads(cast(str, services.redis.get(rkey)) or "{}")
+    if stored.get("body") != digest:
+        raise Conflict("Idempotency-Key was already used with a different body", param="Idempotency-Key")
+    if stored.get("ids") is None:
+        raise Conflict("a request with this Idempotency-Key is still being accepted; retry shortly", param="Idempotency-Key")
+    return rkey, list(stored["ids"])
+
+
+def _submit(services: Services, tenant: str, specs: list[AnyJob], key: str | None, body: bytes) -> list[str]:
+    if not key:
+        return Enqueuer(services).submit(specs, tenant)
+    rkey, existing = _idempotent(services, tenant, key, body)
+    if existing is not None:
+        return existing
+    try:
+        ids = Enqueuer(services).submit(specs, tenant)
+    except Exception:
+        services.redis.delete(rkey)
+        raise
+    services.redis.set(rkey, json.dumps({"body": hashlib.sha256(body).hexdigest(), "ids": ids}), ex=IDEMPOTENCY_TTL_S)
+    return ids
+
+
+@router.post("", status_code=202, response_model=JobAccepted, summary="Submit one job of any type")
+def submit_job(
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    job: Annotated[JobSpec, Body()],  # type: ignore[valid-type]
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobAccepted:
+    body = json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()
+    return _accepted(_submit(services, tenant, [job], idempotency_key, body)[0])
+
+
+@router.post("/bulk", status_code=202, response_model=JobList, summary="Submit many small jobs in one request")
+def submit_jobs(
+    services: ServicesDep,
+    tenant: TenantDep,
+    bulk: BulkJobs,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobList:
+    body = json.dumps([j.model_dump(mode="json") for j in bulk.jobs], sort_keys=True).encode()
+    ids = _submit(services, tenant, list(bulk.jobs), idempotency_key, body)
+    return JobList(data=[_accepted(i) for i in ids])
+
+
+def _check_id(job_id: str) -> None:
+    if not valid_object_id(job_id):
+        raise NotFound(f"job {job_id!r} not found", param="job_id")
+
+
+@router.get("", response_model=JobList, summary="List this tenant's jobs, newest first")
+def list_jobs(
+    services: ServicesDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    before: Annotated[float | None, Query(description="created_at of the last job of the previous page")] = None,
+) -> JobList:
+    records = services.jobs.list(tenant, limit + 1, before)
+    return JobList(data=records[:limit], has_more=len(records) > limit)
+
+
+@router.get("/{job_id}", response_model=JobRecord, summary="A job's state, timestamps, progress and error")
+def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
+    _check_id(job_id)
+    record = services.jobs.get(job_id, tenant)
+    record.status_url = f"/v1/jobs/{job_id}"
+    return record
+
+
+@router.get("/{job_id}/result", summary="The result of a succeeded job (409 while it is not)")
+def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Any:
+    _check_id(job_id)
+    record = services.jobs.get(job_id, tenant)
+    if record.state != JobState.SUCCEEDED or record.result_uri is None:
+        detail = {"state": record.state.value, "job_error": record.error.model_dump() if record.error else None}
+        raise Conflict(f"job {job_id} is {record.state.value}; it has no result", details=detail)
+    return services.storage.get_json(services.storage.result_key(job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobRecord, summary="Cancel a queued or running job")
+def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
+    _check_id(job_id)
+    services.jobs.get(job_id, tenant)
+    services.jobs.request_cancel(job_id)
+    return services.jobs.get(job_id, tenant)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Server-sent events: state changes, progress, and tokens of generate jobs submitted with stream=true",
+    response_class=StreamingResponse,
+)
+async def job_events(
+    job_id: str,
+    services: ServicesDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    _check_id(job_id)
+    services.jobs.get(job_id, tenant)
+    return StreamingResponse(_event_stream(services, job_id, last_event_id or "0-0"), media_type="text/event-stream")
+
+
+async def _event_stream(services: Services, job_id: str, after: str) -> AsyncIterator[bytes]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(services.settings.redis(), decode_responses=True)
+    try:
+        while True:
+            res = await client.xread({events_key(job_id): after}, count=500, block=15_000)
+            if not res:
+                yield b": keep-alive\n\n"
+                state = await client.hget(f"{PREFIX}:job:{job_id}", "state")
+                if state is None or state in TERMINAL:
+                    return
+                continue
+            for _key, entries in res:
+                for eid, fields in entries:
+                    after = eid
+                    kind = fields.get("type", "message")
+                    yield f"id: {eid}\nevent: {kind}\ndata: {fields.get('data', '{}')}\n\n".encode()
+                    if kind == "state" and json.loads(fields.get("data", "{}")).get("state") in TERMINAL:
+                        return
+    finally:
+        await client.aclose()

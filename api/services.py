@@ -1,0 +1,58 @@
+"""What the API process holds for its lifetime: settings, Redis, storage, the registry and a publisher.
+
+Built once in the app's lifespan (settings read at startup) and reached by routes through ``deps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+
+from queueformer import limits
+from queueformer.broker import make_celery
+from queueformer.fleet import Fleet
+from queueformer.registry import Registry
+from queueformer.settings import Settings
+from queueformer.state import JobStore, connect
+from queueformer.storage import Storage
+from queueformer.tenants import ApiKeys
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    storage: Storage
+    static_registry: Registry
+    celery: Celery
+    keys: ApiKeys
+    fleet: Fleet
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        limits.install(settings.limits)
+        client = connect(settings.redis())
+        registry = Registry.load(settings.registry)
+        keys = ApiKeys(client)
+        keys.add_static([k.get_secret_value() for k in settings.api.bootstrap_keys])
+        return cls(
+            settings=settings,
+            redis=client,
+            jobs=JobStore(client, settings.event_ttl_s),
+            storage=Storage(settings.resolved_storage_url, settings.storage_options),
+            static_registry=registry,
+            celery=make_celery(settings, registry),
+            keys=keys,
+            fleet=Fleet(client),
+        )
+
+    def registry(self) -> Registry:
+        """The static registry (run-time fine-tuned models join it in a later layer)."""
+        return self.static_registry
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,106 @@
+"""The Celery app both sides share: JSON-only messages, late acks, one queue per registered model.
+
+The API only publishes (``send_task`` by name); workers register the task on the same configuration.
+A message is a small versioned envelope (:class:`WorkUnit`) that names jobs or a range of batch lines:
+inputs live in job records and uploaded files, results go to storage, so messages stay small.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from celery import Celery
+from pydantic import BaseModel, ConfigDict, Field
+
+from queueformer.registry import Registry
+from queueformer.settings import Settings
+
+RUN_TASK = "queueformer.run"
+ENVELOPE_VERSION = 1
+
+
+class JobsUnit(BaseModel):
+    """Single jobs submitted through ``/v1/jobs``, grouped per model so one message feeds one engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: int = ENVELOPE_VERSION
+    kind: Literal["jobs"] = "jobs"
+    model: str
+    ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class LinesUnit(BaseModel):
+    """A chunk of batch lines: bytes ``[start, end)`` of the batch's input file, first line number ``first``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: int = ENVELOPE_VERSION
+    kind: Literal["lines"] = "lines"
+    model: str
+    batch: str
+    chunk: int = Field(ge=0)
+    first: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+WorkUnit = Annotated[JobsUnit | LinesUnit, Field(discriminator="kind")]
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    vt = settings.visibility_timeout_s
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        # Redelivery, not loss: a message is acknowledged only after its work is committed, and a worker
+        # that dies mid-task hands its messages back (after the visibility timeout, which in-flight work
+        # keeps renewing; see workers.lease).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": vt,
+            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 10,
+        },
+        "task_create_missing_queues": True,
+        "task_default_queue": "queueformer-default",
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "broker_pool_limit": 16,
+    }
+
+
+def make_celery(settings: Settings, registry: Registry, name: str = "queueformer") -> Celery:
+    """A Celery app on ``settings``' Redis whose routes come from the registry."""
+    url = settings.redis()
+    app = Celery(name, broker=url, set_as_current=False)
+    app.conf.update(celery_config(settings))
+
+    def route(task_name: str, args: Any, kwargs: dict[str, Any], options: Any, task: Any = None, **kw: Any) -> Any:
+        unit = (kwargs or {}).get("unit") or {}
+        model = unit.get("model")
+        if task_name == RUN_TASK and model in registry:
+            return {"queue": registry.get(model).queue}
+        return None
+
+    app.conf.task_routes = (route,)
+    return app
+
+
+def publish(app: Celery, unit: JobsUnit | LinesUnit, queue: str, producer: Any = None) -> None:
+    """Send one work unit to ``queue`` (explicit, so run-time fine-tuned models route too)."""
+    app.send_task(RUN_TASK, kwargs={"unit": unit.model_dump()}, queue=queue, producer=producer)

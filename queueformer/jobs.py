@@ -1,0 +1,218 @@
+"""The job contract: one pydantic model per job type, joined in a union discriminated on ``task``.
+
+Field definitions carry hard caps (they appear in the OpenAPI schema); ``_limit`` validators add the
+operator's configurable caps from :mod:`queueformer.limits`, so a violation names its field. Generation
+parameters left as ``None`` take the model's ``generation_config`` value, else transformers' default,
+exactly as ``model.generate`` would.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+from queueformer import limits
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+_HARD_TEXT_CHARS = 1_000_000
+
+
+class Task(StrEnum):
+    """The job types a worker can run; each one has one handler."""
+
+    GENERATE = "generate"
+    FILL_MASK = "fill-mask"
+    TRANSLATE = "translate"
+    CLASSIFY = "classify"
+    FINE_TUNE = "fine-tune"
+    ECHO = "echo"
+
+
+def _check_text(value: str) -> str:
+    cap = limits.active().max_prompt_chars
+    if len(value) > cap:
+        raise ValueError(f"text is {len(value)} characters; the limit is {cap} (limits.max_prompt_chars)")
+    if "\x00" in value:
+        raise ValueError("text contains a NUL character")
+    return value
+
+
+def _limit(name: str) -> AfterValidator:
+    """Cap an int (or a list's length) at ``limits.active().<name>``, read when the job is validated."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        size = len(value) if isinstance(value, list | dict | str) else value
+        cap = getattr(limits.active(), name)
+        if size > cap:
+            raise ValueError(f"{size} is above the limit of {cap} (limits.{name})")
+        return value
+
+    return AfterValidator(check)
+
+
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="A served model name from the registry.")]
+Text = Annotated[str, Field(max_length=_HARD_TEXT_CHARS), AfterValidator(_check_text)]
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    _limit("max_metadata_pairs"),
+    Field(description="Free-form string pairs kept with the job."),
+]
+StopString = Annotated[str, Field(min_length=1, max_length=1024), _limit("max_stop_chars")]
+
+
+class _JobBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelName
+    metadata: Metadata = Field(default_factory=dict)
+    timeout_s: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600, description="Seconds from submission after which the job fails (deadline_exceeded)."
+    )
+
+
+class GenerateJob(_JobBase):
+    """Continue a prompt with a causal language model (``generate`` with the KV cache)."""
+
+    task: Literal["generate"] = "generate"
+    prompt: Text
+    max_new_tokens: Annotated[int, Field(ge=1, le=32_768), _limit("max_new_tokens")] = 32
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_k: Annotated[int | None, Field(ge=0, le=100_000), _limit("max_top_k")] = None
+    top_p: float | None = Field(None, gt=0, le=1)
+    num_beams: Annotated[int | None, Field(ge=1, le=64), _limit("max_num_beams")] = None
+    num_return_sequences: Annotated[int, Field(ge=1, le=64), _limit("max_return_sequences")] = 1
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (benchmarks).")
+    truncate: bool = Field(False, description="Drop the oldest prompt tokens instead of failing when too long.")
+    stream: bool = Field(False, description="Publish tokens to the job's event stream as they are generated.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _return_sequences_need_search(self) -> GenerateJob:
+        if self.num_return_sequences > 1 and self.do_sample is not True and (self.num_beams or 1) < self.num_return_sequences:
+            raise ValueError("num_return_sequences > 1 needs do_sample=true or num_beams >= num_return_sequences")
+        return self
+
+
+class FillMaskJob(_JobBase):
+    """Predict the masked tokens of a text (the fill-mask pipeline's output shape)."""
+
+    task: Literal["fill-mask"] = "fill-mask"
+    text: Text = Field(description="Text with one or more mask tokens, e.g. [MASK].")
+    top_k: Annotated[int, Field(ge=1, le=100_000), _limit("max_top_k")] = 5
+    truncate: bool = False
+
+
+class TranslateJob(_JobBase):
+    """Translate a text with a seq2seq model's ``generate``."""
+
+    task: Literal["translate"] = "translate"
+    text: Text
+    max_new_tokens: Annotated[int, Field(ge=1, le=32_768), _limit("max_new_tokens")] = 128
+    num_beams: Annotated[int | None, Field(ge=1, le=64), _limit("max_num_beams")] = None
+    truncate: bool = False
+
+
+class ClassifyJob(_JobBase):
+    """Score one text or a list of texts against a sequence classifier's labels."""
+
+    task: Literal["classify"] = "classify"
+    text: Text | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
+    top_k: Annotated[int | None, Field(ge=1, le=100_000), _limit("max_top_k")] = Field(
+        1, description="Labels to return per text, best first; null returns every label."
+    )
+    truncate: bool = False
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+class FineTuneMethod(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Hyperparameters(BaseModel):
+    """Training knobs; the defaults train for one epoch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: float | None = Field(None, gt=0, le=10_000)
+    max_steps: Annotated[int | None, Field(ge=1, le=10_000_000), _limit("max_train_steps")] = Field(
+        None, description="Overrides epochs when set."
+    )
+    learning_rate: float = Field(5e-5, gt=0, le=1)
+    batch_size: Annotated[int, Field(ge=1, le=65_536), _limit("max_train_batch_size")] = 8
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    block_size: Annotated[int, Field(ge=8, le=131_072), _limit("max_block_size")] = 128
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of blocks held out for eval loss and perplexity.")
+    checkpoint_steps: int = Field(50, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
+    lora_r: int = Field(8, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1, le=4096)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=64)
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_limit(cls, value: float | None) -> float | None:
+        cap = limits.active().max_train_epochs
+        if value is not None and value > cap:
+            raise ValueError(f"{value} is above the limit of {cap} (limits.max_train_epochs)")
+        return value
+
+
+class FineTuneJob(_JobBase):
+    """Train a registered base model on a JSONL file and register the result as a new servable model."""
+
+    task: Literal["fine-tune"] = "fine-tune"
+    training_file: str = Field(
+        max_length=1024,
+        description="An uploaded file id (file-...) or a storage URI of JSONL lines with text or prompt/completion.",
+    )
+    method: FineTuneMethod = FineTuneMethod.LORA
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Goes into the new model's name.")
+
+
+class EchoJob(_JobBase):
+    """Return the text unchanged: a canary that crosses the whole pipeline without touching a model."""
+
+    task: Literal["echo"] = "echo"
+    text: Text = ""
+
+
+AnyJob = GenerateJob | FillMaskJob | TranslateJob | ClassifyJob | FineTuneJob | EchoJob
+JobSpec = Annotated[AnyJob, Field(discriminator="task")]
+JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(JobSpec)
+
+
+def parse_job(data: Any) -> AnyJob:
+    """Validate a job body (dict or JSON text); raises pydantic's ``ValidationError`` naming the field."""
+    if isinstance(data, str | bytes):
+        return JOB_ADAPTER.validate_json(data)
+    return JOB_ADAPTER.validate_python(data)
+
+
+_ID_RE = re.compile(r"^[a-z]+[-_][A-Za-z0-9]{8,64}$")
+
+
+def valid_object_id(value: str) -> bool:
+    """Object ids (job-..., file-..., batch_...) hold letters and digits only, so they never escape a storage prefix."""
+    return bool(_ID_RE.fullmatch(value))

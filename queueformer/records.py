@@ -1,0 +1,134 @@
+"""What a job looks like from outside: its state, timestamps, progress, error and result shapes."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from queueformer.errors import ErrorInfo
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+TERMINAL = frozenset(s.value for s in JobState if s.terminal)
+
+
+class JobRecord(BaseModel):
+    """The public view of one job (``GET /v1/jobs/{id}``)."""
+
+    id: str
+    object: Literal["job"] = "job"
+    task: str
+    model: str
+    state: JobState
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: dict[str, Any] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+    result_uri: str | None = None
+    attempts: int = 0
+    metadata: dict[str, str] = Field(default_factory=dict)
+    status_url: str | None = None
+
+
+# --- results, one shape per job type ---------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Generation(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length", "cancelled"]
+
+
+class GenerateResult(BaseModel):
+    task: Literal["generate"] = "generate"
+    model: str
+    generations: list[Generation]
+    usage: Usage
+
+
+class MaskCandidate(BaseModel):
+    """One candidate for one mask: the fill-mask pipeline's shape."""
+
+    score: float
+    token: int
+    token_str: str
+    sequence: str
+
+
+class FillMaskResult(BaseModel):
+    task: Literal["fill-mask"] = "fill-mask"
+    model: str
+    masks: list[list[MaskCandidate]] = Field(description="One candidate list per mask token, in text order.")
+    usage: Usage
+
+
+class Translation(BaseModel):
+    text: str
+    token_ids: list[int]
+
+
+class TranslateResult(BaseModel):
+    task: Literal["translate"] = "translate"
+    model: str
+    translation: Translation
+    usage: Usage
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    task: Literal["classify"] = "classify"
+    model: str
+    labels: list[list[LabelScore]] = Field(description="Per input text, labels best first.")
+    multi_label: bool = False
+    usage: Usage
+
+
+class FineTuneResult(BaseModel):
+    task: Literal["fine-tune"] = "fine-tune"
+    model: str = Field(description="The base model.")
+    fine_tuned_model: str = Field(description="The new servable model name.")
+    method: str
+    steps: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    model_uri: str
+    resumed_from_step: int | None = None
+
+
+class EchoResult(BaseModel):
+    task: Literal["echo"] = "echo"
+    model: str
+    text: str
+    usage: Usage = Field(default_factory=Usage)
+
+
+AnyResult = GenerateResult | FillMaskResult | TranslateResult | ClassifyResult | FineTuneResult | EchoResult

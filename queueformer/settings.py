@@ -1,0 +1,132 @@
+"""Process settings, read once at startup from the environment, a .env file and a secrets dir.
+
+``QUEUEFORMER_`` is the prefix and ``__`` nests: ``QUEUEFORMER_API__PORT=9000``,
+``QUEUEFORMER_LIMITS__MAX_NEW_TOKENS=512``. Secrets (the Redis URL with its password, S3 keys, API
+keys) may instead be files named like the variable in ``QUEUEFORMER_SECRETS_DIR`` (default
+``/run/secrets`` when it exists), which is how Kubernetes and compose mount them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from queueformer.limits import Limits
+
+
+class ApiSettings(BaseModel):
+    """The HTTP API process."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest JSON request body; larger gets 413.")
+    auth_required: bool = Field(
+        False, description="Reject requests without a valid Bearer API key. Off only for a single-user local cluster."
+    )
+    bootstrap_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="'tenant:key' pairs accepted at startup (hashed in memory). Prefer `queueformer keys create`.",
+    )
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key that signs batch webhooks.")
+    public_url: str | None = Field(None, description="Base URL clients reach the API at (for status links).")
+
+
+class TenantQuota(BaseModel):
+    """Per-tenant limits: answered with 413 (too big) or 429 (too much enqueued)."""
+
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_lines_per_batch: int = Field(50_000, ge=1)
+    max_enqueued_tokens: int = Field(
+        20_000_000, ge=1, description="Estimated prompt + new tokens of unfinished work one tenant may have queued."
+    )
+    max_open_batches: int = Field(100, ge=1)
+
+
+class WorkerSettings(BaseModel):
+    """A worker process."""
+
+    queues: list[str] = Field(default_factory=list, description="Queues (registered model queues) this worker serves.")
+    concurrency: int = Field(8, ge=1, le=1024, description="Messages in flight at once, all feeding one engine.")
+    health_port: int = Field(0, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics; 0 picks none.")
+    max_deliveries: int = Field(3, ge=1, le=100, description="Deliveries of one line before it is quarantined.")
+    lease_renew_s: float = Field(0.0, ge=0, description="How often in-flight messages renew their lease; 0 = a third of the visibility timeout.")
+    cancel_poll_steps: int = Field(8, ge=1, description="Decode steps between checks of cancel flags.")
+    chunk_target_s: float = Field(
+        2.0, gt=0, description="Seconds of work a batch chunk should hold, from the model's measured throughput."
+    )
+    offload_folder: Path | None = None
+    finetuned_cache_size: int = Field(2, ge=1, description="Fine-tuned models kept loaded at once on a serving worker.")
+
+
+class Settings(BaseSettings):
+    """Everything a queueformer process reads at startup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QUEUEFORMER_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    redis_url: SecretStr | None = Field(
+        None, description="Broker and state store. Unset: `queueformer up` starts an embedded Valkey server."
+    )
+    data_dir: Path = Field(Path(".queueformer"), description="Local state of `queueformer up`: Valkey data, logs.")
+    storage_url: str | None = Field(
+        None, description="Where files, results and checkpoints go: file:///path or s3://bucket/prefix. Default: data_dir/storage."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (e.g. S3 endpoint_url).")
+    registry: str = Field("tiny", description="Model registry: 'tiny', 'hub' (bundled) or a path to a YAML file.")
+    models_dir: Path | None = Field(None, description="Base of relative model paths in the registry. Default: data_dir/models.")
+    visibility_timeout_s: int = Field(
+        3600, ge=10, description="Seconds before an unacknowledged message is redelivered; in-flight work renews it."
+    )
+    event_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long job records and event streams are kept.")
+    limits: Limits = Field(default_factory=Limits)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    quota: TenantQuota = Field(default_factory=TenantQuota)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            value = "file://" + str(Path(value).resolve())
+        return value
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or "file://" + str((self.data_dir / "storage").resolve())
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return (self.models_dir or self.data_dir / "models").resolve()
+
+    def redis(self) -> str:
+        """The Redis URL; a process that needs Redis fails fast here when none is configured."""
+        if self.redis_url is None:
+            raise RuntimeError("QUEUEFORMER_REDIS_URL is not set (only `queueformer up` starts an embedded server)")
+        return self.redis_url.get_secret_value()
+
+
+def _secrets_dir() -> str | None:
+    path = os.environ.get("QUEUEFORMER_SECRETS_DIR", "/run/secrets")
+    return path if Path(path).is_dir() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings now (env, .env, secrets dir); explicit keyword overrides win."""
+    return Settings(_secrets_dir=_secrets_dir(), **overrides)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read on first call (at startup), never at import."""
+    return load_settings()

@@ -1,0 +1,265 @@
+"""Job records and event streams in Redis: the system of record for everything accepted.
+
+The API writes a record when it accepts a job; workers move it through its states with compare-and-set
+Lua scripts, so a redelivered message can never move a finished job backwards or finish it twice.
+Every state change and progress update is also appended to the job's event stream, which the API
+replays over SSE (late subscribers see the whole history).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
+
+import redis
+
+from queueformer.errors import ErrorInfo, NotFound
+from queueformer.jobs import AnyJob, parse_job
+from queueformer.records import TERMINAL, JobRecord, JobState
+
+PREFIX = "qf"
+
+# Set fields and the new state only if the current state is one of the allowed ones (comma list).
+# Reaching a terminal state (ARGV[3] = TTL) starts the record's TTL and gives the job's estimated
+# tokens back to its tenant's enqueued-token quota.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {0, ''} end
+if string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) == nil then return {0, cur} end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 4))
+if ARGV[3] ~= '0' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+  if tenant and tokens and tokens > 0 then
+    redis.call('DECRBY', 'qf:tenant:' .. tenant .. ':tokens', tokens)
+  end
+end
+return {1, cur}
+"""
+
+
+def tenant_tokens_key(tenant: str) -> str:
+    return f"{PREFIX}:tenant:{tenant}:tokens"
+
+
+def connect(url: str) -> redis.Redis:
+    """A client with timeouts: a broker that vanishes must surface as an error, not hang a request."""
+    client = redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+    return client
+
+
+def new_id(prefix: str) -> str:
+    sep = "_" if prefix == "batch" else "-"
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events_key(object_id: str) -> str:
+    return f"{PREFIX}:events:{object_id}"
+
+
+class JobStore:
+    """Create, read and transition job records; append and read their events."""
+
+    def __init__(self, client: redis.Redis, record_ttl_s: int = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.ttl = record_ttl_s
+        self._transition = client.register_script(_TRANSITION)
+
+    # --- creation ---------------------------------------------------------------------------
+
+    def create_many(
+        self,
+        jobs: Sequence[tuple[str, AnyJob]],
+        *,
+        tenant: str,
+        queue: Mapping[str, str],
+        estimate_tokens: Mapping[str, int] | None = None,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> list[str]:
+        """Write queued records for ``(job_id, spec)`` pairs in one round trip."""
+        now = time.time()
+        p = pipe or self.r.pipeline(transaction=False)
+        for job_id, spec in jobs:
+            fields = {
+                "id": job_id,
+                "tenant": tenant,
+                "task": spec.task,
+                "model": spec.model,
+                "queue": queue[job_id],
+                "state": JobState.QUEUED.value,
+                "created_at": repr(now),
+                "spec": spec.model_dump_json(),
+                "attempts": "0",
+                "tokens": str((estimate_tokens or {}).get(job_id, 0)),
+            }
+            if spec.timeout_s:
+                fields["deadline"] = repr(now + spec.timeout_s)
+            p.hset(job_key(job_id), mapping=fields)
+            p.zadd(f"{PREFIX}:jobs:{tenant}", {job_id: now})
+            if fields["tokens"] != "0":
+                p.incrby(tenant_tokens_key(tenant), int(fields["tokens"]))
+            self._event(p, job_id, "state", {"state": JobState.QUEUED.value})
+        if pipe is None:
+            p.execute()
+        return [j for j, _ in jobs]
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def raw(self, job_id: str) -> dict[str, str]:
+        data = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
+        if not data:
+            raise NotFound(f"job {job_id!r} not found", param="job_id")
+        return data
+
+    def raw_many(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
+        p = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            p.hgetall(job_key(job_id))
+        return cast(list[dict[str, str]], p.execute())
+
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The record; another tenant's job is ``NotFound`` (never 403: ids must not leak)."""
+        data = self.raw(job_id)
+        if tenant is not None and data.get("tenant") != tenant:
+            raise NotFound(f"job {job_id!r} not found", param="job_id")
+        return record_from_raw(data)
+
+    def spec(self, data: Mapping[str, str]) -> AnyJob:
+        return parse_job(data["spec"])
+
+    def list(self, tenant: str, limit: int = 20, before: float | None = None) -> list[JobRecord]:
+        top = f"({before}" if before is not None else "+inf"
+        ids = cast(list[str], self.r.zrevrangebyscore(f"{PREFIX}:jobs:{tenant}", top, "-inf", start=0, num=limit))
+        return [record_from_raw(d) for d in self.raw_many(ids) if d]
+
+    # --- transitions --------------------------------------------------------------------------
+
+    def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobState],
+        to: JobState,
+        fields: Mapping[str, str] | None = None,
+        event: dict[str, Any] | None = None,
+    ) -> tuple[bool, str]:
+        """Compare-and-set the state; returns (changed, state before)."""
+        flat: list[str] = []
+        for k, v in (fields or {}).items():
+            flat += [k, v]
+        ttl = str(self.ttl) if to.terminal else "0"
+        ok, before = self._transition(
+            keys=[job_key(job_id)], args=[",".join(s.value for s in allowed), to.value, ttl, *flat]
+        )
+        if ok:
+            self.emit(job_id, "state", {"state": to.value, **(event or {})})
+        return bool(ok), str(before)
+
+    def start(self, job_id: str) -> tuple[bool, dict[str, str]]:
+        """Mark a job running (also when redelivered while running); False when it must be skipped."""
+        data = self.raw(job_id)
+        if data.get("state") in TERMINAL:
+            return False, data
+        attempts = self.r.hincrby(job_key(job_id), "attempts", 1)
+        data["attempts"] = str(attempts)
+        ok, _ = self.transition(
+            job_id,
+            [JobState.QUEUED, JobState.RUNNING],
+            JobState.RUNNING,
+            {"started_at": repr(time.time())},
+            event={"attempt": attempts},
+        )
+        return ok, data
+
+    def succeed(self, job_id: str, result_uri: str, progress: Mapping[str, Any] | None = None) -> bool:
+        fields = {"finished_at": repr(time.time()), "result_uri": result_uri}
+        if progress is not None:
+            fields["progress"] = json.dumps(progress)
+        ok, _ = self.transition(job_id, [JobState.RUNNING, JobState.QUEUED], JobState.SUCCEEDED, fields, {"result_uri": result_uri})
+        return ok
+
+    def fail(self, job_id: str, error: ErrorInfo) -> bool:
+        state = JobState.CANCELLED if error.code == "cancelled" else JobState.FAILED
+        fields = {"finished_at": repr(time.time()), "error": error.model_dump_json()}
+        ok, _ = self.transition(job_id, [JobState.RUNNING, JobState.QUEUED], state, fields, {"error": error.model_dump()})
+        return ok
+
+    def request_cancel(self, job_id: str) -> JobState:
+        """Cancel a queued job at once; flag a running one so its worker stops at the next check."""
+        ok, before = self.transition(
+            job_id,
+            [JobState.QUEUED],
+            JobState.CANCELLED,
+            {"finished_at": repr(time.time()), "error": ErrorInfo(code="cancelled", message="cancelled by request").model_dump_json()},
+        )
+        if ok:
+            return JobState.CANCELLED
+        if before == JobState.RUNNING.value:
+            self.r.hset(job_key(job_id), "cancel_requested", "1")
+            self.emit(job_id, "cancel_requested", {})
+        return JobState(before) if before else JobState.CANCELLED
+
+    def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        p = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            p.hget(job_key(job_id), "cancel_requested")
+        return {j for j, flag in zip(job_ids, p.execute(), strict=True) if flag}
+
+    def set_progress(self, job_id: str, progress: Mapping[str, Any]) -> None:
+        p = self.r.pipeline(transaction=False)
+        p.hset(job_key(job_id), "progress", json.dumps(progress))
+        self._event(p, job_id, "progress", dict(progress))
+        p.execute()
+
+    # --- events -------------------------------------------------------------------------------
+
+    def emit(self, object_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        p = self.r.pipeline(transaction=False)
+        self._event(p, object_id, kind, data)
+        p.execute()
+
+    def _event(self, p: redis.client.Pipeline, object_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        key = events_key(object_id)
+        p.xadd(key, {"type": kind, "data": json.dumps(data), "at": repr(time.time())}, maxlen=5000, approximate=True)
+        p.expire(key, self.ttl)
+
+    def read_events(self, object_id: str, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, str, Any]]:
+        """Events after ``after`` as (event id, type, data); blocks up to ``block_ms`` for new ones."""
+        res = self.r.xread({events_key(object_id): after}, count=500, block=block_ms)
+        out: list[tuple[str, str, Any]] = []
+        for _key, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], res or []):
+            for eid, f in entries:
+                out.append((eid, f.get("type", ""), json.loads(f.get("data", "{}"))))
+        return out
+
+
+def record_from_raw(data: Mapping[str, str]) -> JobRecord:
+    err = data.get("error")
+    return JobRecord(
+        id=data["id"],
+        task=data["task"],
+        model=data["model"],
+        state=JobState(data["state"]),
+        created_at=float(data["created_at"]),
+        started_at=float(data["started_at"]) if data.get("started_at") else None,
+        finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
+        progress=json.loads(data.get("progress") or "{}"),
+        error=ErrorInfo.model_validate_json(err) if err else None,
+        result_uri=data.get("result_uri") or None,
+        attempts=int(data.get("attempts", "0")),
+        metadata=json.loads(data["spec"]).get("metadata", {}) if data.get("spec") else {},
+    )

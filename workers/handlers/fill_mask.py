@@ -1,0 +1,87 @@
+"""fill-mask: top-k candidates for every mask token, in the fill-mask pipeline's shape.
+
+Example job::
+
+    {"task": "fill-mask", "model": "tiny-bert", "text": "The cat sleeps on the warm [MASK].", "top_k": 3}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from queueformer.errors import NoMaskToken
+from queueformer.jobs import FillMaskJob, Task
+from queueformer.records import FillMaskResult, MaskCandidate, Usage
+from workers.engine.padding import pad_right, pad_token_id
+from workers.handlers.base import Handler
+
+# Full-vocabulary logits are computed per position; keep one forward's logits under ~256 MB.
+_MAX_LOGIT_FLOATS = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MaskInput:
+    input_ids: tuple[int, ...]
+    mask_positions: tuple[int, ...]
+    top_k: int
+
+
+class FillMaskHandler(Handler[FillMaskJob, MaskInput]):
+    """Masked-LM candidates."""
+
+    task = Task.FILL_MASK
+
+    def preprocess(self, job: FillMaskJob) -> MaskInput:
+        mask_id = self.tokenizer.mask_token_id
+        if mask_id is None:
+            raise NoMaskToken(f"{self.entry.name} has no mask token", param="model")
+        ids = self.encode(job.text, truncate=job.truncate, keep="left")
+        positions = tuple(i for i, t in enumerate(ids) if t == mask_id)
+        if not positions:
+            raise NoMaskToken(
+                f"no mask token {self.tokenizer.mask_token} found in the text (after truncation)", param="text"
+            )
+        return MaskInput(tuple(ids), positions, min(job.top_k, len(self.tokenizer)))
+
+    def size(self, item: MaskInput) -> int:
+        return len(item.input_ids)
+
+    def forward(self, batch: Sequence[MaskInput]) -> list[Any]:
+        vocab = self.model.config.vocab_size
+        per_row = max(len(x.input_ids) for x in batch) * vocab
+        step = max(1, _MAX_LOGIT_FLOATS // per_row)
+        out: list[Any] = []
+        for start in range(0, len(batch), step):
+            out.extend(self._forward(batch[start : start + step]))
+        return out
+
+    def _forward(self, batch: Sequence[MaskInput]) -> list[Any]:
+        ids, mask = pad_right([x.input_ids for x in batch], pad_token_id(self.tokenizer, self.model.config), self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        out = []
+        for row, item in enumerate(batch):
+            probs = logits[row, list(item.mask_positions), :].softmax(dim=-1)
+            values, indices = probs.topk(item.top_k)
+            out.append((values.float().cpu().tolist(), indices.cpu().tolist()))
+        return out
+
+    def postprocess(self, item: MaskInput, raw: Any) -> FillMaskResult:
+        values, indices = raw
+        single = len(item.mask_positions) == 1
+        pad = self.tokenizer.pad_token_id
+        masks = []
+        for pos, vals, idxs in zip(item.mask_positions, values, indices, strict=True):
+            row = []
+            for v, p in zip(vals, idxs, strict=True):
+                tokens = list(item.input_ids)
+                tokens[pos] = p
+                tokens = [t for t in tokens if t != pad]
+                # As the pipeline does: keep the other [MASK]s visible when a text has several.
+                sequence = self.tokenizer.decode(tokens, skip_special_tokens=single)
+                row.append(MaskCandidate(score=v, token=p, token_str=self.tokenizer.decode([p]), sequence=sequence))
+            masks.append(row)
+        return FillMaskResult(model=self.entry.name, masks=masks, usage=Usage(prompt_tokens=len(item.input_ids)))

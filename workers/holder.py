@@ -1,0 +1,107 @@
+"""The process's one model holder: each served model loaded once, with its handler and engine.
+
+Task threads never load anything; they look a model up here and submit work to its engine. Loading
+happens before the worker consumes its first message, in the process that serves it (no fork after).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from queueformer.errors import ModelNotFound
+from queueformer.jobs import Task
+from queueformer.registry import ModelEntry
+from workers import metrics
+from workers.engine.batcher import BatchEngine
+from workers.engine.decode import DecodeEngine
+from workers.handlers import handler_class
+from workers.handlers.base import Handler
+from workers.loading import Loaded, load
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Served:
+    """One loaded model: registry entry, handler and the engine that owns its device work."""
+
+    entry: ModelEntry
+    handler: Handler  # type: ignore[type-arg]
+    engine: DecodeEngine | BatchEngine
+    info: dict[str, Any]
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine.fatal is None
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def serve(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None, poll_steps: int = 8) -> Served:
+    """Load ``entry`` and start its engine."""
+    loaded: Loaded | None = None if entry.task == Task.ECHO else load(entry, models_dir, offload_folder)
+    handler = handler_class(entry.task)(entry, loaded)
+    engine: DecodeEngine | BatchEngine
+    if handler.batching == "decode":
+        assert loaded is not None
+        engine = DecodeEngine(
+            loaded.model,
+            loaded.tokenizer,
+            name=entry.name,
+            max_batch_size=entry.max_batch_size,
+            max_batch_tokens=entry.max_batch_tokens,
+            kv_cache_tokens=entry.kv_cache_tokens,
+            beam_search=handler.hf_generate,  # type: ignore[attr-defined]
+            poll_steps=poll_steps,
+            observer=metrics.observe_decode_step,
+        )
+    else:
+        engine = BatchEngine(
+            handler,
+            max_batch_size=entry.max_batch_size,
+            max_batch_tokens=entry.max_batch_tokens,
+            observer=metrics.observe_forward,
+        )
+    info = dict(loaded.info) if loaded else {"device_map": {}, "quantization": "none", "memory_bytes": 0}
+    metrics.MODEL_MEMORY.labels(entry.name).set(info.get("memory_bytes", 0))
+    return Served(entry=entry, handler=handler, engine=engine, info=info)
+
+
+class ModelHolder:
+    """Every model this process serves, by name."""
+
+    def __init__(self) -> None:
+        self._served: dict[str, Served] = {}
+
+    def add(self, served: Served) -> None:
+        self._served[served.entry.name] = served
+
+    def get(self, name: str) -> Served:
+        try:
+            return self._served[name]
+        except KeyError:
+            raise ModelNotFound(f"model {name!r} is not served by this worker", param="model") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._served
+
+    def names(self) -> list[str]:
+        return sorted(self._served)
+
+    def all(self) -> list[Served]:
+        return list(self._served.values())
+
+    @property
+    def healthy(self) -> bool:
+        return all(s.healthy for s in self._served.values())
+
+    def describe(self) -> dict[str, Any]:
+        return {name: {"queue": s.entry.queue, "task": s.entry.task.value, **s.info} for name, s in self._served.items()}
+
+    def stop(self) -> None:
+        for s in self._served.values():
+            s.stop()

@@ -1,0 +1,145 @@
+"""``queueformer worker``: load this worker's models, then consume their queues.
+
+Models load in this process before the first message is taken, and nothing forks afterwards: the
+Celery pool is threads, all feeding the one engine per model (the prefork + CUDA trap,
+pytorch#40403 and celery#3402, cannot happen). Readiness is reported only once every model is
+loaded and the consumer runs; a fatal engine error fails liveness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import uuid
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from queueformer import limits
+from queueformer.broker import make_celery
+from queueformer.errors import WorkerFatal
+from queueformer.fleet import Fleet
+from queueformer.registry import Registry
+from queueformer.settings import Settings, get_settings
+from queueformer.state import JobStore, connect
+from queueformer.storage import Storage
+from workers.health import Health
+from workers.holder import ModelHolder, serve
+from workers.lease import LeaseKeeper
+from workers.runner import Runner
+from workers.tasks import register
+
+log = logging.getLogger("queueformer.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="queueformer worker", description=__doc__)
+    p.add_argument("--queues", "-Q", nargs="+", help="queues to serve (default: settings.worker.queues)")
+    p.add_argument("--concurrency", "-c", type=int, help="messages in flight at once")
+    p.add_argument("--health-port", type=int, help="port for /healthz, /readyz, /metrics (0: none)")
+    p.add_argument("--name", help="worker name (default: queues@host.pid)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = get_settings()
+    queues = args.queues or settings.worker.queues
+    if not queues:
+        print("no queues given: pass --queues or set QUEUEFORMER_WORKER__QUEUES", file=sys.stderr)
+        return 2
+    return run_worker(settings, queues, concurrency=args.concurrency, health_port=args.health_port, name=args.name)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_progress_bar()
+
+
+def run_worker(
+    settings: Settings, queues: list[str], *, concurrency: int | None = None, health_port: int | None = None, name: str | None = None
+) -> int:
+    configure_logging(settings.log_level)
+    limits.install(settings.limits)
+    registry = Registry.load(settings.registry)
+    known = registry.queues()
+    unknown = [q for q in queues if q not in known]
+    if unknown:
+        log.error("unknown queues %s; the registry has: %s", unknown, ", ".join(sorted(known)))
+        return 2
+    entries = [e for e in registry if e.queue in queues]
+    worker_id = name or f"{'+'.join(queues)}@{socket.gethostname()}.{os.getpid()}"
+
+    client = connect(settings.redis())
+    storage = Storage(settings.resolved_storage_url, settings.storage_options)
+    jobs = JobStore(client, settings.event_ttl_s)
+    fleet = Fleet(client)
+
+    holder = ModelHolder()
+    try:
+        for entry in entries:
+            holder.add(serve(entry, settings.resolved_models_dir, settings.worker.offload_folder, settings.worker.cancel_poll_steps))
+    except WorkerFatal as exc:
+        log.error("%s", exc)
+        return 3
+
+    health = Health(alive=lambda: holder.healthy)
+    port = health_port if health_port is not None else settings.worker.health_port
+    if port:
+        log.info("health and metrics on :%d", health.serve("0.0.0.0", port))  # noqa: S104 - probes come from the kubelet
+
+    lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
+    runner = Runner(holder, jobs, storage, max_deliveries=settings.worker.max_deliveries)
+    app = make_celery(settings, registry)
+    register(app, runner, lease)
+
+    stop_announcing = threading.Event()
+
+    def announce() -> None:
+        info: dict[str, Any] = {"queues": queues, "models": holder.describe(), "pid": os.getpid(), "host": socket.gethostname()}
+        while True:
+            fleet.announce(worker_id, {**info, "ready": health.ready, "healthy": health.alive})
+            if stop_announcing.wait(10):
+                return
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        health.ready = True
+        log.info("worker %s ready: %s", worker_id, ", ".join(holder.names()) or "(no models)")
+
+    @worker_shutting_down.connect(weak=False)
+    def _draining(**_: Any) -> None:
+        health.ready = False
+
+    threading.Thread(target=announce, name="fleet", daemon=True).start()
+    worker = app.Worker(
+        hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
+        queues=queues,
+        pool="threads",
+        concurrency=concurrency or settings.worker.concurrency,
+        loglevel=settings.log_level,
+        without_mingle=True,
+        without_gossip=True,
+        optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        stop_announcing.set()
+        fleet.leave(worker_id)
+        runner.stop()
+        lease.stop()
+        holder.stop()
+        health.stop()
+    return int(worker.exitcode or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Runs one work unit: validate, hand every item to its model's engine, commit each result as it lands.
+
+Commits are idempotent: a job finishes through a compare-and-set on its record, so a redelivered unit
+skips what is already done. Errors become ``ErrorInfo`` on the job (with ``code`` and ``retryable``);
+only transient trouble (Redis or storage briefly away) propagates, for the task to retry the unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from queueformer.broker import JobsUnit, LinesUnit, WorkUnit
+from queueformer.errors import (
+    DeadlineExceeded,
+    ErrorInfo,
+    InvalidInput,
+    QueueformerError,
+    TransientError,
+    WorkerLost,
+)
+from queueformer.jobs import parse_job
+from queueformer.state import JobStore
+from queueformer.storage import Storage
+from workers import metrics
+from workers.engine.item import WorkItem
+from workers.holder import ModelHolder, Served
+from workers.watch import CancelWatcher, TokenPublisher
+
+log = logging.getLogger(__name__)
+
+_UNIT: TypeAdapter[JobsUnit | LinesUnit] = TypeAdapter(WorkUnit)
+
+# Storage and Redis hiccups during a commit are retried in place before the unit itself is retried.
+commit_retry = retry(
+    retry=retry_if_exception_type(TransientError),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    stop=stop_after_attempt(5),
+    reraise=True,
+)
+
+
+def internal_error(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}", retryable=False)
+
+
+@dataclass
+class Pending:
+    """An item handed to an engine, with what its commit needs."""
+
+    key: str
+    prepared: Any
+    item: WorkItem
+    started: float
+
+
+class Runner:
+    """Executes work units against the models in a ``ModelHolder``."""
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        jobs: JobStore,
+        storage: Storage,
+        *,
+        max_deliveries: int = 3,
+        watcher: CancelWatcher | None = None,
+        tokens: TokenPublisher | None = None,
+    ) -> None:
+        self.holder = holder
+        self.jobs = jobs
+        self.storage = storage
+        self.max_deliveries = max_deliveries
+        self.watcher = watcher or CancelWatcher(lambda keys: jobs.cancel_requested(keys))
+        self.tokens = tokens or TokenPublisher(self._publish_tokens)
+        self.lines: Any = None  # set by workers.lines when batch support is wired in
+
+    def run(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            unit = _UNIT.validate_python(payload)
+        except ValidationError as exc:
+            # A malformed envelope can never succeed: log and drop it rather than loop on it.
+            log.error("dropping malformed work unit: %s", exc)
+            return {"dropped": True}
+        served = self.holder.get(unit.model)
+        if isinstance(unit, JobsUnit):
+            return self.run_jobs(served, unit)
+        if self.lines is None:
+            raise InvalidInput("this worker does not process batch lines")
+        result: dict[str, Any] = self.lines.run(served, unit)
+        return result
+
+    # --- single jobs -------------------------------------------------------------------------------
+
+    def run_jobs(self, served: Served, unit: JobsUnit) -> dict[str, Any]:
+        pending: list[Pending] = []
+        skipped = 0
+        for job_id, data in zip(unit.ids, self.jobs.raw_many(unit.ids), strict=True):
+            if not data:
+                skipped += 1
+                continue
+            p = self._admit_job(served, job_id)
+            if p is None:
+                skipped += 1
+            else:
+                pending.append(p)
+        try:
+            for p in pending:
+                self._finish_job(served, p)
+        finally:
+            self.watcher.unwatch(p.key for p in pending)
+        return {"jobs": len(pending), "skipped": skipped}
+
+    def _admit_job(self, served: Served, job_id: str) -> Pending | None:
+        started, data = self.jobs.start(job_id)
+        if not started:
+            return None
+        task = served.entry.task.value
+        if int(data.get("attempts", "1")) > self.max_deliveries:
+            self._fail(job_id, task, WorkerLost(f"delivered {data['attempts']} times without finishing; quarantined").info())
+            return None
+        metrics.WAIT.labels(served.entry.name).observe(max(0.0, time.time() - float(data["created_at"])))
+        deadline = float(data["deadline"]) if data.get("deadline") else None
+        if deadline is not None and time.time() > deadline:
+            self._fail(job_id, task, DeadlineExceeded("the job's deadline passed before it started").info())
+            return None
+        try:
+            spec = parse_job(data["spec"])
+            prepared = served.handler.preprocess(spec)
+        except QueueformerError as exc:
+            self._fail(job_id, task, exc.info())
+            return None
+        except ValidationError as exc:
+            self._fail(job_id, task, InvalidInput(str(exc)).info())
+            return None
+        flag = self.watcher.watch(job_id)
+        item = WorkItem(
+            prepared,
+            cancelled=flag.is_set,
+            deadline=time.monotonic() + (deadline - time.time()) if deadline is not None else None,
+            on_token=self.tokens.callback(job_id) if getattr(spec, "stream", False) else None,
+        )
+        served.engine.submit(item)
+        return Pending(job_id, prepared, item, time.perf_counter())
+
+    def _finish_job(self, served: Served, p: Pending) -> None:
+        task = served.entry.task.value
+        result = self.outcome(served, p)
+        if isinstance(result, ErrorInfo):
+            self._fail(p.key, task, result)
+            return
+        self._commit_job(p.key, result)
+        metrics.JOBS.labels(served.entry.name, task, "succeeded").inc()
+
+    def outcome(self, served: Served, p: Pending) -> BaseModel | ErrorInfo:
+        """Wait for an item and turn it into a result, or the error it ended with."""
+        try:
+            # Engines fail every pending future if they die, so this cannot hang.
+            raw = p.item.future.result()
+            result = served.handler.postprocess(p.prepared, raw)
+        except QueueformerError as exc:
+            return exc.info()
+        except Exception as exc:
+            log.exception("item %s failed", p.key)
+            return internal_error(exc)
+        finally:
+            metrics.RUN.labels(served.entry.name).observe(time.perf_counter() - p.started)
+        return result
+
+    @commit_retry
+    def _commit_job(self, job_id: str, result: BaseModel) -> None:
+        uri = self.storage.put_json(self.storage.result_key(job_id), result.model_dump(mode="json"))
+        self.jobs.succeed(job_id, uri)
+
+    def _fail(self, job_id: str, task: str, error: ErrorInfo) -> None:
+        if self.jobs.fail(job_id, error):
+            metrics.JOBS.labels(self.jobs.raw(job_id).get("model", ""), task, error.code).inc()
+
+    def _publish_tokens(self, batch: list[tuple[str, int, str]]) -> None:
+        p = self.jobs.r.pipeline(transaction=False)
+        for job_id, index, text in batch:
+            self.jobs._event(p, job_id, "token", {"index": index, "text": text})
+        p.execute()
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.tokens.flush_and_stop()
+

@@ -1,0 +1,310 @@
+"""Build the offline tiny models: real architectures, real tokenizers, a few seconds of training each.
+
+``queueformer models build-tiny DIR`` writes four models with ``save_pretrained`` — a GPT-2 causal LM,
+a BERT masked LM, a DistilBERT sentiment classifier with named labels and a Marian en->de translator —
+with tokenizers trained by ``tokenizers`` on the corpus shipped in ``queueformer/data``. They load
+through the same ``AutoModelFor*``/``AutoTokenizer`` calls as hub models. Seeds are fixed, so a build
+is deterministic on a given machine; every layer width is a multiple of 64 so bitsandbytes 4-bit
+blocks fit. A short training run makes their outputs readable in the demo, not random noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+NAMES = ("tiny-gpt2", "tiny-bert", "tiny-sentiment", "tiny-marian-en-de")
+_WIDTH = 64  # hidden size: a multiple of bitsandbytes' 4-bit block size
+
+
+def _data(name: str) -> str:
+    return resources.files("queueformer.data").joinpath(name).read_text("utf-8")
+
+
+def corpus() -> list[str]:
+    return [line.strip() for line in _data("corpus.txt").splitlines() if line.strip()]
+
+
+def sentiment() -> list[tuple[str, str]]:
+    rows = [line.split("\t", 1) for line in _data("sentiment.tsv").splitlines() if "\t" in line]
+    return [(label, text) for label, text in rows]
+
+
+def en_de() -> list[tuple[str, str]]:
+    rows = [line.split("\t", 1) for line in _data("en_de.tsv").splitlines() if "\t" in line]
+    return [(en, de) for en, de in rows]
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train(model: PreTrainedModel, steps: int, batch: Callable[[int], dict[str, torch.Tensor]], lr: float = 3e-3) -> float:
+    """A few hundred AdamW steps; returns the last loss."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        out = model(**batch(step))
+        loss = out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def _batches(texts: list[Any], size: int, step: int) -> list[Any]:
+    rng = random.Random(step)
+    return rng.sample(texts, min(size, len(texts)))
+
+
+# --- tokenizers ----------------------------------------------------------------------------------
+
+
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """GPT-2 style byte-level BPE."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=256,
+    )
+
+
+def wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 640) -> PreTrainedTokenizerFast:
+    """BERT style uncased WordPiece with [CLS] ... [SEP] framing."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+
+
+def marian_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """One BPE vocabulary shared by source and target, each sequence closed by </s> (Marian's framing)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=128
+    )
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def build_gpt2(out: Path, seed: int = 0, steps: int = 300) -> float:
+    _seed(seed)
+    texts = corpus()
+    tok = bpe_tokenizer(texts)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=256,
+        n_embd=_WIDTH,
+        n_layer=2,
+        n_head=4,
+        n_inner=4 * _WIDTH,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    eos = tok.eos_token
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        enc = tok([t + eos for t in _batches(texts, 16, step)], return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return {**enc, "labels": labels}
+
+    loss = _train(model, steps, batch)
+    _save(model, tok, out)
+    return loss
+
+
+def build_bert(out: Path, seed: int = 0, steps: int = 400) -> float:
+    _seed(seed)
+    texts = corpus()
+    tok = wordpiece_tokenizer(texts + [t for _, t in sentiment()])
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=4 * _WIDTH,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForMaskedLM(cfg)
+    specials = set(tok.all_special_ids)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        enc = tok(_batches(texts, 16, step), return_tensors="pt", padding=True)
+        ids = enc["input_ids"].clone()
+        g = torch.Generator().manual_seed(step)
+        maskable = enc["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(specials)))
+        chosen = (torch.rand(ids.shape, generator=g) < 0.2) & maskable
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        enc["input_ids"] = torch.where(chosen, torch.full_like(ids, tok.mask_token_id), ids)
+        return {**enc, "labels": labels}
+
+    loss = _train(model, steps, batch)
+    _save(model, tok, out)
+    return loss
+
+
+def build_sentiment(out: Path, seed: int = 0, steps: int = 200) -> float:
+    _seed(seed)
+    rows = sentiment()
+    labels = ["NEGATIVE", "POSITIVE"]
+    tok = wordpiece_tokenizer(corpus() + [t for _, t in rows])
+    cfg = DistilBertConfig(
+        vocab_size=len(tok),
+        dim=_WIDTH,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=4 * _WIDTH,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    model = DistilBertForSequenceClassification(cfg)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        picked = _batches(rows, 16, step)
+        enc = tok([t for _, t in picked], return_tensors="pt", padding=True)
+        enc.pop("token_type_ids", None)
+        return {**enc, "labels": torch.tensor([labels.index(lbl) for lbl, _ in picked])}
+
+    loss = _train(model, steps, batch)
+    _save(model, tok, out)
+    return loss
+
+
+def build_marian(out: Path, seed: int = 0, steps: int = 500) -> float:
+    _seed(seed)
+    pairs = en_de()
+    tok = marian_tokenizer([en for en, _ in pairs] + [de for _, de in pairs] + corpus())
+    pad = tok.pad_token_id
+    cfg = MarianConfig(
+        vocab_size=len(tok),
+        d_model=_WIDTH,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=4 * _WIDTH,
+        decoder_ffn_dim=4 * _WIDTH,
+        max_position_embeddings=128,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=tok.eos_token_id,
+        share_encoder_decoder_embeddings=True,
+        dropout=0.0,
+    )
+    model = MarianMTModel(cfg)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        picked = _batches(pairs, 16, step)
+        enc = tok([en for en, _ in picked], text_target=[de for _, de in picked], return_tensors="pt", padding=True)
+        enc["labels"] = enc["labels"].masked_fill(enc["labels"] == pad, -100)
+        enc.pop("token_type_ids", None)
+        return dict(enc)
+
+    loss = _train(model, steps, batch)
+    _save(model, tok, out)
+    return loss
+
+
+def _save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+BUILDERS: dict[str, Callable[[Path], float]] = {
+    "tiny-gpt2": build_gpt2,
+    "tiny-bert": build_bert,
+    "tiny-sentiment": build_sentiment,
+    "tiny-marian-en-de": build_marian,
+}
+
+
+def build_all(root: Path, names: Iterable[str] = NAMES, force: bool = False) -> dict[str, Any]:
+    """Build each named tiny model under ``root`` (skipping ones already built unless ``force``)."""
+    report: dict[str, Any] = {}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for name in names:
+        out = root / name
+        if not force and (out / "config.json").exists() and (out / "tokenizer.json").exists():
+            report[name] = {"skipped": True}
+            continue
+        started = time.perf_counter()
+        loss = BUILDERS[name](out)
+        report[name] = {"seconds": round(time.perf_counter() - started, 2), "final_loss": round(loss, 4)}
+        log.info("built %s in %.1fs (loss %.3f)", name, report[name]["seconds"], loss)
+    (root / "tiny-models.json").write_text(json.dumps(report, indent=2))
+    return report
