@@ -16,18 +16,10 @@ from typing import cast
 from api.services import Services
 from queueformer.broker import JobsUnit, publish
 from queueformer.errors import BrokerUnavailable, QuotaExceeded
-from queueformer.jobs import AnyJob, FineTuneJob, GenerateJob
+from queueformer.jobs import AnyJob, estimate_tokens
 from queueformer.state import new_id, tenant_tokens_key
 
 log = logging.getLogger(__name__)
-
-
-def estimate_tokens(spec: AnyJob) -> int:
-    """A cheap upper-bound-ish token estimate for quotas (about 4 characters per token)."""
-    text = getattr(spec, "prompt", None) or getattr(spec, "text", "") or ""
-    chars = len(text) if isinstance(text, str) else sum(len(t) for t in text)
-    extra = spec.max_new_tokens * spec.num_return_sequences if isinstance(spec, GenerateJob) else getattr(spec, "max_new_tokens", 0)
-    return chars // 4 + 1 + int(extra or 0)
 
 
 class Enqueuer:
@@ -55,7 +47,7 @@ class Enqueuer:
             entry = registry.get(spec.model, spec.task, tenant=tenant)
             job_id = new_id("job")
             queues[job_id] = registry.queue_for(entry, spec.task)
-            tokens[job_id] = estimate_tokens(spec) if not isinstance(spec, FineTuneJob) else 0
+            tokens[job_id] = estimate_tokens(spec)
             pairs.append((job_id, spec))
         self.check_quota(tenant, sum(tokens.values()))
         self.s.jobs.create_many(pairs, tenant=tenant, queue=queues, estimate_tokens=tokens)

@@ -38,24 +38,30 @@ def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
     param = _loc_param(first.get("loc", ()))
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
-    return JSONResponse(status_code=422, content={**error_body("invalid_input", message, param or None), "detail": detail})
+    return JSONResponse(
+        status_code=422, content={**error_body("invalid_input", message, param or None), "detail": detail}
+    )
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(QueueformerError)
-    async def _qf(request: Request, exc: QueueformerError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content=error_body(exc.code, exc.message, exc.param, **exc.details))
+    async def _qf(_request: Request, exc: QueueformerError) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.http_status, content=error_body(exc.code, exc.message, exc.param, **exc.details)
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_response(list(exc.errors()))
 
     @app.exception_handler(ValidationError)
-    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
+    async def _pydantic(_request: Request, exc: ValidationError) -> JSONResponse:
         return validation_response(list(exc.errors()))
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
-    async def _redis(request: Request, exc: Exception) -> JSONResponse:
+    async def _redis(_request: Request, exc: Exception) -> JSONResponse:
         err = BrokerUnavailable(f"the queue is unavailable: {exc}")
-        return JSONResponse(status_code=err.http_status, content=error_body(err.code, err.message), headers={"Retry-After": "5"})
+        return JSONResponse(
+            status_code=err.http_status, content=error_body(err.code, err.message), headers={"Retry-After": "5"}
+        )

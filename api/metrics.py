@@ -11,7 +11,12 @@ if TYPE_CHECKING:
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-REQUESTS = Counter("queueformer_api_requests_total", "HTTP requests by route and status.", ["route", "method", "status"], registry=REGISTRY)
+REQUESTS = Counter(
+    "queueformer_api_requests_total",
+    "HTTP requests by route and status.",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
 LATENCY = Histogram(
     "queueformer_api_request_seconds",
     "HTTP request latency by route.",

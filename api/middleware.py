@@ -58,7 +58,20 @@ class _BodyTooLarge(Exception):
 
 async def _too_large(send: Send, limit: int) -> None:
     body = json.dumps(
-        {"error": {"code": "payload_too_large", "message": f"request body is over {limit} bytes", "param": None, "type": "payload_too_large"}}
+        {
+            "error": {
+                "code": "payload_too_large",
+                "message": f"request body is over {limit} bytes",
+                "param": None,
+                "type": "payload_too_large",
+            }
+        }
     ).encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -11,7 +11,9 @@ import redis
 from celery import Celery
 
 from queueformer import limits
+from queueformer.batches import BatchStore
 from queueformer.broker import make_celery
+from queueformer.files import FileStore
 from queueformer.fleet import Fleet
 from queueformer.registry import Registry
 from queueformer.settings import Settings
@@ -30,6 +32,8 @@ class Services:
     celery: Celery
     keys: ApiKeys
     fleet: Fleet
+    files: FileStore
+    batches: BatchStore
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -39,15 +43,20 @@ class Services:
         registry = Registry.load(settings.registry)
         keys = ApiKeys(client)
         keys.add_static([k.get_secret_value() for k in settings.api.bootstrap_keys])
+        storage = Storage(settings.resolved_storage_url, settings.storage_options)
+        files = FileStore(client, storage)
+        secret = settings.api.webhook_secret.get_secret_value() if settings.api.webhook_secret else None
         return cls(
             settings=settings,
             redis=client,
             jobs=JobStore(client, settings.event_ttl_s),
-            storage=Storage(settings.resolved_storage_url, settings.storage_options),
+            storage=storage,
             static_registry=registry,
             celery=make_celery(settings, registry),
             keys=keys,
             fleet=Fleet(client),
+            files=files,
+            batches=BatchStore(client, storage, files, webhook_secret=secret),
         )
 
     def registry(self) -> Registry:

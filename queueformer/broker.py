@@ -43,6 +43,7 @@ class LinesUnit(BaseModel):
     first: int = Field(ge=0)
     start: int = Field(ge=0)
     end: int = Field(ge=0)
+    only: list[int] | None = Field(None, description="Process only these line indices of the range (retries).")
 
 
 WorkUnit = Annotated[JobsUnit | LinesUnit, Field(discriminator="kind")]
@@ -90,7 +91,7 @@ def make_celery(settings: Settings, registry: Registry, name: str = "queueformer
     app = Celery(name, broker=url, set_as_current=False)
     app.conf.update(celery_config(settings))
 
-    def route(task_name: str, args: Any, kwargs: dict[str, Any], options: Any, task: Any = None, **kw: Any) -> Any:
+    def route(task_name: str, _args: Any, kwargs: dict[str, Any], _options: Any, _task: Any = None, **_kw: Any) -> Any:
         unit = (kwargs or {}).get("unit") or {}
         model = unit.get("model")
         if task_name == RUN_TASK and model in registry:

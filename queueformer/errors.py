@@ -38,6 +38,12 @@ class QueueformerError(Exception):
         return ErrorInfo(code=self.code, message=self.message, retryable=self.retryable, param=self.param)
 
 
+class InternalError(QueueformerError):
+    """A bug or an unexpected failure while running a job; it is logged with its traceback."""
+
+    code = "internal_error"
+
+
 # --- the caller's fault: never retried -------------------------------------------------------------
 
 
@@ -58,6 +64,12 @@ class NoMaskToken(InvalidInput):
     """A fill-mask text contains no mask token."""
 
     code = "no_mask_token"
+
+
+class NoChatTemplate(InvalidInput):
+    """A chat request went to a model whose tokenizer has no chat template."""
+
+    code = "no_chat_template"
 
 
 class UnsupportedOnHardware(InvalidInput):

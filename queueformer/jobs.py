@@ -71,15 +71,31 @@ class _JobBase(BaseModel):
     model: ModelName
     metadata: Metadata = Field(default_factory=dict)
     timeout_s: int | None = Field(
-        None, ge=1, le=7 * 24 * 3600, description="Seconds from submission after which the job fails (deadline_exceeded)."
+        None,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Seconds from submission after which the job fails (deadline_exceeded).",
     )
 
 
+class ChatTurn(BaseModel):
+    """One chat message; a model's chat template turns a list of them into its prompt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Text
+    name: str | None = Field(None, max_length=64)
+
+
 class GenerateJob(_JobBase):
-    """Continue a prompt with a causal language model (``generate`` with the KV cache)."""
+    """Continue a prompt (or a chat, through the model's chat template) with a causal LM and the KV cache."""
 
     task: Literal["generate"] = "generate"
-    prompt: Text
+    prompt: Text = ""
+    messages: Annotated[list[ChatTurn], Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="Chat turns instead of a prompt; needs a model with a chat template."
+    )
     max_new_tokens: Annotated[int, Field(ge=1, le=32_768), _limit("max_new_tokens")] = 32
     do_sample: bool | None = None
     temperature: float | None = Field(None, gt=0, le=100)
@@ -100,8 +116,18 @@ class GenerateJob(_JobBase):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateJob:
+        if self.messages is not None and self.prompt:
+            raise ValueError("give either prompt or messages, not both")
+        return self
+
+    @model_validator(mode="after")
     def _return_sequences_need_search(self) -> GenerateJob:
-        if self.num_return_sequences > 1 and self.do_sample is not True and (self.num_beams or 1) < self.num_return_sequences:
+        if (
+            self.num_return_sequences > 1
+            and self.do_sample is not True
+            and (self.num_beams or 1) < self.num_return_sequences
+        ):
             raise ValueError("num_return_sequences > 1 needs do_sample=true or num_beams >= num_return_sequences")
         return self
 
@@ -188,7 +214,9 @@ class FineTuneJob(_JobBase):
     )
     method: FineTuneMethod = FineTuneMethod.LORA
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Goes into the new model's name.")
+    suffix: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Goes into the new model's name."
+    )
 
 
 class EchoJob(_JobBase):
@@ -216,3 +244,17 @@ _ID_RE = re.compile(r"^[a-z]+[-_][A-Za-z0-9]{8,64}$")
 def valid_object_id(value: str) -> bool:
     """Object ids (job-..., file-..., batch_...) hold letters and digits only, so they never escape a storage prefix."""
     return bool(_ID_RE.fullmatch(value))
+
+
+def estimate_tokens(spec: AnyJob) -> int:
+    """A cheap token estimate for quotas: about 4 characters per token, plus the tokens to generate."""
+    if isinstance(spec, GenerateJob):
+        chars = len(spec.prompt) + sum(len(m.content) for m in spec.messages or [])
+        return chars // 4 + 1 + spec.max_new_tokens * spec.num_return_sequences
+    if isinstance(spec, TranslateJob):
+        return len(spec.text) // 4 + 1 + spec.max_new_tokens
+    if isinstance(spec, ClassifyJob):
+        return sum(len(t) for t in spec.texts) // 4 + 1
+    if isinstance(spec, FillMaskJob | EchoJob):
+        return len(spec.text) // 4 + 1
+    return 0

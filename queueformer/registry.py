@@ -50,7 +50,9 @@ class ModelEntry(BaseModel):
     double_quant: bool = Field(False, description="bitsandbytes nested quantization for 4-bit.")
     dtype: DType = "auto"
     device_map: str | dict[str, int | str] = Field("auto", description="'auto', 'cpu', 'cuda:0' or an explicit map.")
-    max_memory: dict[str, str] | None = Field(None, description="Per-device caps for device_map, e.g. {0: 20GiB, cpu: 64GiB}.")
+    max_memory: dict[str, str] | None = Field(
+        None, description="Per-device caps for device_map, e.g. {0: 20GiB, cpu: 64GiB}."
+    )
     offload_folder: str | None = None
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most sequences decoded together.")
     max_batch_tokens: int = Field(8192, ge=16, description="Most prompt tokens prefilled in one step.")
@@ -163,7 +165,11 @@ class Registry:
                 param="model",
                 details={"registered": sorted(visible)},
             )
-        if task is not None and entry.task != Task(task) and not (Task(task) == Task.FINE_TUNE and entry.task == Task.GENERATE):
+        if (
+            task is not None
+            and entry.task != Task(task)
+            and not (Task(task) == Task.FINE_TUNE and entry.task == Task.GENERATE)
+        ):
             raise TaskMismatch(f"model {name!r} serves {entry.task.value!r}, not {Task(task).value!r}", param="model")
         return entry
 

@@ -54,7 +54,9 @@ class WorkerSettings(BaseModel):
     concurrency: int = Field(8, ge=1, le=1024, description="Messages in flight at once, all feeding one engine.")
     health_port: int = Field(0, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics; 0 picks none.")
     max_deliveries: int = Field(3, ge=1, le=100, description="Deliveries of one line before it is quarantined.")
-    lease_renew_s: float = Field(0.0, ge=0, description="How often in-flight messages renew their lease; 0 = a third of the visibility timeout.")
+    lease_renew_s: float = Field(
+        0.0, ge=0, description="How often in-flight messages renew their lease; 0 = a third of the visibility timeout."
+    )
     cancel_poll_steps: int = Field(8, ge=1, description="Decode steps between checks of cancel flags.")
     chunk_target_s: float = Field(
         2.0, gt=0, description="Seconds of work a batch chunk should hold, from the model's measured throughput."
@@ -79,11 +81,15 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path(".queueformer"), description="Local state of `queueformer up`: Valkey data, logs.")
     storage_url: str | None = Field(
-        None, description="Where files, results and checkpoints go: file:///path or s3://bucket/prefix. Default: data_dir/storage."
+        None,
+        description="Where files, results and checkpoints go: file:///path or s3://bucket/prefix "
+        "(default: data_dir/storage).",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (e.g. S3 endpoint_url).")
     registry: str = Field("tiny", description="Model registry: 'tiny', 'hub' (bundled) or a path to a YAML file.")
-    models_dir: Path | None = Field(None, description="Base of relative model paths in the registry. Default: data_dir/models.")
+    models_dir: Path | None = Field(
+        None, description="Base of relative model paths in the registry. Default: data_dir/models."
+    )
     visibility_timeout_s: int = Field(
         3600, ge=10, description="Seconds before an unacknowledged message is redelivered; in-flight work renews it."
     )

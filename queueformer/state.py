@@ -189,13 +189,17 @@ class JobStore:
         fields = {"finished_at": repr(time.time()), "result_uri": result_uri}
         if progress is not None:
             fields["progress"] = json.dumps(progress)
-        ok, _ = self.transition(job_id, [JobState.RUNNING, JobState.QUEUED], JobState.SUCCEEDED, fields, {"result_uri": result_uri})
+        ok, _ = self.transition(
+            job_id, [JobState.RUNNING, JobState.QUEUED], JobState.SUCCEEDED, fields, {"result_uri": result_uri}
+        )
         return ok
 
     def fail(self, job_id: str, error: ErrorInfo) -> bool:
         state = JobState.CANCELLED if error.code == "cancelled" else JobState.FAILED
         fields = {"finished_at": repr(time.time()), "error": error.model_dump_json()}
-        ok, _ = self.transition(job_id, [JobState.RUNNING, JobState.QUEUED], state, fields, {"error": error.model_dump()})
+        ok, _ = self.transition(
+            job_id, [JobState.RUNNING, JobState.QUEUED], state, fields, {"error": error.model_dump()}
+        )
         return ok
 
     def request_cancel(self, job_id: str) -> JobState:
@@ -204,7 +208,10 @@ class JobStore:
             job_id,
             [JobState.QUEUED],
             JobState.CANCELLED,
-            {"finished_at": repr(time.time()), "error": ErrorInfo(code="cancelled", message="cancelled by request").model_dump_json()},
+            {
+                "finished_at": repr(time.time()),
+                "error": ErrorInfo(code="cancelled", message="cancelled by request").model_dump_json(),
+            },
         )
         if ok:
             return JobState.CANCELLED
@@ -237,7 +244,9 @@ class JobStore:
         p.xadd(key, {"type": kind, "data": json.dumps(data), "at": repr(time.time())}, maxlen=5000, approximate=True)
         p.expire(key, self.ttl)
 
-    def read_events(self, object_id: str, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, str, Any]]:
+    def read_events(
+        self, object_id: str, after: str = "0-0", block_ms: int | None = None
+    ) -> list[tuple[str, str, Any]]:
         """Events after ``after`` as (event id, type, data); blocks up to ``block_ms`` for new ones."""
         res = self.r.xread({events_key(object_id): after}, count=500, block=block_ms)
         out: list[tuple[str, str, Any]] = []

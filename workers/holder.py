@@ -100,7 +100,9 @@ class ModelHolder:
         return all(s.healthy for s in self._served.values())
 
     def describe(self) -> dict[str, Any]:
-        return {name: {"queue": s.entry.queue, "task": s.entry.task.value, **s.info} for name, s in self._served.items()}
+        return {
+            name: {"queue": s.entry.queue, "task": s.entry.task.value, **s.info} for name, s in self._served.items()
+        }
 
     def stop(self) -> None:
         for s in self._served.values():

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 class LeaseKeeper:
     """Re-scores in-flight delivery tags in kombu's ``unacked_index`` until their task returns."""
 
-    def __init__(self, client: redis.Redis, visibility_timeout_s: float, renew_s: float = 0.0, index_key: str = "unacked_index") -> None:
+    def __init__(
+        self, client: redis.Redis, visibility_timeout_s: float, renew_s: float = 0.0, index_key: str = "unacked_index"
+    ) -> None:
         self._r = client
         self._key = index_key
         self._renew = renew_s or max(1.0, visibility_timeout_s / 3)

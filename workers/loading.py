@@ -127,13 +127,9 @@ def load(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None
 
 def describe(model: PreTrainedModel, entry: ModelEntry, load_s: float) -> dict[str, Any]:
     """Placement, dtype, quantization and memory of a loaded model."""
-    placement: dict[str, Any]
     device_map = getattr(model, "hf_device_map", None)
-    if device_map:
-        placement = {k: str(v) for k, v in device_map.items()}
-    else:
-        # transformers sets hf_device_map only when a model spans devices; report where weights live.
-        placement = {"": str(next(model.parameters()).device)}
+    # transformers sets hf_device_map only when a model spans devices; otherwise report where weights live.
+    placement = {k: str(v) for k, v in device_map.items()} if device_map else {"": str(next(model.parameters()).device)}
     bytes_by_device: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
     for p in model.parameters():

@@ -20,8 +20,10 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutting_down
 
 from queueformer import limits
+from queueformer.batches import BatchStore
 from queueformer.broker import make_celery
 from queueformer.errors import WorkerFatal
+from queueformer.files import FileStore
 from queueformer.fleet import Fleet
 from queueformer.registry import Registry
 from queueformer.settings import Settings, get_settings
@@ -30,8 +32,10 @@ from queueformer.storage import Storage
 from workers.health import Health
 from workers.holder import ModelHolder, serve
 from workers.lease import LeaseKeeper
+from workers.lines import LineRunner
 from workers.runner import Runner
 from workers.tasks import register
+from workers.watch import CancelWatcher
 
 log = logging.getLogger("queueformer.worker")
 
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     queues = args.queues or settings.worker.queues
     if not queues:
-        print("no queues given: pass --queues or set QUEUEFORMER_WORKER__QUEUES", file=sys.stderr)
+        sys.stderr.write("no queues given: pass --queues or set QUEUEFORMER_WORKER__QUEUES\n")
         return 2
     return run_worker(settings, queues, concurrency=args.concurrency, health_port=args.health_port, name=args.name)
 
@@ -64,7 +68,12 @@ def configure_logging(level: str) -> None:
 
 
 def run_worker(
-    settings: Settings, queues: list[str], *, concurrency: int | None = None, health_port: int | None = None, name: str | None = None
+    settings: Settings,
+    queues: list[str],
+    *,
+    concurrency: int | None = None,
+    health_port: int | None = None,
+    name: str | None = None,
 ) -> int:
     configure_logging(settings.log_level)
     limits.install(settings.limits)
@@ -85,7 +94,14 @@ def run_worker(
     holder = ModelHolder()
     try:
         for entry in entries:
-            holder.add(serve(entry, settings.resolved_models_dir, settings.worker.offload_folder, settings.worker.cancel_poll_steps))
+            holder.add(
+                serve(
+                    entry,
+                    settings.resolved_models_dir,
+                    settings.worker.offload_folder,
+                    settings.worker.cancel_poll_steps,
+                )
+            )
     except WorkerFatal as exc:
         log.error("%s", exc)
         return 3
@@ -93,19 +109,36 @@ def run_worker(
     health = Health(alive=lambda: holder.healthy)
     port = health_port if health_port is not None else settings.worker.health_port
     if port:
-        log.info("health and metrics on :%d", health.serve("0.0.0.0", port))  # noqa: S104 - probes come from the kubelet
+        log.info("health and metrics on :%d", health.serve("0.0.0.0", port))
 
     lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
-    runner = Runner(holder, jobs, storage, max_deliveries=settings.worker.max_deliveries)
+    files = FileStore(client, storage)
+    secret = settings.api.webhook_secret.get_secret_value() if settings.api.webhook_secret else None
+    batches = BatchStore(client, storage, files, webhook_secret=secret)
+
+    def stop_flags(keys: list[str]) -> set[str]:
+        job_ids = [k for k in keys if k.startswith("job-")]
+        batch_ids = [k for k in keys if k.startswith("batch_")]
+        return (jobs.cancel_requested(job_ids) if job_ids else set()) | (
+            batches.stopped(batch_ids) if batch_ids else set()
+        )
+
+    runner = Runner(
+        holder, jobs, storage, max_deliveries=settings.worker.max_deliveries, watcher=CancelWatcher(stop_flags)
+    )
+    runner.lines = LineRunner(runner, batches, settings.worker.max_deliveries)
     app = make_celery(settings, registry)
     register(app, runner, lease)
 
     stop_announcing = threading.Event()
 
     def announce() -> None:
-        info: dict[str, Any] = {"queues": queues, "models": holder.describe(), "pid": os.getpid(), "host": socket.gethostname()}
+        info: dict[str, Any] = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname()}
         while True:
-            fleet.announce(worker_id, {**info, "ready": health.ready, "healthy": health.alive})
+            models = holder.describe()
+            for model, rate in runner.lines.throughput.rates.items():
+                models[model]["lines_per_s"] = round(rate, 2)
+            fleet.announce(worker_id, {**info, "models": models, "ready": health.ready, "healthy": health.alive})
             if stop_announcing.wait(10):
                 return
 

@@ -7,7 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 JOBS = Counter(
-    "queueformer_worker_jobs_total", "Jobs and batch lines finished, by outcome.", ["model", "task", "outcome"], registry=REGISTRY
+    "queueformer_worker_jobs_total",
+    "Jobs and batch lines finished, by outcome.",
+    ["model", "task", "outcome"],
+    registry=REGISTRY,
 )
 WAIT = Histogram(
     "queueformer_job_wait_seconds",
@@ -38,12 +41,14 @@ FORWARD = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
     registry=REGISTRY,
 )
-DEVICE_MEMORY = Gauge("queueformer_device_memory_bytes", "Device memory by device and kind.", ["device", "kind"], registry=REGISTRY)
+DEVICE_MEMORY = Gauge(
+    "queueformer_device_memory_bytes", "Device memory by device and kind.", ["device", "kind"], registry=REGISTRY
+)
 MODEL_MEMORY = Gauge("queueformer_model_memory_bytes", "Weights of each loaded model.", ["model"], registry=REGISTRY)
 IN_FLIGHT = Gauge("queueformer_worker_messages_in_flight", "Queue messages being worked on.", registry=REGISTRY)
 
 
-def observe_forward(model: str, rows: int, tokens: int, seconds: float) -> None:
+def observe_forward(model: str, rows: int, _tokens: int, seconds: float) -> None:
     BATCH.labels(model).observe(rows)
     FORWARD.labels(model).observe(seconds)
 

@@ -19,6 +19,7 @@ from queueformer.broker import JobsUnit, LinesUnit, WorkUnit
 from queueformer.errors import (
     DeadlineExceeded,
     ErrorInfo,
+    InternalError,
     InvalidInput,
     QueueformerError,
     TransientError,
@@ -43,10 +44,6 @@ commit_retry = retry(
     stop=stop_after_attempt(5),
     reraise=True,
 )
-
-
-def internal_error(exc: BaseException) -> ErrorInfo:
-    return ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}", retryable=False)
 
 
 @dataclass
@@ -122,7 +119,9 @@ class Runner:
             return None
         task = served.entry.task.value
         if int(data.get("attempts", "1")) > self.max_deliveries:
-            self._fail(job_id, task, WorkerLost(f"delivered {data['attempts']} times without finishing; quarantined").info())
+            self._fail(
+                job_id, task, WorkerLost(f"delivered {data['attempts']} times without finishing; quarantined").info()
+            )
             return None
         metrics.WAIT.labels(served.entry.name).observe(max(0.0, time.time() - float(data["created_at"])))
         deadline = float(data["deadline"]) if data.get("deadline") else None
@@ -151,23 +150,23 @@ class Runner:
     def _finish_job(self, served: Served, p: Pending) -> None:
         task = served.entry.task.value
         result = self.outcome(served, p)
-        if isinstance(result, ErrorInfo):
-            self._fail(p.key, task, result)
+        if isinstance(result, QueueformerError):
+            self._fail(p.key, task, result.info())
             return
         self._commit_job(p.key, result)
         metrics.JOBS.labels(served.entry.name, task, "succeeded").inc()
 
-    def outcome(self, served: Served, p: Pending) -> BaseModel | ErrorInfo:
+    def outcome(self, served: Served, p: Pending) -> BaseModel | QueueformerError:
         """Wait for an item and turn it into a result, or the error it ended with."""
         try:
             # Engines fail every pending future if they die, so this cannot hang.
             raw = p.item.future.result()
             result = served.handler.postprocess(p.prepared, raw)
         except QueueformerError as exc:
-            return exc.info()
+            return exc
         except Exception as exc:
             log.exception("item %s failed", p.key)
-            return internal_error(exc)
+            return InternalError(f"{type(exc).__name__}: {exc}")
         finally:
             metrics.RUN.labels(served.entry.name).observe(time.perf_counter() - p.started)
         return result
@@ -190,4 +189,3 @@ class Runner:
     def stop(self) -> None:
         self.watcher.stop()
         self.tokens.flush_and_stop()
-

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
@@ -63,7 +64,9 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(model: PreTrainedModel, steps: int, batch: Callable[[int], dict[str, torch.Tensor]], lr: float = 3e-3) -> float:
+def _train(
+    model: PreTrainedModel, steps: int, batch: Callable[[int], dict[str, torch.Tensor]], lr: float = 3e-3
+) -> float:
     """A few hundred AdamW steps; returns the last loss."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -120,7 +123,9 @@ def wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 640) -> PreTrain
     )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -140,7 +145,8 @@ def marian_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False),
     )
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
@@ -296,7 +302,8 @@ BUILDERS: dict[str, Callable[[Path], float]] = {
 def build_all(root: Path, names: Iterable[str] = NAMES, force: bool = False) -> dict[str, Any]:
     """Build each named tiny model under ``root`` (skipping ones already built unless ``force``)."""
     report: dict[str, Any] = {}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     for name in names:
         out = root / name
         if not force and (out / "config.json").exists() and (out / "tokenizer.json").exists():

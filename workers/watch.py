@@ -80,7 +80,7 @@ class TokenPublisher:
         self._thread.start()
 
     def callback(self, job_id: str) -> Callable[[int, int, str], None]:
-        def on_token(index: int, token_id: int, text: str) -> None:
+        def on_token(index: int, _token_id: int, text: str) -> None:
             self._q.put((job_id, index, text))
 
         return on_token

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -58,7 +58,9 @@ def _idempotent(services: Services, tenant: str, key: str, body: bytes) -> tuple
     if stored.get("body") != digest:
         raise Conflict("Idempotency-Key was already used with a different body", param="Idempotency-Key")
     if stored.get("ids") is None:
-        raise Conflict("a request with this Idempotency-Key is still being accepted; retry shortly", param="Idempotency-Key")
+        raise Conflict(
+            "a request with this Idempotency-Key is still being accepted; retry shortly", param="Idempotency-Key"
+        )
     return rkey, list(stored["ids"])
 
 
@@ -79,7 +81,6 @@ def _submit(services: Services, tenant: str, specs: list[AnyJob], key: str | Non
 
 @router.post("", status_code=202, response_model=JobAccepted, summary="Submit one job of any type")
 def submit_job(
-    request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     job: Annotated[JobSpec, Body()],  # type: ignore[valid-type]

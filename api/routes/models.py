@@ -18,5 +18,12 @@ def list_models(services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     for entry in services.registry():
         if entry.tenant is not None and entry.tenant != tenant:
             continue
-        data.append({"object": "model", "owned_by": entry.tenant or "queueformer", **entry.public(), "workers": live.get(entry.name, [])})
+        data.append(
+            {
+                "object": "model",
+                "owned_by": entry.tenant or "queueformer",
+                **entry.public(),
+                "workers": live.get(entry.name, []),
+            }
+        )
     return {"object": "list", "data": sorted(data, key=lambda d: d["id"])}

@@ -309,9 +309,7 @@ class DecodeEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             with torch.inference_mode():
-                out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
-                )
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -331,7 +329,9 @@ class DecodeEngine:
         if self._mergeable is None:
             self._mergeable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
             if not self._mergeable:
-                log.warning("%s: cache layers are not plain key/value tensors; decoding groups one at a time", self.name)
+                log.warning(
+                    "%s: cache layers are not plain key/value tensors; decoding groups one at a time", self.name
+                )
         if self._rows and self._mergeable:
             self._merge(group, cache, mask, next_ids, positions)
         elif not self._rows:
@@ -438,9 +438,7 @@ class DecodeEngine:
 
     def _append(self, s: _Seq, tok: int) -> None:
         s.tokens.append(tok)
-        if tok in s.req.eos:
-            s.finish = "stop"
-        elif s.req.stop and self._hit_stop(s):
+        if tok in s.req.eos or (s.req.stop and self._hit_stop(s)):
             s.finish = "stop"
         elif len(s.tokens) >= s.req.max_new_tokens:
             s.finish = "length"

@@ -94,7 +94,9 @@ class Handler(ABC, Generic[J, P]):
                 break
         return min(limits) if limits else 1_000_000
 
-    def encode(self, text: str, *, truncate: bool, reserve: int = 0, keep: Literal["left", "right"] = "right") -> list[int]:
+    def encode(
+        self, text: str, *, truncate: bool, reserve: int = 0, keep: Literal["left", "right"] = "right"
+    ) -> list[int]:
         """Token ids of ``text`` (with the tokenizer's special tokens), checked against the model's limit.
 
         ``reserve`` tokens are kept free (new tokens of a decoder); ``keep`` says which end survives
@@ -115,4 +117,3 @@ class Handler(ABC, Generic[J, P]):
                 )
             ids = ids[-cap:] if keep == "right" else ids[:cap]
         return ids
-

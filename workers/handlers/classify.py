@@ -69,4 +69,6 @@ class ClassifyHandler(Handler[ClassifyJob, ClassifyInput]):
             )
             labels.append(ranked[: item.top_k] if item.top_k is not None else ranked)
         tokens = sum(len(r) for r in item.texts)
-        return ClassifyResult(model=self.entry.name, labels=labels, multi_label=self.multi_label, usage=Usage(prompt_tokens=tokens))
+        return ClassifyResult(
+            model=self.entry.name, labels=labels, multi_label=self.multi_label, usage=Usage(prompt_tokens=tokens)
+        )

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from queueformer.errors import NoMaskToken
 from queueformer.jobs import FillMaskJob, Task
 from queueformer.records import FillMaskResult, MaskCandidate, Usage
@@ -60,7 +58,9 @@ class FillMaskHandler(Handler[FillMaskJob, MaskInput]):
         return out
 
     def _forward(self, batch: Sequence[MaskInput]) -> list[Any]:
-        ids, mask = pad_right([x.input_ids for x in batch], pad_token_id(self.tokenizer, self.model.config), self.device)
+        ids, mask = pad_right(
+            [x.input_ids for x in batch], pad_token_id(self.tokenizer, self.model.config), self.device
+        )
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         out = []
         for row, item in enumerate(batch):

@@ -13,13 +13,20 @@ from typing import Any
 
 import torch
 
-from queueformer.errors import InvalidInput
+from queueformer.errors import InputTooLong, InvalidInput, NoChatTemplate
 from queueformer.jobs import GenerateJob, Task
 from queueformer.records import GenerateResult, Generation, Usage
 from workers.engine.decode import GenOutput, GenRequest
 from workers.handlers.base import Handler
 
-_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "num_beams": 1}
+_DEFAULTS = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "num_beams": 1,
+}
 
 
 class GenerateHandler(Handler[GenerateJob, GenRequest]):
@@ -50,7 +57,10 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
                 "num_return_sequences > 1 needs do_sample=true or num_beams >= num_return_sequences",
                 param="num_return_sequences",
             )
-        ids = self.encode(job.prompt, truncate=job.truncate, reserve=job.max_new_tokens, keep="right")
+        if job.messages is not None:
+            ids = self.chat_ids(job)
+        else:
+            ids = self.encode(job.prompt, truncate=job.truncate, reserve=job.max_new_tokens, keep="right")
         if not ids:
             bos = self.model.generation_config.bos_token_id or self.tokenizer.bos_token_id
             if bos is None:
@@ -70,6 +80,20 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             eos=frozenset() if job.ignore_eos else self.eos_ids(),
             seed=job.seed,
         )
+
+    def chat_ids(self, job: GenerateJob) -> list[int]:
+        """Token ids of a chat through the tokenizer's chat template, ready for the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise NoChatTemplate(f"{self.entry.name} has no chat template; send a prompt instead", param="messages")
+        turns = [m.model_dump(exclude_none=True) for m in job.messages or []]
+        encoded = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        ids = list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        cap = self.max_input_tokens() - job.max_new_tokens
+        if len(ids) > cap:
+            if not job.truncate:
+                raise InputTooLong(f"chat is {len(ids)} tokens; {self.entry.name} accepts {cap} here", param="messages")
+            ids = ids[-cap:]
+        return [int(i) for i in ids]
 
     def size(self, item: GenRequest) -> int:
         return len(item.input_ids) + item.max_new_tokens

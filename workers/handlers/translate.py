@@ -41,7 +41,9 @@ class TranslateHandler(Handler[TranslateJob, TranslateInput]):
         return (item.num_beams, item.max_new_tokens)
 
     def forward(self, batch: Sequence[TranslateInput]) -> list[Any]:
-        ids, mask = pad_right([x.input_ids for x in batch], pad_token_id(self.tokenizer, self.model.config), self.device)
+        ids, mask = pad_right(
+            [x.input_ids for x in batch], pad_token_id(self.tokenizer, self.model.config), self.device
+        )
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -1,0 +1,607 @@
+"""Batches and their per-line ledger, in Redis; outputs and error files, in storage.
+
+Each batch line is committed exactly once: a Lua script checks and sets the line's bit in a ``done``
+bitmap, stores the output (or error) line and bumps the counters in one step, so a redelivered chunk,
+a retried unit or a cancel racing a worker can never count a line twice. The worker (or API call)
+whose commit leaves nothing remaining finalizes: output and error files are written, the status moves
+on, the tenant's enqueued-token quota is released and the webhook is called. A finalizer that dies is
+replaced once its claim is stale, so no batch stays in ``finalizing``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from queueformer import webhooks
+from queueformer.broker import LinesUnit
+from queueformer.errors import Conflict, ErrorInfo, NotFound, QueueformerError
+from queueformer.files import FileStore
+from queueformer.jobs import AnyJob, estimate_tokens, valid_object_id
+from queueformer.openai_batch import LineError, error_line, parse_line
+from queueformer.state import PREFIX, events_key, tenant_tokens_key
+from queueformer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 24 * 3600
+FINALIZE_STALE_S = 300
+OPEN = ("validating", "in_progress", "finalizing", "cancelling")
+DONE = ("failed", "completed", "expired", "cancelled")
+
+_COMMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+if redis.call('GETBIT', KEYS[4], ARGV[1]) == 1 then return -1 end
+redis.call('SETBIT', KEYS[4], ARGV[1], 1)
+if ARGV[2] == 'out' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'completed', 1)
+else
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'failed', 1)
+end
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[4]) end
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5]) end
+local b = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed')
+return tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
+"""
+
+# Move status from one of ARGV[1] (comma list) to ARGV[2], stamping ARGV[3] = now into ARGV[4..].
+_STATUS = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+if string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) == nil then return {0, cur} end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[3]) end
+return {1, cur}
+"""
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def _k(batch_id: str, part: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}:{part}"
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive lines: bytes ``[start, end)`` of the input file, and which model runs which line.
+
+    ``models`` maps each model in the chunk to its line indices, or to ``None`` when the whole chunk is
+    one model's (the usual case, which keeps messages small).
+    """
+
+    index: int
+    first: int  # physical line index of the first line in the byte range
+    start: int
+    end: int
+    models: dict[str, list[int] | None]
+
+
+@dataclass
+class Scan:
+    """What validating an input file found."""
+
+    lines: list[tuple[int, int, int]]  # (physical index, start byte, end byte) of non-blank lines
+    errors: list[tuple[int, str | None, LineError]]
+    line_models: dict[int, str]  # valid line -> its model
+    tokens: int
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(set(self.line_models.values()))
+
+    def chunks(self, size: int) -> list[Chunk]:
+        """Consecutive runs of ``size`` lines as byte ranges of the input file."""
+        out = []
+        for n, at in enumerate(range(0, len(self.lines), size)):
+            part = self.lines[at : at + size]
+            per_model: dict[str, list[int]] = {}
+            for idx, _, _ in part:
+                if idx in self.line_models:
+                    per_model.setdefault(self.line_models[idx], []).append(idx)
+            if not per_model:
+                continue  # nothing valid to run here: every line is already in the error file
+            models: dict[str, list[int] | None] = dict.fromkeys(per_model) if len(per_model) == 1 else dict(per_model)
+            out.append(Chunk(n, part[0][0], part[0][1], part[-1][2], models))
+        return out
+
+
+LineCheck = Callable[[AnyJob], None]
+
+
+def scan_file(storage: Storage, key: str, endpoint: str, max_lines: int, check: LineCheck | None = None) -> Scan:
+    """Validate every line of an input file in one streaming pass; ``check`` adds caller rules (registry)."""
+    lines: list[tuple[int, int, int]] = []
+    errors: list[tuple[int, str | None, LineError]] = []
+    line_models: dict[int, str] = {}
+    seen: set[str] = set()
+    tokens = 0
+    offset = 0
+    with storage.open_read(key) as fh:
+        for index, raw in enumerate(fh):
+            start = offset
+            offset += len(raw)
+            if not raw.strip():
+                continue
+            if len(lines) >= max_lines:
+                raise TooManyLines(max_lines)
+            lines.append((index, start, offset))
+            try:
+                line, job = parse_line(raw, endpoint)
+                if line.custom_id in seen:
+                    raise LineError(
+                        "duplicate_custom_id",
+                        f"custom_id {line.custom_id!r} appears more than once",
+                        line.custom_id,
+                        "custom_id",
+                    )
+                seen.add(line.custom_id)
+                if check is not None:
+                    check(job)
+                line_models[index] = job.model
+                tokens += estimate_tokens(job)
+            except LineError as err:
+                errors.append((index, err.custom_id, err))
+            except QueueformerError as err:
+                errors.append(
+                    (index, custom_id_of(raw), LineError(err.code, err.message, custom_id_of(raw), err.param))
+                )
+    return Scan(lines=lines, errors=errors, line_models=line_models, tokens=tokens)
+
+
+def custom_id_of(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+class TooManyLines(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the input file has more than {limit} requests")
+        self.limit = limit
+
+
+def iter_range(data: bytes, first: int) -> Iterator[tuple[int, bytes]]:
+    """(physical line index, line) for the non-blank lines of a chunk's bytes."""
+    for offset, raw in enumerate(data.splitlines()):
+        if raw.strip():
+            yield first + offset, raw
+
+
+class BatchStore:
+    """Batch records, the line ledger, finalization, cancel, expiry and retry."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        storage: Storage,
+        files: FileStore,
+        ttl_s: int = 30 * 24 * 3600,
+        webhook_secret: str | None = None,
+    ) -> None:
+        self.r = client
+        self.storage = storage
+        self.files = files
+        self.ttl = ttl_s
+        self.webhook_secret = webhook_secret
+        self._commit = client.register_script(_COMMIT)
+        self._status = client.register_script(_STATUS)
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def create(self, batch_id: str, tenant: str, body: dict[str, Any]) -> None:
+        now = int(time.time())
+        fields = {
+            "id": batch_id,
+            "tenant": tenant,
+            "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"],
+            "completion_window": body.get("completion_window", "24h"),
+            "status": "validating",
+            "created_at": str(now),
+            "expires_at": str(now + WINDOW_S),
+            "total": "0",
+            "completed": "0",
+            "failed": "0",
+            "input_tokens": "0",
+            "output_tokens": "0",
+            "metadata": json.dumps(body.get("metadata")),
+            "webhook_url": body.get("webhook_url") or "",
+        }
+        p = self.r.pipeline()
+        p.hset(batch_key(batch_id), mapping=fields)
+        p.zadd(f"{PREFIX}:batches:{tenant}", {batch_id: now})
+        p.sadd(f"{PREFIX}:tenant:{tenant}:open_batches", batch_id)
+        p.execute()
+
+    def open_batches(self, tenant: str) -> int:
+        return int(self.r.scard(f"{PREFIX}:tenant:{tenant}:open_batches"))
+
+    def start(self, batch_id: str, scan: Scan, chunks: list[Chunk], tenant: str) -> None:
+        """Record what validation found and move to ``in_progress`` (or ``failed`` if nothing can run)."""
+        p = self.r.pipeline()
+        p.hset(
+            batch_key(batch_id),
+            mapping={
+                "total": str(len(scan.lines)),
+                "model": scan.models[0] if len(scan.models) == 1 else "",
+                "models": json.dumps(scan.models),
+                "tokens": str(scan.tokens),
+                "chunks": str(len(chunks)),
+                "errors": json.dumps(
+                    [
+                        {"code": e.code, "message": e.message, "param": e.param, "line": idx + 1}
+                        for idx, _cid, e in scan.errors[:1000]
+                    ]
+                ),
+            },
+        )
+        if chunks:
+            p.rpush(_k(batch_id, "chunks"), *[json.dumps([c.index, c.first, c.start, c.end, c.models]) for c in chunks])
+        if scan.tokens:
+            p.incrby(tenant_tokens_key(tenant), scan.tokens)
+        p.execute()
+        self.commit_many(
+            batch_id,
+            [
+                (
+                    idx,
+                    "err",
+                    error_line(cid or f"line-{idx + 1}", ErrorInfo(code=e.code, message=e.message, param=e.param), 400),
+                    0,
+                    0,
+                )
+                for idx, cid, e in scan.errors
+            ],
+        )
+        if len(scan.errors) == len(scan.lines):
+            reason = (
+                "the input file has no requests" if not scan.lines else "no line of the input file is a valid request"
+            )
+            self._fail_validation(batch_id, reason)
+            return
+        self.set_status(batch_id, ["validating"], "in_progress", "in_progress_at")
+
+    def _fail_validation(self, batch_id: str, message: str) -> None:
+        raw = self.raw(batch_id)
+        errors = json.loads(raw.get("errors") or "[]")
+        errors.insert(0, {"code": "invalid_file", "message": message, "param": "input_file_id", "line": None})
+        self.r.hset(batch_key(batch_id), "errors", json.dumps(errors))
+        self.set_status(batch_id, ["validating"], "failed", "failed_at")
+        if int(raw.get("failed", "0")):
+            self._write_files(batch_id, raw)
+        self._close(batch_id, raw)
+        self._notify(batch_id)
+
+    def fail_validation(self, batch_id: str, message: str) -> None:
+        self._fail_validation(batch_id, message)
+
+    def raw(self, batch_id: str) -> dict[str, str]:
+        data = cast(dict[str, str], self.r.hgetall(batch_key(batch_id)))
+        if not data:
+            raise NotFound(f"batch {batch_id!r} not found", param="batch_id")
+        return data
+
+    def get_raw(self, batch_id: str, tenant: str | None) -> dict[str, str]:
+        if not valid_object_id(batch_id):
+            raise NotFound(f"batch {batch_id!r} not found", param="batch_id")
+        data = self.raw(batch_id)
+        if tenant is not None and data.get("tenant") != tenant:
+            raise NotFound(f"batch {batch_id!r} not found", param="batch_id")
+        return data
+
+    def list(self, tenant: str, after: str | None, limit: int) -> tuple[list[dict[str, str]], bool]:
+        ids = cast(list[str], self.r.zrevrange(f"{PREFIX}:batches:{tenant}", 0, -1))
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        page = ids[: limit + 1]
+        p = self.r.pipeline(transaction=False)
+        for batch_id in page[:limit]:
+            p.hgetall(batch_key(batch_id))
+        return [d for d in p.execute() if d], len(page) > limit
+
+    def chunks(self, batch_id: str) -> list[Chunk]:
+        return [Chunk(*json.loads(c)) for c in cast(list[str], self.r.lrange(_k(batch_id, "chunks"), 0, -1))]
+
+    def units(self, batch_id: str, only: set[int] | None = None) -> list[LinesUnit]:
+        """Work units, one per (chunk, model); with ``only``, just the units holding those lines."""
+        units = []
+        for c in self.chunks(batch_id):
+            for model, lines in c.models.items():
+                picked: list[int] | None = lines
+                if only is not None:
+                    if lines is None:
+                        picked = [x for x in self._chunk_lines(batch_id, c) if x in only]
+                    else:
+                        picked = [x for x in lines if x in only]
+                    if not picked:
+                        continue
+                units.append(
+                    LinesUnit(
+                        model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=picked
+                    )
+                )
+        return units
+
+    def _chunk_lines(self, batch_id: str, c: Chunk) -> list[int]:
+        key = self.files.key(self.raw(batch_id)["input_file_id"])
+        return [idx for idx, _ in iter_range(self.storage.read_range(key, c.start, c.end), c.first)]
+
+    def set_status(self, batch_id: str, allowed: Iterable[str], to: str, *stamps: str) -> bool:
+        ok, _ = self._status(keys=[batch_key(batch_id)], args=[",".join(allowed), to, str(int(time.time())), *stamps])
+        if ok:
+            self._event(batch_id, {"status": to})
+        return bool(ok)
+
+    def _event(self, batch_id: str, data: dict[str, Any]) -> None:
+        key = events_key(batch_id)
+        p = self.r.pipeline(transaction=False)
+        p.xadd(
+            key, {"type": "status", "data": json.dumps(data), "at": repr(time.time())}, maxlen=1000, approximate=True
+        )
+        p.expire(key, self.ttl)
+        p.execute()
+
+    # --- the ledger ---------------------------------------------------------------------------------
+
+    def commit_many(self, batch_id: str, entries: Sequence[tuple[int, str, dict[str, Any], int, int]]) -> int | None:
+        """Commit (line, 'out'|'err', line object, input tokens, output tokens) entries; returns what remains."""
+        if not entries:
+            return None
+        keys = [batch_key(batch_id), _k(batch_id, "out"), _k(batch_id, "err"), _k(batch_id, "done")]
+        p = self.r.pipeline(transaction=False)
+        for line, kind, obj, tin, tout in entries:
+            self._commit(
+                keys=keys,
+                args=[line, kind, json.dumps(obj, ensure_ascii=False, separators=(",", ":")), tin, tout],
+                client=p,
+            )
+        results = [int(x) for x in p.execute()]
+        remaining = [x for x in results if x >= 0]
+        return min(remaining) if remaining else None
+
+    def committed(self, batch_id: str, lines: Sequence[int]) -> set[int]:
+        if not lines:
+            return set()
+        p = self.r.pipeline(transaction=False)
+        for line in lines:
+            p.getbit(_k(batch_id, "done"), line)
+        return {line for line, bit in zip(lines, p.execute(), strict=True) if bit}
+
+    def bump_deliveries(self, batch_id: str, lines: Sequence[int]) -> list[int]:
+        p = self.r.pipeline(transaction=False)
+        for line in lines:
+            p.hincrby(_k(batch_id, "tries"), str(line), 1)
+        return [int(x) for x in p.execute()]
+
+    def stopped(self, batch_ids: Sequence[str]) -> set[str]:
+        """Batches whose lines must stop running (cancelled, expired or otherwise over)."""
+        p = self.r.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            p.hget(batch_key(batch_id), "status")
+        return {b for b, st in zip(batch_ids, p.execute(), strict=True) if st is None or st in ("cancelling", *DONE)}
+
+    def remaining(self, raw: dict[str, str]) -> int:
+        return int(raw.get("total", 0)) - int(raw.get("completed", 0)) - int(raw.get("failed", 0))
+
+    def partial_output(self, batch_id: str, errors: bool = False) -> bytes:
+        """Committed lines so far (after any earlier output file), for downloads while in progress."""
+        raw = self.raw(batch_id)
+        parts: list[bytes] = []
+        prev = raw.get("prev_output_file_id") if not errors else None
+        if prev:
+            parts.append(self.storage.get_bytes(self.files.key(prev)))
+        hash_key = _k(batch_id, "err" if errors else "out")
+        values = cast(dict[str, str], self.r.hgetall(hash_key))
+        if not values and not errors and raw.get("output_file_id"):
+            return self.storage.get_bytes(self.files.key(raw["output_file_id"]))
+        parts.extend((v + "\n").encode() for _, v in sorted(values.items(), key=lambda kv: int(kv[0])))
+        return b"".join(parts)
+
+    # --- ending -------------------------------------------------------------------------------------
+
+    def close_out(self, batch_id: str, code: str, message: str) -> None:
+        """Commit every remaining line as an error (``batch_cancelled`` / ``batch_expired``)."""
+        raw = self.raw(batch_id)
+        key = self.files.key(raw["input_file_id"])
+        entries = []
+        for c in self.chunks(batch_id):
+            data = self.storage.read_range(key, c.start, c.end)
+            rows = list(iter_range(data, c.first))
+            done = self.committed(batch_id, [i for i, _ in rows])
+            for idx, line in rows:
+                if idx in done:
+                    continue
+                cid = custom_id_of(line) or f"line-{idx + 1}"
+                entries.append((idx, "err", error_line(cid, ErrorInfo(code=code, message=message)), 0, 0))
+        for start in range(0, len(entries), 1000):
+            self.commit_many(batch_id, entries[start : start + 1000])
+
+    def cancel(self, batch_id: str) -> None:
+        if not self.set_status(batch_id, ["validating", "in_progress"], "cancelling", "cancelling_at"):
+            status = self.raw(batch_id).get("status")
+            if status in ("cancelling", "cancelled"):
+                return
+            raise Conflict(f"batch {batch_id} is {status}; only a running batch can be cancelled")
+        self.close_out(batch_id, "batch_cancelled", "the batch was cancelled before this request ran")
+        self.maybe_finalize(batch_id)
+
+    def maybe_expire(self, batch_id: str, raw: dict[str, str] | None = None) -> bool:
+        raw = raw or self.raw(batch_id)
+        if raw.get("status") not in ("in_progress",) or time.time() < int(raw.get("expires_at", "0")):
+            return False
+        self.close_out(
+            batch_id, "batch_expired", "This request could not be executed before the completion window expired."
+        )
+        self.r.hset(batch_key(batch_id), "expiring", "1")
+        self.maybe_finalize(batch_id)
+        return True
+
+    def maybe_finalize(self, batch_id: str) -> bool:
+        """Finalize if nothing remains and no live finalizer holds the batch; safe to call anytime."""
+        raw = self.raw(batch_id)
+        if self.remaining(raw) > 0:
+            return False
+        status = raw.get("status")
+        now = int(time.time())
+        if status == "finalizing":
+            if now - int(raw.get("finalizing_at", now)) < FINALIZE_STALE_S:
+                return False
+            claimed = self.set_status(batch_id, ["finalizing"], "finalizing", "finalizing_at")
+        elif status == "cancelling":
+            claimed = self.set_status(batch_id, ["cancelling"], "cancelling", "cancelling_at")
+        else:
+            claimed = self.set_status(batch_id, ["in_progress"], "finalizing", "finalizing_at")
+        if not claimed:
+            return False
+        raw = self.raw(batch_id)
+        self._write_files(batch_id, raw)
+        if status == "cancelling":
+            final, stamp = "cancelled", "cancelled_at"
+        elif raw.get("expiring"):
+            final, stamp = "expired", "expired_at"
+        else:
+            final, stamp = "completed", "completed_at"
+        self.set_status(batch_id, ["finalizing", "cancelling"], final, stamp)
+        self._close(batch_id, raw)
+        self._notify(batch_id)
+        return True
+
+    def _notify(self, batch_id: str) -> None:
+        raw = self.raw(batch_id)
+        if raw.get("webhook_url"):
+            webhooks.deliver(raw["webhook_url"], {"id": batch_id, "status": raw["status"]}, self.webhook_secret)
+
+    def _write_files(self, batch_id: str, raw: dict[str, str]) -> None:
+        tenant = raw["tenant"]
+        out = self.partial_output(batch_id)
+        out_file = self.files.create_bytes(tenant, f"{batch_id}_output.jsonl", "batch_output", out)
+        fields = {"output_file_id": out_file.id}
+        errs = self.partial_output(batch_id, errors=True)
+        if errs:
+            fields["error_file_id"] = self.files.create_bytes(
+                tenant, f"{batch_id}_error.jsonl", "batch_output", errs
+            ).id
+        p = self.r.pipeline()
+        p.hset(batch_key(batch_id), mapping=fields)
+        p.hdel(batch_key(batch_id), "prev_output_file_id")
+        # The output now lives in its file; the done bitmap keeps commits exactly-once from here on.
+        p.delete(_k(batch_id, "out"))
+        p.execute()
+
+    def _close(self, batch_id: str, raw: dict[str, str]) -> None:
+        p = self.r.pipeline()
+        tokens = int(raw.get("tokens") or 0)
+        if tokens:
+            p.decrby(tenant_tokens_key(raw["tenant"]), tokens)
+            p.hset(batch_key(batch_id), "tokens", "0")
+        p.srem(f"{PREFIX}:tenant:{raw['tenant']}:open_batches", batch_id)
+        p.hdel(batch_key(batch_id), "expiring")
+        for part in ("", ":err", ":done", ":tries", ":chunks"):
+            p.expire(f"{batch_key(batch_id)}{part}", self.ttl)
+        p.execute()
+
+    def retry(self, batch_id: str, codes: set[str] | None) -> list[int]:
+        """Reopen a finished batch for its failed lines (all, or those with the given error codes)."""
+        raw = self.raw(batch_id)
+        if raw.get("status") not in ("completed", "expired", "cancelled"):
+            raise Conflict(f"batch {batch_id} is {raw.get('status')}; only a finished batch can be retried")
+        errs = cast(dict[str, str], self.r.hgetall(_k(batch_id, "err")))
+        picked = []
+        for line, obj in errs.items():
+            data = json.loads(obj)
+            code = (data.get("error") or {}).get("code") or ((data.get("response") or {}).get("body") or {}).get(
+                "error", {}
+            ).get("code")
+            if (data.get("response") or {}).get("status_code") == 400 and code not in (codes or set()):
+                continue  # invalid requests fail the same way again unless asked for by code
+            if codes is None or code in codes:
+                picked.append(int(line))
+        if not picked:
+            return []
+        p = self.r.pipeline()
+        for line in picked:
+            p.hdel(_k(batch_id, "err"), str(line))
+            p.setbit(_k(batch_id, "done"), line, 0)
+            p.hdel(_k(batch_id, "tries"), str(line))
+        now = int(time.time())
+        p.hincrby(batch_key(batch_id), "failed", -len(picked))
+        p.hset(
+            batch_key(batch_id),
+            mapping={
+                "prev_output_file_id": raw.get("output_file_id", ""),
+                "expires_at": str(now + WINDOW_S),
+                "status": "in_progress",
+                "in_progress_at": str(now),
+            },
+        )
+        p.hdel(
+            batch_key(batch_id),
+            "output_file_id",
+            "error_file_id",
+            "completed_at",
+            "expired_at",
+            "cancelled_at",
+            "cancelling_at",
+            "finalizing_at",
+        )
+        p.sadd(f"{PREFIX}:tenant:{raw['tenant']}:open_batches", batch_id)
+        p.execute()
+        self._event(batch_id, {"status": "in_progress", "retried_lines": len(picked)})
+        return sorted(picked)
+
+
+def to_openai(raw: dict[str, str]) -> dict[str, Any]:
+    """The OpenAI Batch object for a stored batch."""
+
+    def ts(name: str) -> int | None:
+        value = raw.get(name)
+        return int(value) if value else None
+
+    errors = json.loads(raw.get("errors") or "[]")
+    input_tokens, output_tokens = int(raw.get("input_tokens", 0)), int(raw.get("output_tokens", 0))
+    return {
+        "id": raw["id"],
+        "object": "batch",
+        "endpoint": raw["endpoint"],
+        "model": raw.get("model") or None,
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "input_file_id": raw["input_file_id"],
+        "completion_window": raw.get("completion_window", "24h"),
+        "status": raw["status"],
+        "output_file_id": raw.get("output_file_id") or None,
+        "error_file_id": raw.get("error_file_id") or None,
+        "created_at": int(raw["created_at"]),
+        "in_progress_at": ts("in_progress_at"),
+        "expires_at": ts("expires_at"),
+        "finalizing_at": ts("finalizing_at"),
+        "completed_at": ts("completed_at"),
+        "failed_at": ts("failed_at"),
+        "expired_at": ts("expired_at"),
+        "cancelling_at": ts("cancelling_at"),
+        "cancelled_at": ts("cancelled_at"),
+        "request_counts": {
+            "total": int(raw.get("total", 0)),
+            "completed": int(raw.get("completed", 0)),
+            "failed": int(raw.get("failed", 0)),
+        },
+        "metadata": json.loads(raw.get("metadata") or "null"),
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
+    }

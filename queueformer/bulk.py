@@ -1,0 +1,146 @@
+"""Bulk runs from a JSONL file: lines become batch requests, batches run, results come back in order.
+
+A line is either an OpenAI batch line (``custom_id``/``method``/``url``/``body``) or a plain request
+such as ``{"prompt": "..."}`` or ``{"task": "classify", "text": "..."}``, which gets the default
+model and parameters from the command line. Files larger than one batch are split; results are
+written in input order, one line per request, as they are collected.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from queueformer.client import Client
+
+_TEXT_FIELD = {"generate": "prompt", "fill-mask": "text", "translate": "text", "classify": "text", "echo": "text"}
+
+
+@dataclass
+class BulkReport:
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    batches: list[str] = field(default_factory=list)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+
+def to_batch_lines(
+    path: Path, model: str | None, task: str, defaults: dict[str, Any]
+) -> tuple[str, list[dict[str, Any]]]:
+    """(endpoint, OpenAI batch lines) for an input file."""
+    lines: list[dict[str, Any]] = []
+    endpoint: str | None = None
+    for n, raw in enumerate(path.read_text("utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        obj = json.loads(raw)
+        if "url" in obj and "body" in obj:
+            line = {"method": "POST", **obj}
+            line.setdefault("custom_id", f"line-{n}")
+        else:
+            body = {**defaults, "task": obj.get("task", task), **{k: v for k, v in obj.items() if k != "custom_id"}}
+            if model and "model" not in obj:
+                body["model"] = model
+            if "input" in body and _TEXT_FIELD.get(body["task"]) not in body:
+                body[_TEXT_FIELD[body["task"]]] = body.pop("input")
+            line = {
+                "custom_id": str(obj.get("custom_id", f"line-{n}")),
+                "method": "POST",
+                "url": "/v1/jobs",
+                "body": body,
+            }
+        if endpoint is None:
+            endpoint = line["url"]
+        lines.append(line)
+    return endpoint or "/v1/jobs", lines
+
+
+def run(
+    qf: Client,
+    endpoint: str,
+    lines: list[dict[str, Any]],
+    out_path: Path,
+    *,
+    max_lines: int = 50_000,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BulkReport:
+    """Submit ``lines`` as batches of at most ``max_lines``, wait, and write results in input order."""
+    report = BulkReport(requests=len(lines))
+    started = time.perf_counter()
+    submitted: list[str] = []
+    for at in range(0, len(lines), max_lines):
+        part = lines[at : at + max_lines]
+        data = b"".join(json.dumps(x, ensure_ascii=False).encode() + b"\n" for x in part)
+        file = qf.upload(data, purpose="batch", filename=f"{out_path.stem}-{at // max_lines}.jsonl")
+        submitted.append(qf.create_batch(file["id"], endpoint)["id"])
+    report.batches = submitted
+    done: dict[str, int] = {}
+
+    def progress(batch: dict[str, Any]) -> None:
+        counts = batch["request_counts"]
+        done[batch["id"]] = counts["completed"] + counts["failed"]
+        if on_progress is not None:
+            on_progress(sum(done.values()), len(lines))
+
+    by_id: dict[str, dict[str, Any]] = {}
+    for batch_id in submitted:
+        batch = qf.wait_batch(batch_id, on_progress=progress)
+        outputs, errors = qf.batch_results(batch)
+        for o in outputs:
+            by_id[o["custom_id"]] = {"custom_id": o["custom_id"], "status": "ok", "response": o["response"]["body"]}
+        for e in errors:
+            by_id.setdefault(e["custom_id"], {"custom_id": e["custom_id"], "status": "error", "error": _error_of(e)})
+        usage = batch.get("usage") or {}
+        report.input_tokens += usage.get("input_tokens", 0)
+        report.output_tokens += usage.get("output_tokens", 0)
+    report.seconds = time.perf_counter() - started
+    with out_path.open("w", encoding="utf-8") as out:
+        for line in lines:
+            row = by_id.get(
+                line["custom_id"], {"custom_id": line["custom_id"], "status": "error", "error": {"code": "missing"}}
+            )
+            report.succeeded += row["status"] == "ok"
+            report.failed += row["status"] != "ok"
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return report
+
+
+def _error_of(line: dict[str, Any]) -> dict[str, Any]:
+    if line.get("error"):
+        return dict(line["error"])
+    body = (line.get("response") or {}).get("body") or {}
+    return dict(body.get("error") or {"code": "unknown"})
+
+
+def summary_text(row: dict[str, Any]) -> str:
+    """A one-line human view of a result row (for the demo and `run --show`)."""
+    if row["status"] != "ok":
+        return f"error {row['error'].get('code')}: {row['error'].get('message', '')}"
+    body = row["response"]
+    if "generations" in body:
+        return str(body["generations"][0]["text"])
+    if "choices" in body:
+        choice = body["choices"][0]
+        return str(choice.get("text") or choice.get("message", {}).get("content", ""))
+    if "translation" in body:
+        return str(body["translation"]["text"])
+    if "labels" in body:
+        return ", ".join(f"{ls['label']} {ls['score']:.3f}" for ls in body["labels"][0])
+    if "masks" in body:
+        return " | ".join(c["token_str"] for c in body["masks"][0])
+    return json.dumps(body)[:200]

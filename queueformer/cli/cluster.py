@@ -1,0 +1,143 @@
+"""``up`` (the whole cluster on this machine), ``demo``, ``api`` and ``keys``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from queueformer import bulk
+from queueformer.client import Client
+from queueformer.cluster import Cluster
+from queueformer.settings import Settings, load_settings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    up = sub.add_parser("up", help="run Redis (embedded unless configured), the API, workers and Flower until Ctrl-C")
+    up.add_argument("--port", type=int, default=8000, help="API port")
+    up.add_argument("--flower-port", type=int, default=5555, help="Flower port (0: no Flower)")
+    up.add_argument(
+        "--worker-per-queue", action="store_true", help="one worker process per queue instead of one in all"
+    )
+    up.set_defaults(func=run_up)
+
+    demo = sub.add_parser("demo", help="build tiny models, start a cluster, run the bundled examples, stop")
+    demo.add_argument("--input", type=Path, default=EXAMPLES / "prompts.jsonl")
+    demo.add_argument("--output", type=Path, default=None, help="default: <data_dir>/demo-output.jsonl")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.set_defaults(func=run_demo)
+
+    api = sub.add_parser("api", help="run the HTTP API (uvicorn)")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.set_defaults(func=run_api)
+
+    keys = sub.add_parser("keys", help="API keys (stored hashed)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="issue a key for a tenant and print it once")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=create_key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_up(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    registry_queues: list[list[str]] | None = None
+    if args.worker_per_queue:
+        from queueformer.registry import Registry
+
+        registry_queues = [[q] for q in sorted(Registry.load(settings.registry).queues())]
+    cluster = Cluster(settings, api_port=args.port, flower_port=args.flower_port or None, worker_groups=registry_queues)
+    stop = False
+
+    def on_signal(_sig: int, _frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        sys.stdout.write(f"queueformer is up: API {cluster.api_url} (docs at {cluster.api_url}/docs)\n")
+        if cluster.flower_port:
+            sys.stdout.write(f"Flower http://127.0.0.1:{cluster.flower_port} (basic auth {cluster.flower_auth})\n")
+        if cluster.redis is not None:
+            sys.stdout.write(f"embedded Redis {cluster.redis.url} (AOF in {cluster.redis.data_dir})\n")
+        sys.stdout.write(f"logs in {cluster.log_dir}; Ctrl-C stops everything\n")
+        while not stop:
+            cluster.check_alive()
+            time.sleep(0.5)
+    finally:
+        sys.stdout.write("stopping...\n")
+        cluster.stop()
+    return 0
+
+
+def ensure_tiny_models(settings: Settings) -> None:
+    if settings.registry != "tiny":
+        return
+    from workers.tiny_models import build_all  # needs torch
+
+    started = time.perf_counter()
+    report = build_all(settings.resolved_models_dir)
+    built = [name for name, r in report.items() if not r.get("skipped")]
+    if built:
+        sys.stdout.write(f"built tiny models {', '.join(built)} in {time.perf_counter() - started:.1f}s\n")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    ensure_tiny_models(settings)
+    out = args.output or settings.data_dir / "demo-output.jsonl"
+    endpoint, lines = bulk.to_batch_lines(args.input, "tiny-gpt2", "generate", {"max_new_tokens": args.max_new_tokens})
+    cluster = Cluster(settings, api_port=_free_port())
+    with cluster.running() as c, Client(c.api_url) as qf:
+        sys.stdout.write(f"cluster up at {c.api_url}; running {len(lines)} requests from {args.input}\n")
+        report = bulk.run(qf, endpoint, lines, out)
+    rows = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
+    for line, row in zip(lines, rows, strict=True):
+        prompt = line["body"].get("prompt") or line["body"].get("text") or ""
+        sys.stdout.write(f"{row['custom_id']:>8}  {prompt!r} -> {bulk.summary_text(row)!r}\n")
+    sys.stdout.write(
+        f"\n{report.succeeded}/{report.requests} succeeded in {report.seconds:.2f}s "
+        f"({report.requests_per_s:.1f} requests/s, {report.output_tokens_per_s:.1f} generated tokens/s); "
+        f"results in {out}\n"
+    )
+    return 0 if report.failed == 0 and report.succeeded == len(lines) else 1
+
+
+def run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = load_settings()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host or settings.api.host,
+        port=args.port or settings.api.port,
+        workers=args.workers,
+    )
+    return 0
+
+
+def create_key(args: argparse.Namespace) -> int:
+    from queueformer.state import connect
+    from queueformer.tenants import ApiKeys
+
+    key = ApiKeys(connect(load_settings().redis())).create(args.tenant)
+    sys.stdout.write(key + "\n")
+    return 0

@@ -1,0 +1,40 @@
+"""``models build-tiny`` and ``models list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from queueformer.cli.common import add_connection, client
+from queueformer.settings import load_settings
+
+
+def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("models", help="tiny offline models and the registry")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    b = msub.add_parser("build-tiny", help="build the offline tiny models (GPT-2, BERT, DistilBERT, Marian)")
+    b.add_argument("dir", nargs="?", help="output directory (default: settings.models_dir)")
+    b.add_argument("--force", action="store_true", help="rebuild models that already exist")
+    b.set_defaults(func=build_tiny)
+    ls = msub.add_parser("list", help="registered models and the live workers serving them")
+    add_connection(ls)
+    ls.set_defaults(func=list_models)
+
+
+def build_tiny(args: argparse.Namespace) -> int:
+    from workers.tiny_models import build_all  # needs torch: imported only for this command
+
+    root = Path(args.dir) if args.dir else load_settings().resolved_models_dir
+    report = build_all(root, force=args.force)
+    sys.stdout.write(json.dumps({"dir": str(root), "models": report}, indent=2) + "\n")
+    return 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    with client(args) as qf:
+        for m in qf.models():
+            workers = ", ".join(w["worker"] for w in m["workers"]) or "no live worker"
+            sys.stdout.write(f"{m['id']:<24} {m['task']:<10} queue={m['queue']:<20} {m['quantization']:<5} {workers}\n")
+    return 0

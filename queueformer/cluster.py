@@ -1,0 +1,184 @@
+"""A whole cluster on one machine: Redis (embedded when none is configured), API, workers, Flower.
+
+``queueformer up`` runs it in the foreground until Ctrl-C; tests and the demo start and stop it
+around their work. Children are separate processes that read the same settings through the
+environment, exactly as they would in separate containers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from queueformer.embedded import EmbeddedRedis
+from queueformer.registry import Registry
+from queueformer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Cluster:
+    """Start, watch and stop the processes of a single-machine cluster."""
+
+    settings: Settings
+    api_port: int = 8000
+    flower_port: int | None = None
+    worker_groups: list[list[str]] | None = None  # queues per worker process; default: one process for all
+    worker_concurrency: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    redis: EmbeddedRedis | None = None
+    children: list[Child] = field(default_factory=list)
+    flower_auth: str | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def log_dir(self) -> Path:
+        path = (self.settings.data_dir / "logs").resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def child_env(self, redis_url: str) -> dict[str, str]:
+        s = self.settings
+        env = {
+            **os.environ,
+            "QUEUEFORMER_REDIS_URL": redis_url,
+            "QUEUEFORMER_DATA_DIR": str(s.data_dir.resolve()),
+            "QUEUEFORMER_STORAGE_URL": s.resolved_storage_url,
+            "QUEUEFORMER_REGISTRY": s.registry if s.registry in ("tiny", "hub") else str(Path(s.registry).resolve()),
+            "QUEUEFORMER_MODELS_DIR": str(s.resolved_models_dir),
+            "QUEUEFORMER_VISIBILITY_TIMEOUT_S": str(s.visibility_timeout_s),
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
+        return env
+
+    def start(self) -> None:
+        url = self.settings.redis_url.get_secret_value() if self.settings.redis_url else None
+        if url is None:
+            self.redis = EmbeddedRedis(self.settings.data_dir / "valkey")
+            url = self.redis.start()
+        env = self.child_env(url)
+        registry = Registry.load(self.settings.registry)
+        groups = self.worker_groups or [sorted(registry.queues())]
+        for i, queues in enumerate(groups):
+            cmd = [sys.executable, "-m", "workers.main", "--queues", *queues]
+            if self.worker_concurrency:
+                cmd += ["--concurrency", str(self.worker_concurrency)]
+            self._spawn(f"worker-{i}", cmd, env)
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            env,
+        )
+        if self.flower_port:
+            self.flower_auth = self.flower_auth or f"admin:{secrets.token_urlsafe(12)}"
+            flower_env = {**env, "FLOWER_BASIC_AUTH": self.flower_auth}
+            self._spawn(
+                "flower",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "--broker",
+                    url,
+                    "flower",
+                    f"--port={self.flower_port}",
+                    "--address=127.0.0.1",
+                ],
+                flower_env,
+            )
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        # start_new_session: Ctrl-C in the terminal reaches the supervisor only, which stops children in order.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append(Child(name, proc, log_path))
+
+    def wait_ready(self, timeout: float = 180.0, workers: int | None = None) -> None:
+        """Wait until the API answers /readyz and every worker process reports ready."""
+        expected = workers if workers is not None else sum(1 for c in self.children if c.name.startswith("worker"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
+                if ready:
+                    members = httpx.get(f"{self.api_url}/v1/models", timeout=5).json()["data"]
+                    live = {w["worker"] for m in members for w in m["workers"] if w["ready"]}
+                    if len(live) >= expected:
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not ready after {timeout:.0f}s; logs in {self.log_dir}")
+
+    def check_alive(self) -> None:
+        for c in self.children:
+            code = c.proc.poll()
+            if code is not None:
+                tail = c.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{c.name} exited with code {code}; last log lines:\n{tail}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (graceful: workers finish or hand back their work), then SIGKILL stragglers."""
+        for c in reversed(self.children):
+            if c.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for c in self.children:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                c.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 180.0) -> Iterator[Cluster]:
+        self.start()
+        try:
+            self.wait_ready(timeout)
+            yield self
+        finally:
+            self.stop()

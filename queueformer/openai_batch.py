@@ -1,0 +1,381 @@
+"""The OpenAI Batch API wire format, and how its request bodies map onto queueformer jobs.
+
+Input lines are ``{"custom_id", "method": "POST", "url", "body"}``; output lines are
+``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``. ``url`` picks
+the job type:
+
+* ``/v1/completions`` -> generate, answered with an OpenAI completion object;
+* ``/v1/chat/completions`` -> generate over the model's chat template, answered as a chat completion;
+* ``/v1/fill-mask``, ``/v1/translations``, ``/v1/classifications`` -> the other job types;
+* ``/v1/jobs`` -> any queueformer job body, answered with its native result.
+
+OpenAI semantics hold on OpenAI urls (``temperature`` defaults to 1 and 0 means greedy, ``max_tokens``
+defaults to 16); HF parameters (``top_k``, ``repetition_penalty``, ``num_beams``, ``ignore_eos``) are
+accepted as extensions, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from queueformer.errors import ErrorInfo, QueueformerError
+from queueformer.jobs import (
+    AnyJob,
+    ClassifyJob,
+    EchoJob,
+    FillMaskJob,
+    GenerateJob,
+    ModelName,
+    TranslateJob,
+    parse_job,
+)
+from queueformer.records import (
+    ClassifyResult,
+    EchoResult,
+    FillMaskResult,
+    GenerateResult,
+    TranslateResult,
+)
+
+ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/fill-mask",
+    "/v1/translations",
+    "/v1/classifications",
+    "/v1/jobs",
+)
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+CUSTOM_ID_MAX = 512
+
+
+class BatchLine(BaseModel):
+    """One input line (``BatchRequestInput``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str = Field(min_length=1, max_length=CUSTOM_ID_MAX)
+    method: Literal["POST"]
+    url: str = Field(max_length=64)
+    body: dict[str, Any]
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    user: str | None = Field(None, max_length=256)
+
+
+class _Sampling(_Body):
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    stream: Literal[False] | None = None
+    # extensions (HF generate parameters)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    num_beams: int | None = Field(None, ge=1)
+    ignore_eos: bool = False
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        temperature = 1.0 if self.temperature is None else self.temperature
+        greedy = temperature == 0
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "max_new_tokens": self.max_completion_tokens or self.max_tokens or 16,
+            "do_sample": not greedy and (self.num_beams or 1) == 1,
+            "num_return_sequences": self.n,
+            "stop": [self.stop] if isinstance(self.stop, str) else (self.stop or []),
+            "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+            "top_k": self.top_k if self.top_k is not None else (0 if not greedy else None),
+            "repetition_penalty": self.repetition_penalty,
+            "num_beams": self.num_beams,
+        }
+        if not greedy:
+            kwargs["temperature"] = temperature
+            kwargs["top_p"] = self.top_p
+        return kwargs
+
+
+class CompletionBody(_Sampling):
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+    name: str | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+
+class FillMaskBody(_Body):
+    input: str | None = None
+    text: str | None = None
+    top_k: int = 5
+
+    @model_validator(mode="after")
+    def _one_text(self) -> FillMaskBody:
+        if (self.input is None) == (self.text is None):
+            raise ValueError("give exactly one of input or text")
+        return self
+
+
+class TranslationBody(FillMaskBody):
+    top_k: int = 5  # unused; kept so the two bodies share their text handling
+    max_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    num_beams: int | None = Field(None, ge=1)
+
+
+class ClassificationBody(_Body):
+    input: str | list[str]
+    top_k: int | None = 1
+
+
+def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def job_for(url: str, body: dict[str, Any]) -> AnyJob:
+    """The queueformer job an input line asks for; raises ``ValidationError`` or ``ValueError``."""
+    if url == "/v1/completions":
+        c = CompletionBody.model_validate(body)
+        return GenerateJob(prompt=c.prompt, **_clean(c.generate_kwargs()))
+    if url == "/v1/chat/completions":
+        ch = ChatBody.model_validate(body)
+        return GenerateJob(
+            prompt="", messages=[m.model_dump(exclude_none=True) for m in ch.messages], **_clean(ch.generate_kwargs())
+        )
+    if url == "/v1/fill-mask":
+        f = FillMaskBody.model_validate(body)
+        return FillMaskJob(model=f.model, text=f.input or f.text or "", top_k=f.top_k)
+    if url == "/v1/translations":
+        t = TranslationBody.model_validate(body)
+        extra = _clean({"num_beams": t.num_beams, "max_new_tokens": t.max_new_tokens or t.max_tokens})
+        return TranslateJob(model=t.model, text=t.input or t.text or "", **extra)
+    if url == "/v1/classifications":
+        cl = ClassificationBody.model_validate(body)
+        return ClassifyJob(model=cl.model, text=cl.input, top_k=cl.top_k)
+    if url == "/v1/jobs":
+        return parse_job(body)
+    raise ValueError(f"url {url!r} is not supported; supported: {', '.join(ENDPOINTS)}")
+
+
+def parse_line(raw: bytes | str, endpoint: str) -> tuple[BatchLine, AnyJob]:
+    """Validate one input line against the batch's endpoint; raises ``LineError``."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LineError("invalid_json", f"line is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise LineError("invalid_request", "line must be a JSON object")
+    try:
+        line = BatchLine.model_validate(data)
+    except ValidationError as exc:
+        raise LineError("invalid_request", _first_error(exc), custom_id=_maybe_str(data.get("custom_id"))) from None
+    if line.url != endpoint:
+        raise LineError(
+            "invalid_url", f"url {line.url!r} differs from the batch endpoint {endpoint!r}", line.custom_id, "url"
+        )
+    try:
+        job = job_for(line.url, line.body)
+    except ValidationError as exc:
+        raise LineError(
+            "invalid_request", _first_error(exc, "body"), line.custom_id, _first_param(exc, "body")
+        ) from None
+    except ValueError as exc:
+        raise LineError("invalid_request", str(exc), line.custom_id, "url") from None
+    return line, job
+
+
+class LineError(Exception):
+    """A line that cannot run: reported with its line number, never fatal to the batch."""
+
+    def __init__(self, code: str, message: str, custom_id: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.custom_id = custom_id
+        self.param = param
+
+
+def _maybe_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _first_param(exc: ValidationError, prefix: str = "") -> str | None:
+    errs = exc.errors()
+    if not errs:
+        return None
+    loc = [
+        str(p)
+        for p in errs[0]["loc"]
+        if p not in ("generate", "fill-mask", "translate", "classify", "echo", "fine-tune")
+    ]
+    return ".".join([prefix, *loc] if prefix else loc) or None
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    errs = exc.errors()
+    param = _first_param(exc, prefix)
+    msg = errs[0]["msg"] if errs else str(exc)
+    return f"{param}: {msg}" if param else msg
+
+
+# --- output lines --------------------------------------------------------------------------------
+
+
+def request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def output_line(custom_id: str, status_code: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status_code, "request_id": request_id(), "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str, error: ErrorInfo, http_status: int | None = None) -> dict[str, Any]:
+    """An error-file line: HTTP-level failures keep a response; the rest carry ``error`` only."""
+    if http_status is not None and 400 <= http_status < 500:
+        body = {"error": {"message": error.message, "type": error.code, "param": error.param, "code": error.code}}
+        return output_line(custom_id, http_status, body)
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": error.code, "message": error.message},
+    }
+
+
+def error_line_for(custom_id: str, exc: QueueformerError) -> dict[str, Any]:
+    return error_line(custom_id, exc.info(), exc.http_status)
+
+
+def response_body(url: str, result: BaseModel, model: str) -> dict[str, Any]:
+    """The response body an OpenAI client expects for ``url``, built from a queueformer result."""
+    created = int(time.time())
+    usage = getattr(result, "usage", None)
+    prompt_t = usage.prompt_tokens if usage else 0
+    completion_t = usage.completion_tokens if usage else 0
+    usage_obj = {"prompt_tokens": prompt_t, "completion_tokens": completion_t, "total_tokens": prompt_t + completion_t}
+    if url == "/v1/completions" and isinstance(result, GenerateResult):
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"text": g.text, "index": g.index, "logprobs": None, "finish_reason": g.finish_reason}
+                for g in result.generations
+            ],
+            "usage": usage_obj,
+        }
+    if url == "/v1/chat/completions" and isinstance(result, GenerateResult):
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": g.index,
+                    "message": {"role": "assistant", "content": g.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": g.finish_reason,
+                }
+                for g in result.generations
+            ],
+            "usage": usage_obj,
+        }
+    if url == "/v1/fill-mask" and isinstance(result, FillMaskResult):
+        return {
+            "object": "fill_mask",
+            "created": created,
+            "model": model,
+            "masks": [[c.model_dump() for c in m] for m in result.masks],
+            "usage": usage_obj,
+        }
+    if url == "/v1/translations" and isinstance(result, TranslateResult):
+        return {
+            "object": "translation",
+            "created": created,
+            "model": model,
+            "text": result.translation.text,
+            "usage": usage_obj,
+        }
+    if url == "/v1/classifications" and isinstance(result, ClassifyResult):
+        return {
+            "object": "classification",
+            "created": created,
+            "model": model,
+            "data": [
+                {"index": i, "labels": [ls.model_dump() for ls in labels]} for i, labels in enumerate(result.labels)
+            ],
+            "multi_label": result.multi_label,
+            "usage": usage_obj,
+        }
+    if isinstance(result, EchoResult | BaseModel):
+        return {"object": "job.result", "created": created, **result.model_dump(mode="json")}
+    raise TypeError(f"no response shape for {url}")
+
+
+class BatchCreate(BaseModel):
+    """``POST /v1/batches`` body (``BatchCreateParams``) plus the ``webhook_url`` extension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=128)
+    endpoint: Annotated[str, Field(max_length=64)]
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16
+    )
+    output_expires_after: dict[str, Any] | None = None
+    webhook_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://", description="Extension: called (signed) when the batch ends."
+    )
+
+
+__all__ = [
+    "BatchCreate",
+    "BatchLine",
+    "EchoJob",
+    "LineError",
+    "error_line",
+    "job_for",
+    "output_line",
+    "parse_line",
+    "response_body",
+]

@@ -1,0 +1,163 @@
+"""Runs a chunk of batch lines: read the byte range, skip what is committed, feed the engine, commit.
+
+Each line is committed exactly once through the batch ledger, so a redelivered chunk only runs the
+lines a dead worker left behind. A line delivered more than ``max_deliveries`` times is quarantined
+as ``worker_lost`` instead of killing worker after worker (celery#1628, OasisPlatform#975).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from queueformer.batches import BatchStore, custom_id_of, iter_range
+from queueformer.broker import LinesUnit
+from queueformer.errors import ErrorInfo, NotFound, QueueformerError, WorkerLost
+from queueformer.openai_batch import LineError, error_line, error_line_for, output_line, parse_line, response_body
+from workers import metrics
+from workers.engine.item import WorkItem
+from workers.holder import Served
+from workers.runner import Pending, Runner
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY = 16
+Entry = tuple[int, str, dict[str, Any], int, int]  # (line, "out" | "err", line object, input tokens, output tokens)
+
+
+@dataclass
+class _Line:
+    index: int
+    custom_id: str
+    pending: Pending
+
+
+class LineRunner:
+    """Batch-chunk execution for a ``Runner``."""
+
+    def __init__(self, runner: Runner, batches: BatchStore, max_deliveries: int) -> None:
+        self.runner = runner
+        self.batches = batches
+        self.max_deliveries = max_deliveries
+        self.throughput = Throughput()
+
+    def run(self, served: Served, unit: LinesUnit) -> dict[str, Any]:
+        try:
+            raw = self.batches.raw(unit.batch)
+        except NotFound:
+            log.warning("batch %s is gone; dropping chunk %d", unit.batch, unit.chunk)
+            return {"dropped": True}
+        status = raw.get("status")
+        if status != "in_progress":
+            # cancelling/finalizing: whoever started that closes the remaining lines; finished: nothing to do.
+            if status == "cancelling":
+                self.batches.maybe_finalize(unit.batch)
+            return {"skipped": status}
+        if self.batches.maybe_expire(unit.batch, raw):
+            return {"expired": True}
+
+        data = self.runner.storage.read_range(self.runner.storage.file_key(raw["input_file_id"]), unit.start, unit.end)
+        only = set(unit.only) if unit.only is not None else None
+        rows = [(i, line) for i, line in iter_range(data, unit.first) if only is None or i in only]
+        done = self.batches.committed(unit.batch, [i for i, _ in rows])
+        rows = [(i, line) for i, line in rows if i not in done]
+        if not rows:
+            self.batches.maybe_finalize(unit.batch)
+            return {"lines": 0}
+        deliveries = self.batches.bump_deliveries(unit.batch, [i for i, _ in rows])
+
+        flag = self.runner.watcher.watch(unit.batch)
+        try:
+            deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
+            immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
+            remaining = self.batches.commit_many(unit.batch, immediate)
+            pending: list[Entry] = []
+            for ln in lines:
+                pending.append(self._entry(served, raw["endpoint"], ln))
+                if len(pending) >= COMMIT_EVERY:
+                    remaining = self.batches.commit_many(unit.batch, pending)
+                    pending = []
+            if pending:
+                remaining = self.batches.commit_many(unit.batch, pending)
+        finally:
+            self.runner.watcher.unwatch([unit.batch])
+        self.throughput.add(served.entry.name, len(lines))
+        if not remaining:
+            self.batches.maybe_finalize(unit.batch)
+        return {"lines": len(rows), "ran": len(lines)}
+
+    def _submit(
+        self,
+        served: Served,
+        unit: LinesUnit,
+        endpoint: str,
+        rows: list[tuple[int, bytes]],
+        deliveries: list[int],
+        cancelled: Callable[[], bool],
+        deadline: float,
+    ) -> tuple[list[Entry], list[_Line]]:
+        """Hand every runnable line to the engine; lines that cannot run become error entries at once."""
+        immediate: list[Entry] = []
+        lines: list[_Line] = []
+        for (index, line), tries in zip(rows, deliveries, strict=True):
+            if tries > self.max_deliveries:
+                err = WorkerLost(f"the worker running this request died {tries - 1} times; quarantined")
+                immediate.append((index, "err", error_line_for(custom_id_of(line) or f"line-{index + 1}", err), 0, 0))
+                continue
+            try:
+                parsed, job = parse_line(line, endpoint)
+                if job.model != unit.model:
+                    msg = f"line is for {job.model!r}, chunk for {unit.model!r}"
+                    raise LineError("model_mismatch", msg, parsed.custom_id, "body.model")
+                prepared = served.handler.preprocess(job)
+            except LineError as exc:
+                info = ErrorInfo(code=exc.code, message=exc.message, param=exc.param)
+                immediate.append((index, "err", error_line(exc.custom_id or f"line-{index + 1}", info, 400), 0, 0))
+                continue
+            except QueueformerError as exc:
+                immediate.append((index, "err", error_line_for(parsed.custom_id, exc), 0, 0))
+                continue
+            item = served.engine.submit(WorkItem(prepared, cancelled=cancelled, deadline=deadline))
+            lines.append(_Line(index, parsed.custom_id, Pending(parsed.custom_id, prepared, item, time.perf_counter())))
+        return immediate, lines
+
+    def _entry(self, served: Served, endpoint: str, ln: _Line) -> Entry:
+        result = self.runner.outcome(served, ln.pending)
+        task = served.entry.task.value
+        if isinstance(result, QueueformerError):
+            metrics.JOBS.labels(served.entry.name, task, result.code).inc()
+            return (ln.index, "err", error_line_for(ln.custom_id, result), 0, 0)
+        metrics.JOBS.labels(served.entry.name, task, "succeeded").inc()
+        usage = getattr(result, "usage", None)
+        tin, tout = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        return (
+            ln.index,
+            "out",
+            output_line(ln.custom_id, 200, response_body(endpoint, result, served.entry.name)),
+            tin,
+            tout,
+        )
+
+
+class Throughput:
+    """Lines per second per model, smoothed; workers announce it so the API can size chunks."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.rates: dict[str, float] = {}
+        self._window: dict[str, tuple[float, int]] = {}
+
+    def add(self, model: str, lines: int) -> None:
+        now = time.monotonic()
+        start, count = self._window.get(model, (now, 0))
+        count += lines
+        if now - start >= 5.0:
+            rate = count / (now - start)
+            old = self.rates.get(model)
+            self.rates[model] = rate if old is None else self.alpha * rate + (1 - self.alpha) * old
+            self._window[model] = (now, 0)
+        else:
+            self._window[model] = (start, count)
