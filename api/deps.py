@@ -17,15 +17,22 @@ def get_services(request: Request) -> Services:
 
 
 def get_tenant(request: Request, services: Annotated[Services, Depends(get_services)]) -> str:
-    """The tenant of the Bearer key; without a key, the default tenant unless auth is required."""
+    """The tenant of the Bearer key.
+
+    With auth off (a single-user local cluster) a missing or unknown key means the default tenant, so
+    SDKs that insist on some key (the OpenAI client does) work unchanged; issued keys still select
+    their tenant. With auth on, a missing or unknown key is a 401.
+    """
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
+    required = services.settings.api.auth_required
     if header and scheme.lower() == "bearer" and key.strip():
         tenant = services.keys.resolve(key.strip())
-        if tenant is None:
+        if tenant is not None:
+            return tenant
+        if required:
             raise Unauthorized("invalid API key")
-        return tenant
-    if services.settings.api.auth_required:
+    elif required:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     return DEFAULT_TENANT
 

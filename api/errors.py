@@ -7,6 +7,7 @@ each failing field is named with its location.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -33,9 +34,9 @@ def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
 _TASK_TAGS = {"generate", "fill-mask", "translate", "classify", "fine-tune", "echo"}
 
 
-def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+def validation_response(errors: Sequence[Any]) -> JSONResponse:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _loc_param(first.get("loc", ()))
+    param = _loc_param(tuple(first.get("loc", ())))
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
     return JSONResponse(
@@ -52,11 +53,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_response(list(exc.errors()))
+        return validation_response(exc.errors())
 
     @app.exception_handler(ValidationError)
     async def _pydantic(_request: Request, exc: ValidationError) -> JSONResponse:
-        return validation_response(list(exc.errors()))
+        return validation_response(exc.errors())
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)

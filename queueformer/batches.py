@@ -202,7 +202,7 @@ class BatchStore:
 
     def create(self, batch_id: str, tenant: str, body: dict[str, Any]) -> None:
         now = int(time.time())
-        fields = {
+        fields: dict[Any, Any] = {
             "id": batch_id,
             "tenant": tenant,
             "endpoint": body["endpoint"],
@@ -301,7 +301,7 @@ class BatchStore:
             raise NotFound(f"batch {batch_id!r} not found", param="batch_id")
         return data
 
-    def list(self, tenant: str, after: str | None, limit: int) -> tuple[list[dict[str, str]], bool]:
+    def page(self, tenant: str, after: str | None, limit: int) -> tuple[list[dict[str, str]], bool]:
         ids = cast(list[str], self.r.zrevrange(f"{PREFIX}:batches:{tenant}", 0, -1))
         if after is not None:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
@@ -487,7 +487,7 @@ class BatchStore:
         tenant = raw["tenant"]
         out = self.partial_output(batch_id)
         out_file = self.files.create_bytes(tenant, f"{batch_id}_output.jsonl", "batch_output", out)
-        fields = {"output_file_id": out_file.id}
+        fields: dict[Any, Any] = {"output_file_id": out_file.id}
         errs = self.partial_output(batch_id, errors=True)
         if errs:
             fields["error_file_id"] = self.files.create_bytes(
@@ -519,7 +519,7 @@ class BatchStore:
             raise Conflict(f"batch {batch_id} is {raw.get('status')}; only a finished batch can be retried")
         errs = cast(dict[str, str], self.r.hgetall(_k(batch_id, "err")))
         picked = []
-        for line, obj in errs.items():
+        for key, obj in errs.items():
             data = json.loads(obj)
             code = (data.get("error") or {}).get("code") or ((data.get("response") or {}).get("body") or {}).get(
                 "error", {}
@@ -527,7 +527,7 @@ class BatchStore:
             if (data.get("response") or {}).get("status_code") == 400 and code not in (codes or set()):
                 continue  # invalid requests fail the same way again unless asked for by code
             if codes is None or code in codes:
-                picked.append(int(line))
+                picked.append(int(key))
         if not picked:
             return []
         p = self.r.pipeline()

@@ -94,7 +94,7 @@ def make_celery(settings: Settings, registry: Registry, name: str = "queueformer
     def route(task_name: str, _args: Any, kwargs: dict[str, Any], _options: Any, _task: Any = None, **_kw: Any) -> Any:
         unit = (kwargs or {}).get("unit") or {}
         model = unit.get("model")
-        if task_name == RUN_TASK and model in registry:
+        if task_name == RUN_TASK and isinstance(model, str) and model in registry:
             return {"queue": registry.get(model).queue}
         return None
 

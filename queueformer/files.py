@@ -90,7 +90,7 @@ class FileStore:
     def tenant_of(self, file_id: str) -> str | None:
         return cast(str | None, self.r.hget(_key(file_id), "tenant"))
 
-    def list(
+    def page(
         self, tenant: str, purpose: str | None = None, limit: int = 100, after: str | None = None
     ) -> tuple[list[FileObject], bool]:
         ids = cast(list[str], self.r.zrevrange(f"{PREFIX}:files:{tenant}", 0, -1))

@@ -95,7 +95,7 @@ class JobStore:
         now = time.time()
         p = pipe or self.r.pipeline(transaction=False)
         for job_id, spec in jobs:
-            fields = {
+            fields: dict[Any, Any] = {
                 "id": job_id,
                 "tenant": tenant,
                 "task": spec.task,
@@ -142,7 +142,7 @@ class JobStore:
     def spec(self, data: Mapping[str, str]) -> AnyJob:
         return parse_job(data["spec"])
 
-    def list(self, tenant: str, limit: int = 20, before: float | None = None) -> list[JobRecord]:
+    def recent(self, tenant: str, limit: int = 20, before: float | None = None) -> list[JobRecord]:
         top = f"({before}" if before is not None else "+inf"
         ids = cast(list[str], self.r.zrevrangebyscore(f"{PREFIX}:jobs:{tenant}", top, "-inf", start=0, num=limit))
         return [record_from_raw(d) for d in self.raw_many(ids) if d]

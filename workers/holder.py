@@ -29,7 +29,7 @@ class Served:
     """One loaded model: registry entry, handler and the engine that owns its device work."""
 
     entry: ModelEntry
-    handler: Handler  # type: ignore[type-arg]
+    handler: Handler
     engine: DecodeEngine | BatchEngine
     info: dict[str, Any]
 
@@ -66,8 +66,10 @@ def serve(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = Non
             max_batch_tokens=entry.max_batch_tokens,
             observer=metrics.observe_forward,
         )
-    info = dict(loaded.info) if loaded else {"device_map": {}, "quantization": "none", "memory_bytes": 0}
-    metrics.MODEL_MEMORY.labels(entry.name).set(info.get("memory_bytes", 0))
+    info: dict[str, Any] = (
+        dict(loaded.info) if loaded else {"device_map": {}, "quantization": "none", "memory_bytes": 0}
+    )
+    metrics.MODEL_MEMORY.labels(entry.name).set(float(info.get("memory_bytes", 0)))
     return Served(entry=entry, handler=handler, engine=engine, info=info)
 
 

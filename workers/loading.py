@@ -53,7 +53,8 @@ class Loaded:
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device of the input embeddings (the first stage under a device_map)."""
-        return self.model.get_input_embeddings().weight.device
+        embeddings: Any = self.model.get_input_embeddings()
+        return torch.device(embeddings.weight.device)
 
 
 def quantization_config(entry: ModelEntry) -> BitsAndBytesConfig | None:

@@ -89,6 +89,13 @@ def _batches(texts: list[Any], size: int, step: int) -> list[Any]:
 # --- tokenizers ----------------------------------------------------------------------------------
 
 
+# A plain role-prefixed chat format, so /v1/chat/completions runs on the tiny causal LM too.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """GPT-2 style byte-level BPE."""
     tok = Tokenizer(models.BPE())
@@ -183,6 +190,7 @@ def build_gpt2(out: Path, seed: int = 0, steps: int = 300) -> float:
         return {**enc, "labels": labels}
 
     loss = _train(model, steps, batch)
+    tok.chat_template = CHAT_TEMPLATE
     _save(model, tok, out)
     return loss
 

@@ -30,7 +30,7 @@ MIN_CHUNK, MAX_CHUNK = 8, 4096
 
 def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
     """Lines per message: about ``chunk_target_s`` of work at the model's measured rate."""
-    rates = [w.get("lines_per_s") for w in services.fleet.by_model().get(model, []) if w.get("lines_per_s")]
+    rates = [float(w["lines_per_s"]) for w in services.fleet.by_model().get(model, []) if w.get("lines_per_s")]
     if not rates:
         return max(MIN_CHUNK, min(MAX_CHUNK, max_batch_size))
     per_worker = sum(rates) / len(rates)
@@ -114,7 +114,7 @@ def get_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> dict[s
 def list_batches(
     services: ServicesDep, tenant: TenantDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
-    rows, more = services.batches.list(tenant, after, limit)
+    rows, more = services.batches.page(tenant, after, limit)
     data = [to_openai(r) for r in rows]
     return {
         "object": "list",

@@ -33,7 +33,7 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     after: str | None = None,
 ) -> dict[str, Any]:
-    data, more = services.files.list(tenant, purpose, limit, after)
+    data, more = services.files.page(tenant, purpose, limit, after)
     return {
         "object": "list",
         "data": [f.model_dump() for f in data],

@@ -34,7 +34,7 @@ class JobAccepted(BaseModel):
 
 
 class BulkJobs(BaseModel):
-    jobs: list[JobSpec] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
+    jobs: list[JobSpec] = Field(min_length=1, max_length=10_000)
 
 
 class JobList(BaseModel):
@@ -83,7 +83,7 @@ def _submit(services: Services, tenant: str, specs: list[AnyJob], key: str | Non
 def submit_job(
     services: ServicesDep,
     tenant: TenantDep,
-    job: Annotated[JobSpec, Body()],  # type: ignore[valid-type]
+    job: Annotated[JobSpec, Body()],
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobAccepted:
     body = json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()
@@ -114,7 +114,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     before: Annotated[float | None, Query(description="created_at of the last job of the previous page")] = None,
 ) -> JobList:
-    records = services.jobs.list(tenant, limit + 1, before)
+    records = services.jobs.recent(tenant, limit + 1, before)
     return JobList(data=records[:limit], has_more=len(records) > limit)
 
 
@@ -163,7 +163,7 @@ async def job_events(
 async def _event_stream(services: Services, job_id: str, after: str) -> AsyncIterator[bytes]:
     import redis.asyncio as aioredis
 
-    client = aioredis.Redis.from_url(services.settings.redis(), decode_responses=True)
+    client: Any = aioredis.Redis.from_url(services.settings.redis(), decode_responses=True)
     try:
         while True:
             res = await client.xread({events_key(job_id): after}, count=500, block=15_000)

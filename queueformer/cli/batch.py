@@ -14,7 +14,7 @@ from queueformer import bulk
 from queueformer.cli.common import add_connection, client
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run every request of a JSONL file and write results in input order")
     r.add_argument("input", type=Path)
     r.add_argument("-o", "--output", type=Path, required=True)

@@ -19,7 +19,7 @@ from queueformer.settings import Settings, load_settings
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="run Redis (embedded unless configured), the API, workers and Flower until Ctrl-C")
     up.add_argument("--port", type=int, default=8000, help="API port")
     up.add_argument("--flower-port", type=int, default=5555, help="Flower port (0: no Flower)")

@@ -9,7 +9,7 @@ import sys
 from queueformer.cli.common import add_connection, client
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="submit one job (JSON body from an argument or stdin)")
     p.add_argument("job", nargs="?", help='job JSON, e.g. \'{"task":"generate","model":"tiny-gpt2","prompt":"Hi"}\'')
     p.add_argument("--wait", action="store_true", help="wait and print the result")

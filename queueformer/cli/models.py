@@ -11,7 +11,7 @@ from queueformer.cli.common import add_connection, client
 from queueformer.settings import load_settings
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="tiny offline models and the registry")
     msub = p.add_subparsers(dest="models_command", required=True)
     b = msub.add_parser("build-tiny", help="build the offline tiny models (GPT-2, BERT, DistilBERT, Marian)")

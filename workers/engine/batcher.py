@@ -32,7 +32,7 @@ class BatchEngine:
 
     def __init__(
         self,
-        handler: Handler,  # type: ignore[type-arg]
+        handler: Handler,
         *,
         max_batch_size: int,
         max_batch_tokens: int,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -426,7 +426,7 @@ class DecodeEngine:
             scores = logits[i : i + 1]
             if s.processors is not None:
                 ids = torch.tensor([[*s.req.input_ids, *s.tokens]], dtype=torch.long, device=logits.device)
-                scores = s.processors(ids, scores)
+                scores = s.processors(cast(torch.LongTensor, ids), scores)
             if s.generator is not None:
                 probs = torch.softmax(scores, dim=-1).cpu()
                 chosen[i] = int(torch.multinomial(probs, 1, generator=s.generator).item())

@@ -16,7 +16,7 @@ HANDLERS: dict[Task, str] = {
 }
 
 
-def handler_class(task: Task) -> type[Handler]:  # type: ignore[type-arg]
+def handler_class(task: Task) -> type[Handler]:
     module, _, name = HANDLERS[task].partition(":")
-    cls: type[Handler] = getattr(importlib.import_module(module), name)  # type: ignore[type-arg]
+    cls: type[Handler] = getattr(importlib.import_module(module), name)
     return cls

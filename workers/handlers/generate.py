@@ -142,9 +142,7 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             if out.stop_index is not None:
                 text = text[: out.stop_index]
-            generations.append(
-                Generation(index=i, text=text, token_ids=out.token_ids, finish_reason=out.finish_reason)  # type: ignore[arg-type]
-            )
+            generations.append(Generation(index=i, text=text, token_ids=out.token_ids, finish_reason=out.finish_reason))
         completion = sum(len(o.token_ids) for o in raw)
         return GenerateResult(
             model=self.entry.name,

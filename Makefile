@@ -1,0 +1,45 @@
+# queueformer: `make demo` runs the main job, `make test` runs every test this machine can run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint unit bench clean
+
+help:
+	@echo "make demo   - set up, build tiny models, start a cluster, run the bundled examples, stop"
+	@echo "make test   - set up, lint, type-check and run the full test suite"
+	@echo "make bench  - CPU benchmark suite (writes bench/results/*.json)"
+
+# torch==2.13.0 goes in first: on machines without a GPU that pin resolves to the local CPU build,
+# and the worker extra's torch range is then satisfied without pulling CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[all]" --group dev
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/queueformer demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -m unit -q
+
+test: lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .queueformer .mypy_cache .ruff_cache .pytest_cache

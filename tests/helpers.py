@@ -1,0 +1,38 @@
+"""Test helpers: settings pointed at the test Redis, a temporary storage root and the tiny models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from queueformer.settings import Settings, load_settings
+
+
+def make_settings(redis_url: str, tmp_path: Path, models_dir: Path | None = None, **overrides: Any) -> Settings:
+    return load_settings(
+        redis_url=redis_url,
+        data_dir=tmp_path / "data",
+        storage_url=f"file://{tmp_path / 'storage'}",
+        models_dir=models_dir or tmp_path / "models",
+        **overrides,
+    )
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll until ``check`` returns something truthy; fail with the last value."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    import json
+
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
