@@ -44,6 +44,7 @@ class Cluster:
     flower_port: int | None = None
     worker_groups: list[list[str]] | None = None  # queues per worker process; default: one process for all
     worker_concurrency: int | None = None
+    worker_health_ports: list[int] | None = None  # one per worker group, for /metrics in tests and probes
     env: dict[str, str] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
     children: list[Child] = field(default_factory=list)
@@ -86,6 +87,8 @@ class Cluster:
             cmd = [sys.executable, "-m", "workers.main", "--queues", *queues]
             if self.worker_concurrency:
                 cmd += ["--concurrency", str(self.worker_concurrency)]
+            if self.worker_health_ports:
+                cmd += ["--health-port", str(self.worker_health_ports[i])]
             self._spawn(f"worker-{i}", cmd, env)
         self._spawn(
             "api",

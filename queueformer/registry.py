@@ -48,6 +48,9 @@ class ModelEntry(BaseModel):
     quantization: Quantization = Quantization.NONE
     compute_dtype: DType = Field("auto", description="bitsandbytes compute dtype for 4-bit; auto follows dtype.")
     double_quant: bool = Field(False, description="bitsandbytes nested quantization for 4-bit.")
+    skip_modules: list[str] | None = Field(
+        None, description="Modules kept unquantized; default: the output head (classification heads for classify)."
+    )
     dtype: DType = "auto"
     device_map: str | dict[str, int | str] = Field("auto", description="'auto', 'cpu', 'cuda:0' or an explicit map.")
     max_memory: dict[str, str] | None = Field(

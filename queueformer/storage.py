@@ -112,8 +112,16 @@ class Storage:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
-                with self.fs.open(path, "wb") as fh:
+                # An object store makes the object visible when the upload completes at close(); a
+                # failed block must abort the upload instead (closing would publish the partial data).
+                fh = self.fs.open(path, "wb")
+                try:
                     yield fh
+                except BaseException:
+                    fh.discard()
+                    fh.closed = True
+                    raise
+                fh.close()
 
     def get_bytes(self, key: str) -> bytes:
         with _storage_errors(key):

@@ -44,6 +44,8 @@ class Served:
 def serve(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None, poll_steps: int = 8) -> Served:
     """Load ``entry`` and start its engine."""
     loaded: Loaded | None = None if entry.task == Task.ECHO else load(entry, models_dir, offload_folder)
+    if loaded is not None:
+        metrics.MODEL_LOADS.labels(entry.name).inc()
     handler = handler_class(entry.task)(entry, loaded)
     engine: DecodeEngine | BatchEngine
     if handler.batching == "decode":

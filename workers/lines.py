@@ -15,7 +15,7 @@ from typing import Any
 
 from queueformer.batches import BatchStore, custom_id_of, iter_range
 from queueformer.broker import LinesUnit
-from queueformer.errors import ErrorInfo, NotFound, QueueformerError, WorkerLost
+from queueformer.errors import ErrorInfo, NotFound, QueueformerError, TransientError, WorkerLost
 from queueformer.openai_batch import LineError, error_line, error_line_for, output_line, parse_line, response_body
 from workers import metrics
 from workers.engine.item import WorkItem
@@ -127,6 +127,8 @@ class LineRunner:
     def _entry(self, served: Served, endpoint: str, ln: _Line) -> Entry:
         result = self.runner.outcome(served, ln.pending)
         task = served.entry.task.value
+        if isinstance(result, TransientError):
+            raise result  # the chunk runs again; committed lines are skipped
         if isinstance(result, QueueformerError):
             metrics.JOBS.labels(served.entry.name, task, result.code).inc()
             return (ln.index, "err", error_line_for(ln.custom_id, result), 0, 0)

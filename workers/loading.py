@@ -57,17 +57,28 @@ class Loaded:
         return torch.device(embeddings.weight.device)
 
 
+# Classification heads are a few thousand weights with out_features = the label count: quantizing them
+# saves nothing, costs accuracy, and bitsandbytes' packed CPU 4-bit kernel cannot take widths like 2.
+CLASSIFIER_HEADS = ["classifier", "pre_classifier", "score"]
+
+
 def quantization_config(entry: ModelEntry) -> BitsAndBytesConfig | None:
     if entry.quantization == Quantization.NONE:
         return None
+    skip = (
+        entry.skip_modules
+        if entry.skip_modules is not None
+        else (CLASSIFIER_HEADS if entry.task == Task.CLASSIFY else None)
+    )
     if entry.quantization == Quantization.INT8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     compute = entry.compute_dtype if entry.compute_dtype != "auto" else entry.dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=entry.quantization.value,
         bnb_4bit_compute_dtype=DTYPES.get(compute, torch.float32),
         bnb_4bit_use_double_quant=entry.double_quant,
+        llm_int8_skip_modules=skip,
     )
 
 

@@ -45,6 +45,9 @@ DEVICE_MEMORY = Gauge(
     "queueformer_device_memory_bytes", "Device memory by device and kind.", ["device", "kind"], registry=REGISTRY
 )
 MODEL_MEMORY = Gauge("queueformer_model_memory_bytes", "Weights of each loaded model.", ["model"], registry=REGISTRY)
+MODEL_LOADS = Counter(
+    "queueformer_model_loads_total", "Times a model was loaded in this process.", ["model"], registry=REGISTRY
+)
 IN_FLIGHT = Gauge("queueformer_worker_messages_in_flight", "Queue messages being worked on.", registry=REGISTRY)
 
 

@@ -150,6 +150,8 @@ class Runner:
     def _finish_job(self, served: Served, p: Pending) -> None:
         task = served.entry.task.value
         result = self.outcome(served, p)
+        if isinstance(result, TransientError):
+            raise result  # not the job's fault: the unit runs again and skips what is committed
         if isinstance(result, QueueformerError):
             self._fail(p.key, task, result.info())
             return

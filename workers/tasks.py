@@ -20,7 +20,7 @@ MAX_BACKOFF_S = 60
 
 
 def register(app: Celery, runner: Runner, lease: LeaseKeeper) -> Task:
-    @app.task(name=RUN_TASK, bind=True)
+    @app.task(name=RUN_TASK, bind=True, shared=False)  # bound to this app's runner only
     def run(self: Task, unit: dict[str, Any]) -> dict[str, Any]:
         tag = (self.request.delivery_info or {}).get("delivery_tag")
         metrics.IN_FLIGHT.inc()

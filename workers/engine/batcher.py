@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from queueformer.errors import OutOfMemory
+from queueformer.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
 from workers.handlers.base import Handler
@@ -55,9 +55,17 @@ class BatchEngine:
         return item
 
     def stop(self) -> None:
+        """Stop the loop; anything still queued fails as transient, so its message is run again elsewhere."""
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.reject(TransientError(f"the {self.handler.entry.name} engine stopped before this ran"))
 
     # --- the engine thread ----------------------------------------------------------------------
 

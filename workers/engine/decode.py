@@ -35,7 +35,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from queueformer.errors import OutOfMemory
+from queueformer.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
 from workers.engine.padding import pad_left, pad_token_id
@@ -187,9 +187,20 @@ class DecodeEngine:
         return item
 
     def stop(self) -> None:
+        """Stop the loop; anything still pending fails as transient, so its message is run again elsewhere."""
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        pending = [s.item for s in [*self._rows, *self._waiting]]
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                pending.append(item)
+        for item in pending:
+            item.reject(TransientError(f"the {self.name} engine stopped before this finished"))
 
     @property
     def running(self) -> int:

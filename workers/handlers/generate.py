@@ -117,7 +117,7 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             if req.seed is not None:
                 torch.manual_seed(req.seed)
         if not req.eos:
-            kwargs["min_new_tokens"] = req.max_new_tokens
+            kwargs["eos_token_id"] = []  # ignore_eos: EOS may be generated but does not stop the sequence
         if req.stop:
             kwargs.update(stop_strings=list(req.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():

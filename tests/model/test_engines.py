@@ -1,0 +1,165 @@
+"""The engines on the real tiny models: continuous batching, sampling, stops, cancel, deadlines, OOM."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from queueformer.errors import Cancelled, DeadlineExceeded, OutOfMemory
+from queueformer.jobs import ClassifyJob, GenerateJob
+from queueformer.registry import ModelEntry
+from workers.engine.item import WorkItem
+from workers.holder import Served, serve
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_models: Path) -> Iterator[Served]:
+    served = serve(
+        ModelEntry(name="g", task="generate", path="tiny-gpt2", device_map="cpu", max_batch_size=8), tiny_models
+    )
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def cls(tiny_models: Path) -> Iterator[Served]:
+    served = serve(ModelEntry(name="c", task="classify", path="tiny-sentiment", device_map="cpu"), tiny_models)
+    yield served
+    served.stop()
+
+
+def run(served: Served, **job: Any) -> Any:
+    prepared = served.handler.preprocess(GenerateJob(model="g", **job))
+    item = served.engine.submit(WorkItem(prepared))
+    return served.handler.postprocess(prepared, item.future.result(timeout=60))
+
+
+def reference_tokens(served: Served, prompt: str, **kwargs: Any) -> list[list[int]]:
+    tok, model = served.handler.tokenizer, served.handler.model
+    ids = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, **kwargs)
+    return [row[ids["input_ids"].shape[1] :] for row in out.tolist()]
+
+
+def test_sequences_join_and_leave_a_running_batch(gen: Served) -> None:
+    long = [GenerateJob(model="g", prompt=f"The weather {i}", max_new_tokens=40, ignore_eos=True) for i in range(4)]
+    items = [gen.engine.submit(WorkItem(gen.handler.preprocess(j))) for j in long]
+    time.sleep(0.05)  # the long ones are decoding; these join mid-flight
+    short = [GenerateJob(model="g", prompt=p, max_new_tokens=6) for p in ("A queue holds", "The cat")]
+    late = [gen.engine.submit(WorkItem(gen.handler.preprocess(j))) for j in short]
+    for job, it in zip(long + short, items + late, strict=True):
+        got = it.future.result(timeout=60)[0].token_ids
+        kwargs = {"max_new_tokens": job.max_new_tokens, "do_sample": False}
+        if job.ignore_eos:
+            kwargs["eos_token_id"] = []
+        assert got == reference_tokens(gen, job.prompt, **kwargs)[0]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(gen: Served) -> None:
+    job = {
+        "prompt": "The weather",
+        "max_new_tokens": 16,
+        "do_sample": True,
+        "top_k": 20,
+        "temperature": 0.9,
+        "seed": 11,
+    }
+    alone = run(gen, **job).generations[0].token_ids
+    others = [
+        gen.engine.submit(
+            WorkItem(
+                gen.handler.preprocess(GenerateJob(model="g", prompt=f"Noise {i}", max_new_tokens=16, do_sample=True))
+            )
+        )
+        for i in range(5)
+    ]
+    again = run(gen, **job).generations[0].token_ids
+    for it in others:
+        it.future.result(timeout=60)
+    assert alone == again
+    two = run(gen, **{**job, "num_return_sequences": 2})
+    assert len(two.generations) == 2 and two.usage.completion_tokens == sum(len(g.token_ids) for g in two.generations)
+
+
+def test_stop_strings_cut_the_text_and_set_finish_reason(gen: Served) -> None:
+    result = run(gen, prompt="The weather today", max_new_tokens=30, stop=["wind"])
+    g = result.generations[0]
+    assert g.finish_reason == "stop" and g.text == " is sunny with a light "
+    free = run(gen, prompt="The weather today", max_new_tokens=3)
+    assert free.generations[0].finish_reason == "length"
+
+
+def test_beam_search_and_repetition_penalty_match_generate(gen: Served) -> None:
+    beams = run(gen, prompt="The cat", max_new_tokens=10, num_beams=3, num_return_sequences=2)
+    want = reference_tokens(gen, "The cat", max_new_tokens=10, num_beams=3, num_return_sequences=2)
+    assert [g.token_ids for g in beams.generations] == want
+    pen = run(gen, prompt="The cat", max_new_tokens=12, repetition_penalty=1.8)
+    assert (
+        pen.generations[0].token_ids == reference_tokens(gen, "The cat", max_new_tokens=12, repetition_penalty=1.8)[0]
+    )
+
+
+def test_cancel_and_deadline_stop_decoding_mid_sequence(gen: Served) -> None:
+    flag = threading.Event()
+    prepared = gen.handler.preprocess(GenerateJob(model="g", prompt="x", max_new_tokens=250, ignore_eos=True))
+    item = gen.engine.submit(WorkItem(prepared, cancelled=flag.is_set))
+    time.sleep(0.1)
+    flag.set()
+    with pytest.raises(Cancelled):
+        item.future.result(timeout=30)
+    late = gen.engine.submit(WorkItem(prepared, deadline=time.monotonic() + 0.05))
+    with pytest.raises(DeadlineExceeded):
+        late.future.result(timeout=30)
+    assert run(gen, prompt="The cat", max_new_tokens=4).generations[0].token_ids  # still serving
+
+
+def test_oom_in_a_batch_fails_only_the_job_that_cannot_fit(gen: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = gen.handler.model
+    poison = gen.handler.tokenizer("Poison pill prompt")["input_ids"][0]
+    real_forward = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1 and bool((ids == poison).any()):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    prompts = ["The weather today", "Poison pill prompt", "A queue holds", "The cat"]
+    jobs = [GenerateJob(model="g", prompt=p, max_new_tokens=8) for p in prompts]
+    items = [gen.engine.submit(WorkItem(gen.handler.preprocess(j))) for j in jobs]
+    outcomes = []
+    for it in items:
+        try:
+            outcomes.append(it.future.result(timeout=60)[0].token_ids)
+        except OutOfMemory as exc:
+            outcomes.append(exc.code)
+    assert outcomes[1] == "out_of_memory"
+    for i in (0, 2, 3):
+        assert outcomes[i] == reference_tokens(gen, prompts[i], max_new_tokens=8, do_sample=False)[0]
+    monkeypatch.undo()
+    assert run(gen, prompt="The cat", max_new_tokens=4).generations[0].finish_reason in ("length", "stop")
+
+
+def test_oom_in_an_encoder_batch_is_isolated_by_splitting(cls: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = cls.handler
+    real = handler.forward
+
+    def forward(batch: Any) -> Any:
+        if any(len(item.texts[0]) > 8 for item in batch):  # token count
+            raise torch.OutOfMemoryError("out of memory")
+        return real(batch)
+
+    monkeypatch.setattr(handler, "forward", forward)
+    texts = ["good", "this text is long enough to need more memory than the device has left", "bad"]
+    items = [cls.engine.submit(WorkItem(handler.preprocess(ClassifyJob(model="c", text=t)))) for t in texts]
+    assert items[0].future.result(timeout=30) and items[2].future.result(timeout=30)
+    with pytest.raises(OutOfMemory):
+        items[1].future.result(timeout=30)
