@@ -7,9 +7,11 @@ all-padding columns are trimmed away. Every row keeps its own sampling state (pr
 generator), so a sequence's tokens do not depend on what it shares the batch with: greedy output
 equals ``model.generate`` on that prompt alone.
 
-Beam search has no step-level form here: those requests run through ``model.generate`` between steps.
-Models whose cache is not plain per-layer key/value tensors (sliding-window or hybrid caches) are
-served by the same loop one group at a time, without merging.
+The cache is a ``SlabCache`` (``workers.engine.kvcache``): preallocated per-layer buffers written in
+place, instead of ``DynamicCache``'s concatenation of the whole cache at every step. Beam search has no
+step-level form here: those requests run through ``model.generate`` between steps. Models with
+sliding-window or hybrid attention keep the cache the model builds and are decoded one group at a
+time, without merging.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -38,6 +38,7 @@ from transformers.generation.logits_process import (
 from queueformer.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
+from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,17 @@ def _processors(req: GenRequest) -> LogitsProcessorList | None:
     return procs or None
 
 
+@dataclass
+class _Part:
+    """Rows with their cache, mask, next token and position: a prefilled group, or the running batch."""
+
+    rows: list[_Seq]
+    cache: Any
+    mask: torch.Tensor
+    next: torch.Tensor
+    pos: torch.Tensor
+
+
 class _Group:
     """The sequences of one request; resolves the item once all are done."""
 
@@ -174,7 +186,13 @@ class DecodeEngine:
         self._cap = max_batch_size  # lowered after an OOM, raised back as steps succeed
         self._ok_steps = 0
         self._steps = 0
-        self._mergeable: bool | None = None
+        self._mergeable = plain_attention(model.config)
+        self._layers = num_layers(model.config) if self._mergeable else 0
+        self._kv_dtype = cache_dtype(model) if self._mergeable else None
+        if self._kv_dtype is not None and getattr(model.config, "_attn_implementation", None) == "sdpa":
+            model.set_attn_implementation(ATTENTION)
+        if not self._mergeable:
+            log.warning("%s: sliding-window or hybrid attention; decoding one group at a time", name)
         self._stopping = False
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"decode-{name}", daemon=True)
@@ -214,7 +232,7 @@ class DecodeEngine:
                 self._pull(block=not self._rows and not self._waiting)
                 if self._steps % self.poll_steps == 0:
                     self._check_stops()
-                if self._waiting and len(self._rows) < self._cap and (not self._rows or self._mergeable is not False):
+                if self._waiting and len(self._rows) < self._cap and (not self._rows or self._mergeable):
                     self._admit()
                 if self._rows:
                     self._step()
@@ -291,13 +309,17 @@ class DecodeEngine:
             return
         picked.sort(key=lambda s: len(s.req.input_ids))
         groups = self._prefill_groups(picked)
-        if self._mergeable is False:
+        if not self._mergeable:
             # Unmergeable caches decode one group at a time; the rest go back to the front.
             for s in reversed([s for g in groups[1:] for s in g]):
                 self._waiting.appendleft(s)
             groups = groups[:1]
+        parts: list[_Part] = []
         for group in groups:
-            self._prefill(group)
+            parts.extend(self._prefill(group))
+        if parts:
+            self._join(parts)
+            self._retire()
 
     def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
         """Cut length-sorted sequences into groups with little padding and bounded prefill tokens."""
@@ -315,57 +337,49 @@ class DecodeEngine:
             groups.append(current)
         return groups
 
-    def _prefill(self, group: list[_Seq]) -> None:
+    def _prefill(self, group: list[_Seq]) -> list[_Part]:
+        """Prefill one group (splitting it on OOM) and pick each row's first token."""
         ids, mask = pad_left([s.req.input_ids for s in group], self.pad_id, self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=SlabCache(self._layers, self._kv_dtype) if self._mergeable else None,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         except Exception as exc:
             if not is_oom(exc):
                 raise
             free_memory()
             if len(group) == 1:
                 self._fail(group[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
-                return
+                return []
             half = len(group) // 2
-            self._prefill(group[:half])
-            self._prefill(group[half:])
-            return
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        nxt = self._select(group, logits)
+            return self._prefill(group[:half]) + self._prefill(group[half:])
+        nxt = self._select(group, out.logits[:, -1, :].float())
         next_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)
-        positions = mask.sum(-1).to(torch.long)
-        if self._mergeable is None:
-            self._mergeable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
-            if not self._mergeable:
-                log.warning(
-                    "%s: cache layers are not plain key/value tensors; decoding groups one at a time", self.name
-                )
-        if self._rows and self._mergeable:
-            self._merge(group, cache, mask, next_ids, positions)
-        elif not self._rows:
-            self._rows, self._cache, self._mask, self._next, self._pos = list(group), cache, mask, next_ids, positions
-        else:
-            # Not mergeable and a batch is running: finish it first; these wait at the front.
-            for s in reversed(group):
-                s.reset()
-                self._waiting.appendleft(s)
-            return
-        self._retire()
+        return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
 
-    def _merge(self, group: list[_Seq], cache: Any, mask: torch.Tensor, nxt: torch.Tensor, pos: torch.Tensor) -> None:
-        assert self._mask is not None and self._next is not None and self._pos is not None
-        width = max(self._mask.shape[1], mask.shape[1])
-        a_pad, b_pad = width - self._mask.shape[1], width - mask.shape[1]
-        for la, lb in zip(self._cache.layers, cache.layers, strict=True):
-            la.keys = torch.cat([_pad_seq(la.keys, a_pad), _pad_seq(lb.keys, b_pad)], dim=0)
-            la.values = torch.cat([_pad_seq(la.values, a_pad), _pad_seq(lb.values, b_pad)], dim=0)
-        self._mask = torch.cat([F.pad(self._mask, (a_pad, 0)), F.pad(mask, (b_pad, 0))], dim=0)
-        self._next = torch.cat([self._next, nxt])
-        self._pos = torch.cat([self._pos, pos])
-        self._rows.extend(group)
+    def _join(self, parts: list[_Part]) -> None:
+        """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run."""
+        if self._rows:
+            assert self._mask is not None and self._next is not None and self._pos is not None
+            parts = [_Part(self._rows, self._cache, self._mask, self._next, self._pos), *parts]
+        if len(parts) == 1:
+            p = parts[0]
+            self._rows, self._cache, self._mask, self._next, self._pos = list(p.rows), p.cache, p.mask, p.next, p.pos
+            return
+        width = max(p.mask.shape[1] for p in parts)
+        longest = max(s.final_length for p in parts for s in p.rows)
+        self._cache = SlabCache.merged([p.cache for p in parts], headroom=max(8, longest - width))
+        self._mask = torch.cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts], dim=0)
+        self._next = torch.cat([p.next for p in parts])
+        self._pos = torch.cat([p.pos for p in parts])
+        self._rows = [s for p in parts for s in p.rows]
 
     # --- decoding ---------------------------------------------------------------------------------
 
@@ -505,17 +519,11 @@ class DecodeEngine:
         lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum().item())
         if lead and self._mergeable:
             self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, lead:, :]
-                layer.values = layer.values[:, :, lead:, :]
+            self._cache.trim_left(lead)
 
     def _fail(self, seq: _Seq, exc: BaseException) -> None:
         seq.item.reject(exc)
         self._groups.pop(id(seq.item), None)
 
 
-def _pad_seq(t: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, n, 0)) if n else t
-
-
-__all__ = ["DecodeEngine", "DynamicCache", "GenOutput", "GenRequest"]
+__all__ = ["DecodeEngine", "GenOutput", "GenRequest"]
