@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint unit bench clean
+.PHONY: help setup demo test lint unit bench bench-full clean
 
 help:
 	@echo "make demo   - set up, build tiny models, start a cluster, run the bundled examples, stop"
@@ -40,6 +40,9 @@ test: lint
 
 bench: setup
 	$(BIN)/python -m bench
+
+bench-full: setup
+	$(BIN)/python -m bench --full
 
 clean:
 	rm -rf $(VENV) .queueformer .mypy_cache .ruff_cache .pytest_cache

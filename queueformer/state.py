@@ -18,18 +18,19 @@ import redis
 
 from queueformer.errors import ErrorInfo, NotFound
 from queueformer.jobs import AnyJob, parse_job
-from queueformer.records import TERMINAL, JobRecord, JobState
+from queueformer.records import JobRecord, JobState
 
 PREFIX = "qf"
 
-# Set fields and the new state only if the current state is one of the allowed ones (comma list).
-# Reaching a terminal state (ARGV[3] = TTL) starts the record's TTL and gives the job's estimated
-# tokens back to its tenant's enqueued-token quota.
+# Set fields and the new state only if the current state is one of the allowed ones (comma list), and
+# append the state event to the job's stream (KEYS[2]) in the same step. ARGV: allowed, new state,
+# record TTL ('0' while not terminal), event JSON, now, stream TTL, then field/value pairs. Reaching a
+# terminal state starts the record's TTL and gives the job's estimated tokens back to its tenant.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) == nil then return {0, cur} end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 7))
 if ARGV[3] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   local tenant = redis.call('HGET', KEYS[1], 'tenant')
@@ -38,7 +39,22 @@ if ARGV[3] ~= '0' then
     redis.call('DECRBY', 'qf:tenant:' .. tenant .. ':tokens', tokens)
   end
 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', ARGV[4], 'at', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 return {1, cur}
+"""
+
+# Start (or restart, when redelivered) a job unless it already finished: count the attempt, mark it
+# running, record the event. Returns {started, attempts}.
+_START = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if (not cur) or cur == 'succeeded' or cur == 'failed' or cur == 'cancelled' then return {0, 0} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+local data = '{"state": "running", "attempt": ' .. attempts .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', data, 'at', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {1, attempts}
 """
 
 
@@ -79,6 +95,7 @@ class JobStore:
         self.r = client
         self.ttl = record_ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._start = client.register_script(_START)
 
     # --- creation ---------------------------------------------------------------------------
 
@@ -156,51 +173,59 @@ class JobStore:
         to: JobState,
         fields: Mapping[str, str] | None = None,
         event: dict[str, Any] | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> tuple[bool, str]:
-        """Compare-and-set the state; returns (changed, state before)."""
+        """Compare-and-set the state and record the event; returns (changed, state before).
+
+        With ``pipe`` the call is queued and returns (True, "") at once: read the pipeline's results.
+        """
         flat: list[str] = []
         for k, v in (fields or {}).items():
             flat += [k, v]
         ttl = str(self.ttl) if to.terminal else "0"
-        ok, before = self._transition(
-            keys=[job_key(job_id)], args=[",".join(s.value for s in allowed), to.value, ttl, *flat]
-        )
-        if ok:
-            self.emit(job_id, "state", {"state": to.value, **(event or {})})
+        data = json.dumps({"state": to.value, **(event or {})})
+        args = [",".join(s.value for s in allowed), to.value, ttl, data, repr(time.time()), str(self.ttl), *flat]
+        result = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args, client=pipe)
+        if pipe is not None:
+            return True, ""
+        ok, before = result
         return bool(ok), str(before)
 
-    def start(self, job_id: str) -> tuple[bool, dict[str, str]]:
-        """Mark a job running (also when redelivered while running); False when it must be skipped."""
-        data = self.raw(job_id)
-        if data.get("state") in TERMINAL:
-            return False, data
-        attempts = self.r.hincrby(job_key(job_id), "attempts", 1)
-        data["attempts"] = str(attempts)
-        ok, _ = self.transition(
-            job_id,
-            [JobState.QUEUED, JobState.RUNNING],
-            JobState.RUNNING,
-            {"started_at": repr(time.time())},
-            event={"attempt": attempts},
-        )
-        return ok, data
+    def start_many(self, job_ids: Sequence[str]) -> list[int]:
+        """Mark jobs running in one round trip; per job the attempt number, or 0 when it must be skipped."""
+        p = self.r.pipeline(transaction=False)
+        now = repr(time.time())
+        for job_id in job_ids:
+            self._start(keys=[job_key(job_id), events_key(job_id)], args=[now, str(self.ttl)], client=p)
+        return [int(attempts) if started else 0 for started, attempts in p.execute()]
 
-    def succeed(self, job_id: str, result_uri: str, progress: Mapping[str, Any] | None = None) -> bool:
-        fields = {"finished_at": repr(time.time()), "result_uri": result_uri}
-        if progress is not None:
-            fields["progress"] = json.dumps(progress)
-        ok, _ = self.transition(
-            job_id, [JobState.RUNNING, JobState.QUEUED], JobState.SUCCEEDED, fields, {"result_uri": result_uri}
-        )
-        return ok
+    def start(self, job_id: str) -> tuple[bool, dict[str, str]]:
+        """Mark one job running (also when redelivered while running); False when it must be skipped."""
+        attempts = self.start_many([job_id])[0]
+        return attempts > 0, self.raw(job_id) if attempts else {}
+
+    def _finish_args(self, job_id: str, outcome: str | ErrorInfo) -> tuple[JobState, dict[str, str], dict[str, Any]]:
+        now = repr(time.time())
+        if isinstance(outcome, ErrorInfo):
+            state = JobState.CANCELLED if outcome.code == "cancelled" else JobState.FAILED
+            return state, {"finished_at": now, "error": outcome.model_dump_json()}, {"error": outcome.model_dump()}
+        return JobState.SUCCEEDED, {"finished_at": now, "result_uri": outcome}, {"result_uri": outcome}
+
+    def finish_many(self, outcomes: Sequence[tuple[str, str | ErrorInfo]]) -> list[bool]:
+        """Record (job id, result URI or error) pairs in one round trip; False where a job had already ended."""
+        if not outcomes:
+            return []
+        p = self.r.pipeline(transaction=False)
+        for job_id, outcome in outcomes:
+            state, fields, event = self._finish_args(job_id, outcome)
+            self.transition(job_id, [JobState.RUNNING, JobState.QUEUED], state, fields, event, pipe=p)
+        return [bool(ok) for ok, _ in p.execute()]
+
+    def succeed(self, job_id: str, result_uri: str) -> bool:
+        return self.finish_many([(job_id, result_uri)])[0]
 
     def fail(self, job_id: str, error: ErrorInfo) -> bool:
-        state = JobState.CANCELLED if error.code == "cancelled" else JobState.FAILED
-        fields = {"finished_at": repr(time.time()), "error": error.model_dump_json()}
-        ok, _ = self.transition(
-            job_id, [JobState.RUNNING, JobState.QUEUED], state, fields, {"error": error.model_dump()}
-        )
-        return ok
+        return self.finish_many([(job_id, error)])[0]
 
     def request_cancel(self, job_id: str) -> JobState:
         """Cancel a queued job at once; flag a running one so its worker stops at the next check."""

@@ -13,6 +13,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -92,7 +93,14 @@ class Storage:
         return self.uri(key)
 
     def put_json(self, key: str, obj: Any) -> str:
-        return self.put_bytes(key, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+        return self.put_bytes(key, _json_bytes(obj))
+
+    def put_json_many(self, objects: dict[str, Any]) -> dict[str, str]:
+        """Write many small objects at once; the waits (fsync, or a PUT's round trip) overlap."""
+        if len(objects) < 2:
+            return {key: self.put_json(key, obj) for key, obj in objects.items()}
+        futures = {key: _writers().submit(self.put_bytes, key, _json_bytes(obj)) for key, obj in objects.items()}
+        return {key: fut.result() for key, fut in futures.items()}
 
     @contextlib.contextmanager
     def open_write(self, key: str) -> Iterator[IO[bytes]]:
@@ -197,6 +205,20 @@ class Storage:
                 while chunk := src.read(8 << 20):
                     out.write(chunk)
         return local_dir
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _writers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage-writer")
+    return _pool
 
 
 @contextlib.contextmanager

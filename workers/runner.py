@@ -95,48 +95,55 @@ class Runner:
     # --- single jobs -------------------------------------------------------------------------------
 
     def run_jobs(self, served: Served, unit: JobsUnit) -> dict[str, Any]:
+        """Start every job of the unit, feed the engine, and commit results in batches as they land.
+
+        Redis work is batched: one round trip reads the records, one starts them, and finished jobs are
+        recorded a group at a time (whenever the next result is not ready yet, or every 64).
+        """
+        records = self.jobs.raw_many(unit.ids)
+        attempts = self.jobs.start_many(unit.ids)
+        done: list[tuple[str, BaseModel | ErrorInfo]] = []
         pending: list[Pending] = []
-        skipped = 0
-        for job_id, data in zip(unit.ids, self.jobs.raw_many(unit.ids), strict=True):
-            if not data:
-                skipped += 1
-                continue
-            p = self._admit_job(served, job_id)
-            if p is None:
-                skipped += 1
+        for job_id, data, attempt in zip(unit.ids, records, attempts, strict=True):
+            if not attempt:
+                continue  # gone, or already finished by an earlier delivery
+            admitted = self._admit_job(served, job_id, data, attempt)
+            if isinstance(admitted, Pending):
+                pending.append(admitted)
             else:
-                pending.append(p)
+                done.append((job_id, admitted))
         try:
             for p in pending:
-                self._finish_job(served, p)
+                if done and not p.item.future.done():
+                    self._commit(served, done)  # don't hold finished jobs back while this one runs
+                    done = []
+                result = self.outcome(served, p)
+                if isinstance(result, TransientError):
+                    raise result  # not the job's fault: the unit runs again and skips what is committed
+                done.append((p.key, result.info() if isinstance(result, QueueformerError) else result))
+                if len(done) >= 64:
+                    self._commit(served, done)
+                    done = []
+            self._commit(served, done)
         finally:
             self.watcher.unwatch(p.key for p in pending)
-        return {"jobs": len(pending), "skipped": skipped}
+        return {"jobs": len(pending), "skipped": len(unit.ids) - len(pending)}
 
-    def _admit_job(self, served: Served, job_id: str) -> Pending | None:
-        started, data = self.jobs.start(job_id)
-        if not started:
-            return None
-        task = served.entry.task.value
-        if int(data.get("attempts", "1")) > self.max_deliveries:
-            self._fail(
-                job_id, task, WorkerLost(f"delivered {data['attempts']} times without finishing; quarantined").info()
-            )
-            return None
+    def _admit_job(self, served: Served, job_id: str, data: dict[str, str], attempt: int) -> Pending | ErrorInfo:
+        """Hand a started job to the engine, or the error that ends it now."""
+        if attempt > self.max_deliveries:
+            return WorkerLost(f"delivered {attempt} times without finishing; quarantined").info()
         metrics.WAIT.labels(served.entry.name).observe(max(0.0, time.time() - float(data["created_at"])))
         deadline = float(data["deadline"]) if data.get("deadline") else None
         if deadline is not None and time.time() > deadline:
-            self._fail(job_id, task, DeadlineExceeded("the job's deadline passed before it started").info())
-            return None
+            return DeadlineExceeded("the job's deadline passed before it started").info()
         try:
             spec = parse_job(data["spec"])
             prepared = served.handler.preprocess(spec)
         except QueueformerError as exc:
-            self._fail(job_id, task, exc.info())
-            return None
+            return exc.info()
         except ValidationError as exc:
-            self._fail(job_id, task, InvalidInput(str(exc)).info())
-            return None
+            return InvalidInput(str(exc)).info()
         flag = self.watcher.watch(job_id)
         item = WorkItem(
             prepared,
@@ -146,17 +153,6 @@ class Runner:
         )
         served.engine.submit(item)
         return Pending(job_id, prepared, item, time.perf_counter())
-
-    def _finish_job(self, served: Served, p: Pending) -> None:
-        task = served.entry.task.value
-        result = self.outcome(served, p)
-        if isinstance(result, TransientError):
-            raise result  # not the job's fault: the unit runs again and skips what is committed
-        if isinstance(result, QueueformerError):
-            self._fail(p.key, task, result.info())
-            return
-        self._commit_job(p.key, result)
-        metrics.JOBS.labels(served.entry.name, task, "succeeded").inc()
 
     def outcome(self, served: Served, p: Pending) -> BaseModel | QueueformerError:
         """Wait for an item and turn it into a result, or the error it ended with."""
@@ -174,13 +170,22 @@ class Runner:
         return result
 
     @commit_retry
-    def _commit_job(self, job_id: str, result: BaseModel) -> None:
-        uri = self.storage.put_json(self.storage.result_key(job_id), result.model_dump(mode="json"))
-        self.jobs.succeed(job_id, uri)
-
-    def _fail(self, job_id: str, task: str, error: ErrorInfo) -> None:
-        if self.jobs.fail(job_id, error):
-            metrics.JOBS.labels(self.jobs.raw(job_id).get("model", ""), task, error.code).inc()
+    def _commit(self, served: Served, done: list[tuple[str, BaseModel | ErrorInfo]]) -> None:
+        """Results to storage first, then every record in one round trip: no job succeeds without its result."""
+        if not done:
+            return
+        keys = {job_id: self.storage.result_key(job_id) for job_id, r in done if not isinstance(r, ErrorInfo)}
+        uris = self.storage.put_json_many(
+            {keys[job_id]: r.model_dump(mode="json") for job_id, r in done if not isinstance(r, ErrorInfo)}
+        )
+        outcomes: list[tuple[str, str | ErrorInfo]] = [
+            (job_id, r if isinstance(r, ErrorInfo) else uris[keys[job_id]]) for job_id, r in done
+        ]
+        task = served.entry.task.value
+        for (_, outcome), changed in zip(outcomes, self.jobs.finish_many(outcomes), strict=True):
+            if changed:
+                code = outcome.code if isinstance(outcome, ErrorInfo) else "succeeded"
+                metrics.JOBS.labels(served.entry.name, task, code).inc()
 
     def _publish_tokens(self, batch: list[tuple[str, int, str]]) -> None:
         p = self.jobs.r.pipeline(transaction=False)

@@ -115,14 +115,20 @@ class BatchEngine:
         for group in groups.values():
             group.sort(key=lambda it: self.handler.size(it.prepared))
             current: list[WorkItem] = []
+            shortest = 0
             for it in group:
                 width = self.handler.size(it.prepared)
-                # sorted ascending, so the newest item is the widest: padded cost = count x width
+                # sorted ascending, so the newest item is the widest: padded cost = count x width. A batch
+                # also ends where padding would pass ~25%: padded rows cost more than they save on a CPU.
                 if current and (
-                    len(current) >= self.max_batch_size or (len(current) + 1) * width > self.max_batch_tokens
+                    len(current) >= self.max_batch_size
+                    or (len(current) + 1) * width > self.max_batch_tokens
+                    or width > shortest * 1.25 + 4
                 ):
                     batches.append(current)
                     current = []
+                if not current:
+                    shortest = width
                 current.append(it)
             if current:
                 batches.append(current)

@@ -37,7 +37,7 @@ class SlabLayer(DynamicLayer):
         super().__init__(**kwargs)
 
     # DynamicLayer's code reads and assigns ``keys``/``values``; route them to the slab.
-    @property  # type: ignore[override]
+    @property
     def keys(self) -> torch.Tensor | None:
         return None if self._k is None else self._k[:, :, self.start : self.end]
 
@@ -46,7 +46,7 @@ class SlabLayer(DynamicLayer):
         self._k = value
         self.start, self.end = 0, 0 if value is None else value.shape[-2]
 
-    @property  # type: ignore[override]
+    @property
     def values(self) -> torch.Tensor | None:
         return None if self._v is None else self._v[:, :, self.start : self.end]
 

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from queueformer.errors import NoMaskToken
 from queueformer.jobs import FillMaskJob, Task
 from queueformer.records import FillMaskResult, MaskCandidate, Usage
 from workers.engine.padding import pad_right, pad_token_id
 from workers.handlers.base import Handler
-
-# Full-vocabulary logits are computed per position; keep one forward's logits under ~256 MB.
-_MAX_LOGIT_FLOATS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,25 +48,39 @@ class FillMaskHandler(Handler[FillMaskJob, MaskInput]):
         return len(item.input_ids)
 
     def forward(self, batch: Sequence[MaskInput]) -> list[Any]:
-        vocab = self.model.config.vocab_size
-        per_row = max(len(x.input_ids) for x in batch) * vocab
-        step = max(1, _MAX_LOGIT_FLOATS // per_row)
-        out: list[Any] = []
-        for start in range(0, len(batch), step):
-            out.extend(self._forward(batch[start : start + step]))
-        return out
-
-    def _forward(self, batch: Sequence[MaskInput]) -> list[Any]:
         ids, mask = pad_right(
             [x.input_ids for x in batch], pad_token_id(self.tokenizer, self.model.config), self.device
         )
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        out = []
-        for row, item in enumerate(batch):
-            probs = logits[row, list(item.mask_positions), :].softmax(dim=-1)
+        rows = torch.tensor([b for b, item in enumerate(batch) for _ in item.mask_positions], device=self.device)
+        cols = torch.tensor([p for item in batch for p in item.mask_positions], device=self.device)
+        logits = self._masked_logits(ids, mask, rows, cols)
+        out, at = [], 0
+        for item in batch:
+            probs = logits[at : at + len(item.mask_positions)].softmax(dim=-1)
+            at += len(item.mask_positions)
             values, indices = probs.topk(item.top_k)
             out.append((values.float().cpu().tolist(), indices.cpu().tolist()))
         return out
+
+    def _masked_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Vocabulary logits at the mask positions only.
+
+        The vocabulary projection is most of a masked LM's cost (30k-wide for BERT) and only the masked
+        positions need it, so the projection's input is cut down to those rows before it runs.
+        """
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return self.model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+        handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols], *args[1:]))
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            handle.remove()
+        if logits.dim() != 2 or logits.shape[0] != rows.shape[0]:
+            return self.model(input_ids=ids, attention_mask=mask).logits[rows, cols]  # a head that reshapes
+        return logits
 
     def postprocess(self, item: MaskInput, raw: Any) -> FillMaskResult:
         values, indices = raw

@@ -1,0 +1,1 @@
+"""queueformer's benchmark suite: `python -m bench` (or `make bench`) runs the CPU suite."""

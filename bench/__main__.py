@@ -1,0 +1,48 @@
+"""Run the CPU benchmark suite: ``python -m bench [--quick] [--full] [--only NAME ...]``.
+
+Each benchmark prints a table and writes ``bench/results/<name>.json``. The default suite runs in
+about 12 minutes on 2 CPU cores; ``--quick`` is a smoke run; ``--full`` adds the fp32 comparisons.
+``bench.gpu`` runs only where CUDA is present (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bench import bulk_generation, encoder_tasks, queue_overhead, roofline
+from bench.common import say
+
+SUITE = {
+    "roofline": roofline.run,
+    "queue_overhead": queue_overhead.run,
+    "encoder_tasks": encoder_tasks.run,
+    "bulk_generation": bulk_generation.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a couple of minutes")
+    parser.add_argument("--full", action="store_true", help="bulk generation in fp32 as well as bf16")
+    parser.add_argument("--only", nargs="+", choices=[*SUITE, "gpu"], help="run only these")
+    args = parser.parse_args(argv)
+    names = args.only or list(SUITE)
+    started = time.perf_counter()
+    for name in names:
+        say(f"\n=== {name} ===")
+        if name == "gpu":
+            from bench import gpu
+
+            gpu.run(quick=args.quick)
+        elif name == "bulk_generation":
+            bulk_generation.run(quick=args.quick, full=args.full)
+        else:
+            SUITE[name](quick=args.quick)
+    say(f"\nbenchmarks done in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Bulk generation: the tutorial loop vs one static batched ``generate`` vs our engine vs the cluster.
+
+GPT-2 small (124M) with random weights, 256 prompts of 16-128 tokens (uniformly mixed), 64 new tokens
+each with EOS ignored. Every figure comes from the same run on the same prompts:
+
+* **naive** — ``model.generate`` on one prompt at a time (fp32, the tutorial pattern), on a
+  length-stratified subset of 32 prompts (tokens/s is a rate; the whole set would take ~12 minutes);
+* **static** — a single batched ``generate`` per configuration (batches of 64, or all 256 at once;
+  dynamic or static KV cache); the best one per dtype is the baseline;
+* **engine** — ``workers.engine.decode.DecodeEngine`` in this process, every prompt submitted at once;
+* **cluster** — HTTP API -> Redis -> a worker process -> storage, the prompts as one batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import CACHE, save, say, table
+from bench.models import gpt2_124m, mixed_prompts
+
+NEW_TOKENS = 64
+
+
+def entry_yaml(model_dir: Path, max_batch: int) -> str:
+    lines = ["models:"]
+    for name, dtype in (("gpt2-124m", "float32"), ("gpt2-124m-bf16", "bfloat16")):
+        lines += [
+            f"  {name}:",
+            "    task: generate",
+            f"    path: {model_dir}",
+            f"    dtype: {dtype}",
+            "    device_map: cpu",
+            f"    max_batch_size: {max_batch}",
+            "    max_batch_tokens: 4096",
+            "    kv_cache_tokens: 1000000",
+            "    max_input_tokens: 1024",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def naive(model: Any, ids: list[list[int]]) -> float:
+    import torch
+
+    tokens, started = 0, time.perf_counter()
+    for row in ids:
+        x = torch.tensor([row])
+        with torch.inference_mode():
+            out = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=[],
+                pad_token_id=0,
+            )
+        tokens += out.shape[1] - x.shape[1]
+    return tokens / (time.perf_counter() - started)
+
+
+def static(model: Any, ids: list[list[int]], batch: int, cache: str) -> float:
+    import torch
+
+    tokens, started = 0, time.perf_counter()
+    for at in range(0, len(ids), batch):
+        part = ids[at : at + batch]
+        width = max(len(r) for r in part)
+        x = torch.tensor([[0] * (width - len(r)) + r for r in part])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in part])
+        kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+        with torch.inference_mode():
+            out = model.generate(
+                x,
+                attention_mask=mask,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=[],
+                pad_token_id=0,
+                **kwargs,
+            )
+        tokens += (out.shape[1] - width) * len(part)
+    return tokens / (time.perf_counter() - started)
+
+
+def engine(served: Any, prompts: list[str]) -> float:
+    from queueformer.jobs import GenerateJob
+    from workers.engine.item import WorkItem
+
+    jobs = [GenerateJob(model="b", prompt=p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in prompts]
+    started = time.perf_counter()
+    items = [served.engine.submit(WorkItem(served.handler.preprocess(j))) for j in jobs]
+    tokens = sum(len(it.future.result()[0].token_ids) for it in items)
+    return tokens / (time.perf_counter() - started)
+
+
+def cluster_run(url: str, model: str, prompts: list[str]) -> tuple[float, dict[str, Any]]:
+    from queueformer.client import Client
+
+    lines = [
+        {
+            "custom_id": f"p{i}",
+            "method": "POST",
+            "url": "/v1/jobs",
+            "body": {"task": "generate", "model": model, "prompt": p, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
+        }
+        for i, p in enumerate(prompts)
+    ]
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    with Client(url, timeout=120) as qf:
+        started = time.perf_counter()
+        batch = qf.create_batch(qf.upload(data)["id"], "/v1/jobs")
+        batch = qf.wait_batch(batch["id"], poll_s=0.1)
+        elapsed = time.perf_counter() - started
+    assert batch["status"] == "completed" and batch["request_counts"]["failed"] == 0, batch
+    return batch["usage"]["output_tokens"] / elapsed, batch
+
+
+def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
+    """The default run serves bf16 (what the registry would use on a CPU); ``full`` adds the fp32 set."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from queueformer.registry import Registry
+    from workers.holder import serve
+
+    transformers.logging.set_verbosity_error()
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    model_dir = gpt2_124m()
+    n = 64 if quick else 256
+    prompts = mixed_prompts(n)
+    registry_path = CACHE / "bench-registry.yaml"
+    registry_path.write_text(entry_yaml(model_dir, max_batch=n))
+    registry = Registry.load(str(registry_path))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(p)["input_ids"] for p in prompts]
+    by_len = sorted(range(n), key=lambda i: len(ids[i]))
+    subset = [ids[i] for i in by_len[:: max(1, n // (8 if quick else 32))]]
+    rates: dict[str, float] = {}
+    dtypes = ["bf16", "fp32"] if full else ["bf16"]
+    say(
+        f"bulk generation: {n} prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens "
+        f"({sum(map(len, ids))} in all), {NEW_TOKENS} new tokens each, EOS ignored; dtypes {dtypes}"
+    )
+
+    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rates[NAIVE] = naive(fp32, subset)
+    say(f"  {NAIVE}: {rates[NAIVE]:.1f} tok/s on {len(subset)} prompts")
+    del fp32
+    for dtype_name in dtypes:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtypes[dtype_name]).eval()
+        configs = [(n, "dynamic"), (n, "static"), (64, "dynamic")] if not quick else [(n, "static")]
+        if full:
+            configs.append((64, "static"))
+        for batch, cache in configs:
+            key = static_key(dtype_name, batch, n, cache)
+            rates[key] = static(model, ids, batch, cache)
+            say(f"  {key}: {rates[key]:.1f} tok/s")
+        del model
+        gc.collect()
+        served = serve(registry.get(MODELS[dtype_name]), model_dir)
+        engine(served, prompts[:8])  # warm up the allocator and kernels
+        rates[f"engine {dtype_name} (in-process)"] = engine(served, prompts)
+        say(f"  engine {dtype_name}: {rates[f'engine {dtype_name} (in-process)']:.1f} tok/s")
+        served.stop()
+        del served
+        gc.collect()
+
+    batches = run_cluster(registry_path, model_dir, prompts, dtypes, rates)
+    ratios = ratios_of(rates, dtypes)
+    print_report(rates, ratios)
+    path = save(
+        "bulk_generation",
+        {"prompts": n, "new_tokens": NEW_TOKENS, "tokens_per_s": rates, "ratios": ratios, "cluster_batches": batches},
+    )
+    say(f"saved {path}")
+    return {"tokens_per_s": rates, "ratios": ratios}
+
+
+NAIVE = "naive fp32 (one prompt per generate)"
+MODELS = {"fp32": "gpt2-124m", "bf16": "gpt2-124m-bf16"}
+
+
+def static_key(dtype: str, batch: int, n: int, cache: str) -> str:
+    shape = f"one generate of all {n}" if batch >= n else f"generates of {batch}"
+    return f"static {dtype} ({shape}, {cache} cache)"
+
+
+def run_cluster(
+    registry_path: Path, model_dir: Path, prompts: list[str], dtypes: list[str], rates: dict[str, float]
+) -> dict[str, Any]:
+    from queueformer.cluster import Cluster
+    from queueformer.settings import load_settings
+
+    settings = load_settings(
+        registry=str(registry_path),
+        data_dir=CACHE / "cluster",
+        models_dir=model_dir.parent,
+        storage_url=f"file://{CACHE / 'cluster' / 'storage'}",
+        redis_url=None,
+    )
+    queues = [MODELS[d] for d in dtypes]
+    c = Cluster(settings, api_port=_free_port(), worker_groups=[queues], worker_concurrency=16)
+    batches: dict[str, Any] = {}
+    with c.running(timeout=300):
+        for dtype_name in dtypes:
+            cluster_run(c.api_url, MODELS[dtype_name], prompts[:16])  # warm-up: kernels and the chunk-size estimate
+            rate, batch = cluster_run(c.api_url, MODELS[dtype_name], prompts)
+            rates[f"cluster {dtype_name} (API -> Redis -> worker)"] = rate
+            batches[dtype_name] = {"id": batch["id"], "usage": batch["usage"]}
+            say(f"  cluster {dtype_name}: {rate:.1f} tok/s")
+    return batches
+
+
+def best_static(rates: dict[str, float], dtype: str, single: bool) -> tuple[str, float]:
+    """The fastest static configuration: among single generates of every prompt, or among all."""
+    options = {
+        k: v for k, v in rates.items() if k.startswith(f"static {dtype}") and (not single or "one generate" in k)
+    }
+    key = max(options, key=lambda k: options[k])
+    return key, options[key]
+
+
+def ratios_of(rates: dict[str, float], dtypes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    best_cluster = max(rates[f"cluster {d} (API -> Redis -> worker)"] for d in dtypes)
+    out["cluster (best dtype) / naive fp32"] = {"value": best_cluster / rates[NAIVE], "target": 10.0}
+    for dtype in dtypes:
+        cluster = rates[f"cluster {dtype} (API -> Redis -> worker)"]
+        key, base = best_static(rates, dtype, single=True)
+        out[f"cluster {dtype} / best single static generate {dtype}"] = {
+            "value": cluster / base,
+            "target": 1.3,
+            "baseline": key,
+        }
+        key, base = best_static(rates, dtype, single=False)
+        out[f"cluster {dtype} / best static batching of any size {dtype}"] = {
+            "value": cluster / base,
+            "target": 1.3,
+            "baseline": key,
+        }
+        engine_rate = rates[f"engine {dtype} (in-process)"]
+        out[f"cluster {dtype} / engine {dtype}"] = {"value": cluster / engine_rate, "target": 0.9}
+    return out
+
+
+def print_report(rates: dict[str, float], ratios: dict[str, Any]) -> None:
+    say(table("tokens per second (generated)", ["pattern", "tok/s"], list(rates.items())))
+    rows = [(k, v["value"], v["target"], "yes" if v["value"] >= v["target"] else "NO") for k, v in ratios.items()]
+    say(table("ratios", ["ratio", "measured", "target", "met"], rows))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
