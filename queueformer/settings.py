@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NestedSecretsSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from queueformer.limits import Limits
 
@@ -99,6 +99,22 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     quota: TenantQuota = Field(default_factory=TenantQuota)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Secret files follow the variables' names, nesting included: a file named
+        # queueformer_api__bootstrap_keys sets api.bootstrap_keys, as the variable would.
+        secrets = NestedSecretsSettingsSource(
+            file_secret_settings, secrets_nested_delimiter="__", secrets_dir_missing="ok"
+        )
+        return init_settings, env_settings, dotenv_settings, secrets
 
     @field_validator("storage_url")
     @classmethod

@@ -20,7 +20,7 @@ from queueformer.openai_batch import LineError, error_line, error_line_for, outp
 from workers import metrics
 from workers.engine.item import WorkItem
 from workers.holder import Served
-from workers.runner import Pending, Runner
+from workers.runner import Pending, Runner, commit_retry
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,25 @@ class LineRunner:
         try:
             deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
             immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
-            remaining = self.batches.commit_many(unit.batch, immediate)
+            remaining = self._commit(unit.batch, immediate)
             pending: list[Entry] = []
             for ln in lines:
                 pending.append(self._entry(served, raw["endpoint"], ln))
                 if len(pending) >= COMMIT_EVERY:
-                    remaining = self.batches.commit_many(unit.batch, pending)
+                    remaining = self._commit(unit.batch, pending)
                     pending = []
             if pending:
-                remaining = self.batches.commit_many(unit.batch, pending)
+                remaining = self._commit(unit.batch, pending)
         finally:
             self.runner.watcher.unwatch([unit.batch])
         self.throughput.add(served.entry.name, len(lines))
         if not remaining:
             self.batches.maybe_finalize(unit.batch)
         return {"lines": len(rows), "ran": len(lines)}
+
+    @commit_retry
+    def _commit(self, batch_id: str, entries: list[Entry]) -> int | None:
+        return self.batches.commit_many(batch_id, entries)
 
     def _submit(
         self,

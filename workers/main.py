@@ -17,6 +17,7 @@ import threading
 import uuid
 from typing import Any
 
+import redis
 from celery.signals import worker_ready, worker_shutting_down
 
 from queueformer import limits
@@ -138,7 +139,10 @@ def run_worker(
             models = holder.describe()
             for model, rate in runner.lines.throughput.rates.items():
                 models[model]["lines_per_s"] = round(rate, 2)
-            fleet.announce(worker_id, {**info, "models": models, "ready": health.ready, "healthy": health.alive})
+            try:
+                fleet.announce(worker_id, {**info, "models": models, "ready": health.ready, "healthy": health.alive})
+            except redis.RedisError:
+                log.warning("could not announce to the fleet; Redis is away", exc_info=True)
             if stop_announcing.wait(10):
                 return
 

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from queueformer.broker import JobsUnit, LinesUnit, WorkUnit
 from queueformer.errors import (
@@ -37,11 +38,12 @@ log = logging.getLogger(__name__)
 
 _UNIT: TypeAdapter[JobsUnit | LinesUnit] = TypeAdapter(WorkUnit)
 
-# Storage and Redis hiccups during a commit are retried in place before the unit itself is retried.
+# Storage and Redis outages during a commit are waited out in place (a Redis restart takes seconds),
+# so finished work is recorded rather than recomputed; past two minutes the unit is retried instead.
 commit_retry = retry(
-    retry=retry_if_exception_type(TransientError),
-    wait=wait_exponential(multiplier=0.2, max=5),
-    stop=stop_after_attempt(5),
+    retry=retry_if_exception_type((TransientError, redis.ConnectionError, redis.TimeoutError)),
+    wait=wait_exponential(multiplier=0.2, max=10),
+    stop=stop_after_delay(120),
     reraise=True,
 )
 

@@ -171,7 +171,7 @@ def test_compose_services_and_their_wiring(docker_compose: Path) -> None:
 
     redis = services["redis"]
     command = " ".join(redis["command"])
-    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    assert "--appendonly yes" in command and "--appendfsync always" in command
     assert "--maxmemory-policy noeviction" in command
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
 

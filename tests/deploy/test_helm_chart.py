@@ -287,7 +287,7 @@ def test_checksum_annotations_roll_pods_on_config_and_secret_changes(render: Ren
 def test_in_cluster_redis_runs_with_aof_and_a_volume(default_manifests: list[Manifest]) -> None:
     conf = named(default_manifests, "ConfigMap", f"{FULL}-redis")["data"]["valkey.conf"]
     lines = {line.strip() for line in conf.splitlines()}
-    assert {"appendonly yes", "appendfsync everysec", "maxmemory-policy noeviction", "dir /data"} <= lines
+    assert {"appendonly yes", "appendfsync always", "maxmemory-policy noeviction", "dir /data"} <= lines
     sts = named(default_manifests, "StatefulSet", f"{FULL}-redis")
     valkey = container(sts)
     assert valkey["args"] == ["/etc/valkey/valkey.conf", "--requirepass", "$(REDIS_PASSWORD)"]

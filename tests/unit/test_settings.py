@@ -29,9 +29,13 @@ def test_secrets_dir_supplies_secret_values(monkeypatch: pytest.MonkeyPatch, tmp
     (secrets / "queueformer_redis_url").write_text("redis://:s3cret@redis:6379/0")
     monkeypatch.setenv("QUEUEFORMER_SECRETS_DIR", str(secrets))
     monkeypatch.delenv("QUEUEFORMER_REDIS_URL", raising=False)
+    (secrets / "queueformer_api__bootstrap_keys").write_text('["acme:k-123"]')
+    (secrets / "queueformer_api__webhook_secret").write_text("whsec")
     s = load_settings()
     assert s.redis() == "redis://:s3cret@redis:6379/0"
     assert "s3cret" not in repr(s)
+    assert [k.get_secret_value() for k in s.api.bootstrap_keys] == ["acme:k-123"]
+    assert s.api.webhook_secret is not None and s.api.webhook_secret.get_secret_value() == "whsec"
 
 
 def test_defaults_derive_paths_from_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
