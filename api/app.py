@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors, metrics
 from api.middleware import BodyLimit
-from api.routes import batches, files, health, jobs, models
+from api.routes import batches, files, fine_tuning, health, jobs, models
 from api.services import Services
 from queueformer import __version__
 from queueformer.settings import Settings, get_settings
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for router in (health.router, models.router, jobs.router, files.router, batches.router):
+    for router in (health.router, models.router, jobs.router, files.router, batches.router, fine_tuning.router):
         app.include_router(router)
 
     @app.middleware("http")

@@ -16,7 +16,7 @@ from typing import cast
 from api.services import Services
 from queueformer.broker import JobsUnit, publish
 from queueformer.errors import BrokerUnavailable, QuotaExceeded
-from queueformer.jobs import AnyJob, estimate_tokens
+from queueformer.jobs import AnyJob, FineTuneJob, Task, estimate_tokens
 from queueformer.state import new_id, tenant_tokens_key
 
 log = logging.getLogger(__name__)
@@ -45,26 +45,32 @@ class Enqueuer:
         pairs: list[tuple[str, AnyJob]] = []
         for spec in specs:
             entry = registry.get(spec.model, spec.task, tenant=tenant)
+            if isinstance(spec, FineTuneJob):
+                # Workers read training data by URI; resolving here checks the file is this tenant's.
+                spec = spec.model_copy(update={"training_file": self.s.files.resolve_uri(spec.training_file, tenant)})
             job_id = new_id("job")
             queues[job_id] = registry.queue_for(entry, spec.task)
             tokens[job_id] = estimate_tokens(spec)
             pairs.append((job_id, spec))
         self.check_quota(tenant, sum(tokens.values()))
         self.s.jobs.create_many(pairs, tenant=tenant, queue=queues, estimate_tokens=tokens)
-        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
         for job_id, spec in pairs:
-            groups[(spec.model, queues[job_id])].append(job_id)
+            groups[(spec.model, queues[job_id], spec.task)].append(job_id)
         self.publish(groups)
         return [job_id for job_id, _ in pairs]
 
-    def publish(self, groups: dict[tuple[str, str], list[str]]) -> None:
+    def publish(self, groups: dict[tuple[str, str, str], list[str]]) -> None:
         sent: set[str] = set()
         try:
             with self.s.celery.producer_or_acquire() as producer:
-                for (model, queue), ids in groups.items():
-                    for start in range(0, len(ids), self.chunk):
-                        part = ids[start : start + self.chunk]
-                        publish(self.s.celery, JobsUnit(model=model, ids=part), queue, producer=producer)
+                for (model, queue, task), ids in groups.items():
+                    # A fine-tune is hours of work: one per message, so each is redelivered on its own.
+                    step = 1 if task == Task.FINE_TUNE else self.chunk
+                    for start in range(0, len(ids), step):
+                        part = ids[start : start + step]
+                        unit = JobsUnit(model=model, ids=part, task=task if task == Task.FINE_TUNE else None)
+                        publish(self.s.celery, unit, queue, producer=producer)
                         sent.update(part)
         except Exception as exc:
             unsent = [i for ids in groups.values() for i in ids if i not in sent]

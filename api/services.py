@@ -15,6 +15,7 @@ from queueformer.batches import BatchStore
 from queueformer.broker import make_celery
 from queueformer.files import FileStore
 from queueformer.fleet import Fleet
+from queueformer.overlay import ModelOverlay
 from queueformer.registry import Registry
 from queueformer.settings import Settings
 from queueformer.state import JobStore, connect
@@ -34,6 +35,7 @@ class Services:
     fleet: Fleet
     files: FileStore
     batches: BatchStore
+    overlay: ModelOverlay
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -57,11 +59,12 @@ class Services:
             fleet=Fleet(client),
             files=files,
             batches=BatchStore(client, storage, files, webhook_secret=secret),
+            overlay=ModelOverlay(client),
         )
 
     def registry(self) -> Registry:
-        """The static registry (run-time fine-tuned models join it in a later layer)."""
-        return self.static_registry
+        """The static registry plus the fine-tuned models registered at run time (one Redis read)."""
+        return self.static_registry.with_entries(self.overlay.entries())
 
     def close(self) -> None:
         self.redis.close()

@@ -28,6 +28,7 @@ class JobsUnit(BaseModel):
     kind: Literal["jobs"] = "jobs"
     model: str
     ids: list[str] = Field(min_length=1, max_length=10_000)
+    task: str | None = Field(None, description="Set for fine-tunes, which run on the training path, not an engine.")
 
 
 class LinesUnit(BaseModel):

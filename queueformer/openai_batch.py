@@ -29,6 +29,7 @@ from queueformer.jobs import (
     ClassifyJob,
     EchoJob,
     FillMaskJob,
+    FineTuneJob,
     GenerateJob,
     ModelName,
     TranslateJob,
@@ -185,7 +186,10 @@ def job_for(url: str, body: dict[str, Any]) -> AnyJob:
         cl = ClassificationBody.model_validate(body)
         return ClassifyJob(model=cl.model, text=cl.input, top_k=cl.top_k)
     if url == "/v1/jobs":
-        return parse_job(body)
+        job = parse_job(body)
+        if isinstance(job, FineTuneJob):
+            raise ValueError("fine-tune jobs are not batch lines; create them with POST /v1/fine_tuning/jobs")
+        return job
     raise ValueError(f"url {url!r} is not supported; supported: {', '.join(ENDPOINTS)}")
 
 

@@ -121,7 +121,9 @@ class FineTuneResult(BaseModel):
     eval_loss: float | None = None
     perplexity: float | None = None
     model_uri: str
-    resumed_from_step: int | None = None
+    resumed_from_step: int | None = Field(None, description="The checkpoint step a redelivered run resumed from.")
+    trained_tokens: int = 0
+    checkpoints: list[int] = Field(default_factory=list, description="Steps checkpointed by the final run.")
 
 
 class EchoResult(BaseModel):

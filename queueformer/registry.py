@@ -64,7 +64,8 @@ class ModelEntry(BaseModel):
         65_536, ge=64, description="Most KV-cache positions (batch x padded length) held at once."
     )
     trust_remote_code: bool = False
-    base_model: str | None = Field(None, description="For fine-tuned adapters: the registered base model.")
+    base_model: str | None = Field(None, description="For fine-tuned models: the registered base model.")
+    adapter: bool = Field(False, description="The weights at path are a PEFT adapter over base_model, merged at load.")
     tenant: str | None = Field(None, description="For fine-tuned models: the tenant that owns it (others get 404).")
 
     @model_validator(mode="after")
@@ -75,6 +76,8 @@ class ModelEntry(BaseModel):
             self.queue = self.name.replace("/", "-").replace(":", "-")
         if not _QUEUE_RE.fullmatch(self.queue):
             raise ValueError(f"model {self.name!r}: queue {self.queue!r} must be letters, digits, '.', '_' or '-'")
+        if self.adapter and not self.base_model:
+            raise ValueError(f"model {self.name!r}: an adapter needs base_model")
         return self
 
     def source(self, models_dir: Path) -> tuple[str, bool]:
@@ -101,6 +104,7 @@ class ModelEntry(BaseModel):
             "max_batch_size": self.max_batch_size,
             "max_input_tokens": self.max_input_tokens,
             "base_model": self.base_model,
+            "adapter": self.adapter,
         }
 
 

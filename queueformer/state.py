@@ -17,7 +17,7 @@ from typing import Any, cast
 import redis
 
 from queueformer.errors import ErrorInfo, NotFound
-from queueformer.jobs import AnyJob, parse_job
+from queueformer.jobs import AnyJob, Task, parse_job
 from queueformer.records import JobRecord, JobState
 
 PREFIX = "qf"
@@ -128,6 +128,8 @@ class JobStore:
                 fields["deadline"] = repr(now + spec.timeout_s)
             p.hset(job_key(job_id), mapping=fields)
             p.zadd(f"{PREFIX}:jobs:{tenant}", {job_id: now})
+            if spec.task == Task.FINE_TUNE.value:
+                p.zadd(f"{PREFIX}:fine-tunes:{tenant}", {job_id: now})
             if fields["tokens"] != "0":
                 p.incrby(tenant_tokens_key(tenant), int(fields["tokens"]))
             self._event(p, job_id, "state", {"state": JobState.QUEUED.value})
@@ -159,10 +161,16 @@ class JobStore:
     def spec(self, data: Mapping[str, str]) -> AnyJob:
         return parse_job(data["spec"])
 
-    def recent(self, tenant: str, limit: int = 20, before: float | None = None) -> list[JobRecord]:
+    def recent(self, tenant: str, limit: int = 20, before: float | None = None, index: str = "jobs") -> list[JobRecord]:
+        """Newest first; ``index`` ``fine-tunes`` lists only fine-tune jobs."""
+        return [record_from_raw(d) for d in self.recent_raw(tenant, limit, before, index)]
+
+    def recent_raw(
+        self, tenant: str, limit: int = 20, before: float | None = None, index: str = "jobs"
+    ) -> list[dict[str, str]]:
         top = f"({before}" if before is not None else "+inf"
-        ids = cast(list[str], self.r.zrevrangebyscore(f"{PREFIX}:jobs:{tenant}", top, "-inf", start=0, num=limit))
-        return [record_from_raw(d) for d in self.raw_many(ids) if d]
+        ids = cast(list[str], self.r.zrevrangebyscore(f"{PREFIX}:{index}:{tenant}", top, "-inf", start=0, num=limit))
+        return [d for d in self.raw_many(ids) if d]
 
     # --- transitions --------------------------------------------------------------------------
 
@@ -198,6 +206,12 @@ class JobStore:
         for job_id in job_ids:
             self._start(keys=[job_key(job_id), events_key(job_id)], args=[now, str(self.ttl)], client=p)
         return [int(attempts) if started else 0 for started, attempts in p.execute()]
+
+    def release(self, job_id: str) -> None:
+        """Hand a running job back to the queue after a graceful stop: its attempt does not count."""
+        ok, _ = self.transition(job_id, [JobState.RUNNING], JobState.QUEUED, event={"released": True})
+        if ok:
+            self.r.hincrby(job_key(job_id), "attempts", -1)
 
     def start(self, job_id: str) -> tuple[bool, dict[str, str]]:
         """Mark one job running (also when redelivered while running); False when it must be skipped."""

@@ -7,6 +7,9 @@ happens before the worker consumes its first message, in the process that serves
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +44,16 @@ class Served:
         self.engine.stop()
 
 
-def serve(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None, poll_steps: int = 8) -> Served:
-    """Load ``entry`` and start its engine."""
-    loaded: Loaded | None = None if entry.task == Task.ECHO else load(entry, models_dir, offload_folder)
+def serve(
+    entry: ModelEntry,
+    models_dir: Path,
+    offload_folder: Path | None = None,
+    poll_steps: int = 8,
+    loaded: Loaded | None = None,
+) -> Served:
+    """Load ``entry`` (unless given its ``loaded`` model) and start its engine."""
+    if loaded is None and entry.task != Task.ECHO:
+        loaded = load(entry, models_dir, offload_folder)
     if loaded is not None:
         metrics.MODEL_LOADS.labels(entry.name).inc()
     handler = handler_class(entry.task)(entry, loaded)
@@ -76,19 +86,45 @@ def serve(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = Non
 
 
 class ModelHolder:
-    """Every model this process serves, by name."""
+    """Every model this process serves, by name.
 
-    def __init__(self) -> None:
+    Pinned models are added before the worker consumes. A serving worker for fine-tuned models also
+    loads them on demand (``on_demand``), keeping the ``capacity`` most recently used; an evicted model's
+    pending work fails as transient and is redelivered.
+    """
+
+    def __init__(self, on_demand: Callable[[str], Served] | None = None, capacity: int = 2) -> None:
         self._served: dict[str, Served] = {}
+        self._on_demand = on_demand
+        self._capacity = capacity
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._loading = threading.Lock()
 
     def add(self, served: Served) -> None:
         self._served[served.entry.name] = served
 
     def get(self, name: str) -> Served:
-        try:
-            return self._served[name]
-        except KeyError:
-            raise ModelNotFound(f"model {name!r} is not served by this worker", param="model") from None
+        served = self._served.get(name)
+        if served is None and self._on_demand is not None:
+            served = self._load(name, self._on_demand)
+        if served is None:
+            raise ModelNotFound(f"model {name!r} is not served by this worker", param="model")
+        if name in self._recent:
+            self._recent.move_to_end(name)
+        return served
+
+    def _load(self, name: str, on_demand: Callable[[str], Served]) -> Served:
+        with self._loading:  # one load at a time; threads asking for the same model wait for it
+            if name in self._served:
+                return self._served[name]
+            served = on_demand(name)
+            self._served[name] = served
+            self._recent[name] = None
+            while len(self._recent) > self._capacity:
+                old, _ = self._recent.popitem(last=False)
+                log.info("unloading %s (least recently used)", old)
+                self._served.pop(old).stop()
+            return served
 
     def __contains__(self, name: object) -> bool:
         return name in self._served

@@ -137,6 +137,27 @@ def load(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None
     return loaded
 
 
+def load_adapter(entry: ModelEntry, base: ModelEntry, adapter_dir: Path, models_dir: Path) -> Loaded:
+    """A PEFT adapter over its base model, merged into the base weights so decoding costs what the base costs.
+
+    The base loads unquantized: LoRA deltas cannot be merged into 4- or 8-bit weights.
+    """
+    from peft import PeftModel
+
+    started = time.perf_counter()
+    plain = base.model_copy(update={"quantization": Quantization.NONE, "device_map": entry.device_map})
+    loaded = load(plain, models_dir)
+    try:
+        merged = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True)
+    except Exception as exc:
+        raise WorkerFatal(f"adapter {entry.name!r} failed to load from {adapter_dir}: {exc}") from exc
+    merged.eval()
+    out = Loaded(model=merged, tokenizer=tokenizer)
+    out.info = {**describe(merged, entry, time.perf_counter() - started), "adapter_merged": True}
+    return out
+
+
 def describe(model: PreTrainedModel, entry: ModelEntry, load_s: float) -> dict[str, Any]:
     """Placement, dtype, quantization and memory of a loaded model."""
     device_map = getattr(model, "hf_device_map", None)

@@ -26,16 +26,20 @@ from queueformer.broker import make_celery
 from queueformer.errors import WorkerFatal
 from queueformer.files import FileStore
 from queueformer.fleet import Fleet
+from queueformer.overlay import ModelOverlay
 from queueformer.registry import Registry
 from queueformer.settings import Settings, get_settings
 from queueformer.state import JobStore, connect
 from queueformer.storage import Storage
+from workers.fine_tuned import FineTunedModels
+from workers.handlers.fine_tune import FineTuneHandler
 from workers.health import Health
 from workers.holder import ModelHolder, serve
 from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
 from workers.runner import Runner
 from workers.tasks import register
+from workers.training.runner import TrainingRunner
 from workers.watch import CancelWatcher
 
 log = logging.getLogger("queueformer.worker")
@@ -68,6 +72,42 @@ def configure_logging(level: str) -> None:
     transformers.logging.disable_progress_bar()
 
 
+def load_models(
+    settings: Settings, registry: Registry, queues: list[str], storage: Storage, overlay: ModelOverlay
+) -> ModelHolder:
+    """Every pinned model of these queues, loaded now; fine-tuned ones later, on demand, when served here."""
+    on_demand = (
+        FineTunedModels(overlay, registry, storage, settings.resolved_models_dir, settings.worker.cancel_poll_steps)
+        if registry.fine_tune.serve_queue in queues
+        else None
+    )
+    holder = ModelHolder(on_demand, capacity=settings.worker.finetuned_cache_size)
+    for entry in registry:
+        if entry.queue in queues:
+            holder.add(
+                serve(
+                    entry,
+                    settings.resolved_models_dir,
+                    settings.worker.offload_folder,
+                    settings.worker.cancel_poll_steps,
+                )
+            )
+    return holder
+
+
+def training_runner(
+    settings: Settings, registry: Registry, storage: Storage, jobs: JobStore, overlay: ModelOverlay
+) -> TrainingRunner:
+    models_dir = settings.resolved_models_dir
+    handler = FineTuneHandler(registry, models_dir, storage, jobs, overlay, settings.data_dir / "training")
+    return TrainingRunner(handler, jobs, storage, settings.worker.max_deliveries)
+
+
+def default_concurrency(settings: Settings, registry: Registry, queues: list[str]) -> int:
+    # A fine-tune holds the device for its whole run: a training-only worker takes one message at a time.
+    return 1 if queues == [registry.fine_tune.queue] else settings.worker.concurrency
+
+
 def run_worker(
     settings: Settings,
     queues: list[str],
@@ -84,7 +124,6 @@ def run_worker(
     if unknown:
         log.error("unknown queues %s; the registry has: %s", unknown, ", ".join(sorted(known)))
         return 2
-    entries = [e for e in registry if e.queue in queues]
     worker_id = name or f"{'+'.join(queues)}@{socket.gethostname()}.{os.getpid()}"
 
     client = connect(settings.redis())
@@ -92,17 +131,9 @@ def run_worker(
     jobs = JobStore(client, settings.event_ttl_s)
     fleet = Fleet(client)
 
-    holder = ModelHolder()
+    overlay = ModelOverlay(client)
     try:
-        for entry in entries:
-            holder.add(
-                serve(
-                    entry,
-                    settings.resolved_models_dir,
-                    settings.worker.offload_folder,
-                    settings.worker.cancel_poll_steps,
-                )
-            )
+        holder = load_models(settings, registry, queues, storage, overlay)
     except WorkerFatal as exc:
         log.error("%s", exc)
         return 3
@@ -128,6 +159,8 @@ def run_worker(
         holder, jobs, storage, max_deliveries=settings.worker.max_deliveries, watcher=CancelWatcher(stop_flags)
     )
     runner.lines = LineRunner(runner, batches, settings.worker.max_deliveries)
+    if registry.fine_tune.queue in queues:
+        runner.training = training_runner(settings, registry, storage, jobs, overlay)
     app = make_celery(settings, registry)
     register(app, runner, lease)
 
@@ -154,13 +187,15 @@ def run_worker(
     @worker_shutting_down.connect(weak=False)
     def _draining(**_: Any) -> None:
         health.ready = False
+        if runner.training is not None:
+            runner.training.draining.set()  # a running fine-tune checkpoints and re-queues itself
 
     threading.Thread(target=announce, name="fleet", daemon=True).start()
     worker = app.Worker(
         hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
         queues=queues,
         pool="threads",
-        concurrency=concurrency or settings.worker.concurrency,
+        concurrency=concurrency or default_concurrency(settings, registry, queues),
         loglevel=settings.log_level,
         without_mingle=True,
         without_gossip=True,

@@ -26,7 +26,7 @@ from queueformer.errors import (
     TransientError,
     WorkerLost,
 )
-from queueformer.jobs import parse_job
+from queueformer.jobs import Task, parse_job
 from queueformer.state import JobStore
 from queueformer.storage import Storage
 from workers import metrics
@@ -78,6 +78,7 @@ class Runner:
         self.watcher = watcher or CancelWatcher(lambda keys: jobs.cancel_requested(keys))
         self.tokens = tokens or TokenPublisher(self._publish_tokens)
         self.lines: Any = None  # set by workers.lines when batch support is wired in
+        self.training: Any = None  # a workers.training.runner.TrainingRunner on fine-tune workers
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -86,7 +87,19 @@ class Runner:
             # A malformed envelope can never succeed: log and drop it rather than loop on it.
             log.error("dropping malformed work unit: %s", exc)
             return {"dropped": True}
-        served = self.holder.get(unit.model)
+        if isinstance(unit, JobsUnit) and unit.task == Task.FINE_TUNE:
+            if self.training is None:
+                raise InvalidInput("this worker does not run fine-tunes")
+            trained: dict[str, Any] = self.training.run(unit)
+            return trained
+        try:
+            served = self.holder.get(unit.model)
+        except QueueformerError as exc:
+            if isinstance(exc, TransientError) or not isinstance(unit, JobsUnit):
+                raise
+            # The model cannot be had here (e.g. a fine-tuned model whose files are gone): end its jobs.
+            self._fail_all(unit, exc.info())
+            return {"jobs": 0, "failed": len(unit.ids)}
         if isinstance(unit, JobsUnit):
             return self.run_jobs(served, unit)
         if self.lines is None:
@@ -95,6 +108,11 @@ class Runner:
         return result
 
     # --- single jobs -------------------------------------------------------------------------------
+
+    @commit_retry
+    def _fail_all(self, unit: JobsUnit, error: ErrorInfo) -> None:
+        started = [j for j, a in zip(unit.ids, self.jobs.start_many(unit.ids), strict=True) if a]
+        self.jobs.finish_many([(job_id, error) for job_id in started])
 
     def run_jobs(self, served: Served, unit: JobsUnit) -> dict[str, Any]:
         """Start every job of the unit, feed the engine, and commit results in batches as they land.

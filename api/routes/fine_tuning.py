@@ -1,0 +1,253 @@
+"""``/v1/fine_tuning/jobs``: OpenAI-shaped fine-tuning jobs over queueformer's fine-tune job type.
+
+Requests take OpenAI's fields (``model``, ``training_file``, ``hyperparameters`` with ``n_epochs``,
+``batch_size``, ``learning_rate_multiplier``, ``suffix``, ``seed``, ``method``) plus queueformer's:
+``method`` may also be ``full``, ``lora`` or ``qlora``, and ``hyperparameters`` takes every knob of
+:class:`queueformer.jobs.Hyperparameters` (``max_steps``, ``learning_rate``, ``block_size``,
+``checkpoint_steps``, ``eval_split``, LoRA rank...). The job is an ordinary queueformer job: its id
+works under ``/v1/jobs`` too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, cast
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import ServicesDep, TenantDep
+from api.enqueue import Enqueuer
+from api.services import Services
+from queueformer.checkpoints import Checkpoints
+from queueformer.errors import InvalidInput, NotFound
+from queueformer.jobs import FineTuneJob, FineTuneMethod, Hyperparameters, ModelName, valid_object_id
+from queueformer.overlay import fine_tuned_name
+from queueformer.records import JobState
+from queueformer.state import events_key, record_from_raw
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+DEFAULT_LR = Hyperparameters.model_fields["learning_rate"].default
+STATUS = {
+    JobState.QUEUED: "queued",
+    JobState.RUNNING: "running",
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OpenAIMethod(BaseModel):
+    """OpenAI's ``method`` object; only supervised fine-tuning exists here (trained as LoRA unless told)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    training_file: str = Field(max_length=1024, description="A file id (purpose fine-tune) or a storage URI.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    method: FineTuneMethod | OpenAIMethod | None = None
+    suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    validation_file: str | None = Field(None, max_length=1024)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(default_factory=dict, max_length=16)
+    timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+
+    def to_job(self) -> FineTuneJob:
+        if self.validation_file is not None:
+            raise InvalidInput(
+                "validation_file is not supported; hyperparameters.eval_split holds out part of the training data",
+                param="validation_file",
+            )
+        raw = dict(self.hyperparameters)
+        if isinstance(self.method, OpenAIMethod) and self.method.supervised:
+            raw.update(self.method.supervised.hyperparameters)
+        hp: dict[str, Any] = {}
+        for key, value in raw.items():
+            if value == "auto":
+                continue  # OpenAI's "auto": keep queueformer's default
+            if key == "n_epochs":
+                hp["epochs"] = value
+            elif key == "learning_rate_multiplier":
+                hp["learning_rate"] = DEFAULT_LR * float(value)
+            else:
+                hp[key] = value
+        if self.seed is not None:
+            hp["seed"] = self.seed
+        method = self.method if isinstance(self.method, FineTuneMethod) else FineTuneMethod.LORA
+        return FineTuneJob(
+            model=self.model,
+            training_file=self.training_file,
+            method=method,
+            hyperparameters=Hyperparameters.model_validate(hp),
+            suffix=self.suffix,
+            metadata=self.metadata,
+            timeout_s=self.timeout_s,
+        )
+
+
+def _load(services: Services, job_id: str, tenant: str) -> dict[str, str]:
+    data = services.jobs.raw(job_id) if valid_object_id(job_id) else {}
+    if data.get("tenant") != tenant or data.get("task") != "fine-tune":
+        raise NotFound(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
+    return data
+
+
+def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
+    record = record_from_raw(data)
+    spec = FineTuneJob.model_validate_json(data["spec"])
+    hp = spec.hyperparameters
+    result: dict[str, Any] = {}
+    if record.state == JobState.SUCCEEDED and record.result_uri:
+        result = services.storage.get_json(services.storage.result_key(record.id))
+    return {
+        "id": record.id,
+        "object": "fine_tuning.job",
+        "created_at": int(record.created_at),
+        "finished_at": int(record.finished_at) if record.finished_at else None,
+        "model": spec.model,
+        "fine_tuned_model": result.get("fine_tuned_model"),
+        "organization_id": data.get("tenant"),
+        "result_files": [],
+        "status": STATUS[record.state],
+        "trained_tokens": result.get("trained_tokens"),
+        "training_file": spec.training_file,
+        "validation_file": None,
+        "hyperparameters": {
+            "n_epochs": hp.epochs if hp.epochs is not None else ("auto" if hp.max_steps is None else None),
+            "batch_size": hp.batch_size,
+            "learning_rate_multiplier": hp.learning_rate / DEFAULT_LR,
+            **hp.model_dump(exclude_none=True),
+        },
+        "method": {"type": "supervised", "training": spec.method.value},
+        "seed": hp.seed,
+        "suffix": spec.suffix,
+        "user_provided_suffix": spec.suffix,
+        "error": record.error.model_dump(include={"code", "message", "param"}) if record.error else None,
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": spec.metadata,
+        "progress": record.progress,
+        "attempts": record.attempts,
+        "planned_model_name": fine_tuned_name(spec.model, spec.suffix, record.id),
+    }
+
+
+@router.post("", summary="Create a fine-tuning job (OpenAI-compatible)")
+def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
+    return _object(services, services.jobs.raw(job_id))
+
+
+@router.get("", summary="List this tenant's fine-tuning jobs, newest first")
+def list_jobs(
+    services: ServicesDep,
+    tenant: TenantDep,
+    after: Annotated[str | None, Query(max_length=80, description="Id of the last job of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    before = record_from_raw(_load(services, after, tenant)).created_at if after else None
+    rows = services.jobs.recent_raw(tenant, limit + 1, before, index="fine-tunes")
+    return {"object": "list", "data": [_object(services, d) for d in rows[:limit]], "has_more": len(rows) > limit}
+
+
+@router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    return _object(services, _load(services, fine_tuning_job_id, tenant))
+
+
+@router.post(
+    "/{fine_tuning_job_id}/cancel", summary="Cancel: a running job stops at its next step and keeps its last checkpoint"
+)
+def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    _load(services, fine_tuning_job_id, tenant)
+    services.jobs.request_cancel(fine_tuning_job_id)
+    return _object(services, services.jobs.raw(fine_tuning_job_id))
+
+
+@router.get("/{fine_tuning_job_id}/events", summary="Status and training-metric events, newest first")
+def events(
+    fine_tuning_job_id: str,
+    services: ServicesDep,
+    tenant: TenantDep,
+    after: Annotated[str | None, Query(max_length=80, pattern=r"^ftevent-\d+-\d+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict[str, Any]:
+    _load(services, fine_tuning_job_id, tenant)
+    top = f"({after.removeprefix('ftevent-')}" if after else "+"
+    raw = cast(
+        list[tuple[str, dict[str, str]]],
+        services.redis.xrevrange(events_key(fine_tuning_job_id), max=top, min="-", count=limit + 1),
+    )
+    data = [_event(eid, fields) for eid, fields in raw[:limit]]
+    return {"object": "list", "data": data, "has_more": len(raw) > limit}
+
+
+def _event(eid: str, fields: dict[str, str]) -> dict[str, Any]:
+    kind = fields.get("type", "message")
+    data: dict[str, Any] = json.loads(fields.get("data") or "{}")
+    level = "error" if data.get("state") == "failed" else "info"
+    return {
+        "object": "fine_tuning.job.event",
+        "id": f"ftevent-{eid}",
+        "created_at": int(float(fields.get("at", "0"))),
+        "level": level,
+        "message": _message(kind, data),
+        "data": data,
+        "type": "metrics" if kind == "progress" else "message",
+    }
+
+
+def _message(kind: str, data: dict[str, Any]) -> str:
+    if kind == "state":
+        extra = f" (attempt {data['attempt']})" if "attempt" in data else ""
+        err = f": {data['error']['message']}" if isinstance(data.get("error"), dict) else ""
+        return f"Job is {data.get('state')}{extra}{err}"
+    if kind == "progress":
+        loss = f", training loss={data['loss']}" if "loss" in data else ""
+        ev = f", eval loss={data['eval_loss']}, perplexity={data.get('perplexity')}" if "eval_loss" in data else ""
+        return f"Step {data.get('step')}/{data.get('max_steps')}{loss}{ev}"
+    if kind == "checkpoint":
+        return f"Checkpoint saved at step {data.get('step')}"
+    if kind == "resumed":
+        return f"Resumed from the checkpoint at step {data.get('step')}"
+    if kind == "cancel_requested":
+        return "Cancellation requested"
+    return kind
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", summary="The job's saved checkpoints, newest first")
+def checkpoints(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    data = _load(services, fine_tuning_job_id, tenant)
+    rows = Checkpoints(services.storage, fine_tuning_job_id).describe()
+    out = [
+        {
+            "object": "fine_tuning.job.checkpoint",
+            "id": f"ftckpt-{fine_tuning_job_id.split('-', 1)[1]}-{row['step']}",
+            "created_at": int(row.get("saved_at", 0)),
+            "fine_tuned_model_checkpoint": row["uri"],
+            "step_number": row["step"],
+            "metrics": {
+                "step": row["step"],
+                "train_loss": row.get("loss"),
+                "valid_loss": row.get("eval_loss"),
+                "perplexity": row.get("perplexity"),
+            },
+            "fine_tuning_job_id": data["id"],
+        }
+        for row in reversed(rows)
+    ]
+    return {"object": "list", "data": out, "has_more": False, "first_id": out[0]["id"] if out else None}

@@ -1,0 +1,88 @@
+"""Runs fine-tune work units: one job at a time, on this worker's device, resumable.
+
+A fine-tune is started like any job (its attempt counted, so a job that kills its worker every time
+is quarantined as ``worker_lost``), resumes from its newest checkpoint when redelivered, and commits
+its result through the same idempotent finish as every other job. A graceful shutdown checkpoints,
+hands the attempt back and re-queues the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from queueformer.broker import JobsUnit
+from queueformer.errors import ErrorInfo, InternalError, QueueformerError, TransientError, WorkerLost
+from queueformer.jobs import FineTuneJob, parse_job
+from queueformer.state import JobStore
+from queueformer.storage import Storage
+from workers import metrics
+from workers.handlers.fine_tune import FineTuneHandler
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRunner:
+    """Owns the fine-tune queue's jobs in this worker process."""
+
+    def __init__(self, handler: FineTuneHandler, jobs: JobStore, storage: Storage, max_deliveries: int = 3) -> None:
+        self.handler = handler
+        self.jobs = jobs
+        self.storage = storage
+        self.max_deliveries = max_deliveries
+        self.draining = threading.Event()
+        self._device = threading.Lock()  # one training run on the device at a time
+
+    def run(self, unit: JobsUnit) -> dict[str, Any]:
+        done = 0
+        for job_id in unit.ids:
+            done += self.run_one(job_id)
+        return {"jobs": done}
+
+    def run_one(self, job_id: str) -> int:
+        data = self.jobs.raw(job_id)
+        attempt = self.jobs.start_many([job_id])[0]
+        if not attempt:
+            return 0  # finished or cancelled before this delivery
+        outcome: str | ErrorInfo
+        started = time.perf_counter()
+        try:
+            if attempt > self.max_deliveries:
+                raise WorkerLost(f"delivered {attempt} times without finishing; quarantined")
+            spec = parse_job(data["spec"])
+            if not isinstance(spec, FineTuneJob):
+                raise InternalError(f"job {job_id} is a {spec.task!r} job on the fine-tune path")
+            deadline = float(data["deadline"]) if data.get("deadline") else None
+            with self._device:
+                plan = self.handler.preprocess(job_id, spec, data.get("tenant"), self._stop_reason(job_id, deadline))
+                run = self.handler.forward(plan)
+                result = self.handler.postprocess(plan, run)
+            outcome = self.storage.put_json(self.storage.result_key(job_id), result.model_dump(mode="json"))
+        except TransientError:
+            self.jobs.release(job_id)  # not the job's fault: the redelivery does not count against it
+            raise
+        except QueueformerError as exc:
+            outcome = exc.info()
+        except Exception as exc:
+            log.exception("fine-tune %s failed", job_id)
+            outcome = InternalError(f"{type(exc).__name__}: {exc}").info()
+        finally:
+            metrics.RUN.labels("fine-tune").observe(time.perf_counter() - started)
+        self.jobs.finish_many([(job_id, outcome)])
+        code = outcome.code if isinstance(outcome, ErrorInfo) else "succeeded"
+        metrics.JOBS.labels(data.get("model", ""), "fine-tune", code).inc()
+        return 1
+
+    def _stop_reason(self, job_id: str, deadline: float | None) -> Any:
+        def reason() -> str | None:
+            if self.draining.is_set():
+                return "draining"
+            if deadline is not None and time.time() > deadline:
+                return "deadline"
+            if self.jobs.cancel_requested([job_id]):
+                return "cancelled"
+            return None
+
+        return reason
