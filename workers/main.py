@@ -100,7 +100,7 @@ def training_runner(
 ) -> TrainingRunner:
     models_dir = settings.resolved_models_dir
     handler = FineTuneHandler(registry, models_dir, storage, jobs, overlay, settings.data_dir / "training")
-    return TrainingRunner(handler, jobs, storage, settings.worker.max_deliveries)
+    return TrainingRunner(handler, jobs, storage, settings.worker.max_deliveries, settings.visibility_timeout_s)
 
 
 def default_concurrency(settings: Settings, registry: Registry, queues: list[str]) -> int:

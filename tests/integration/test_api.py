@@ -173,3 +173,36 @@ def test_health_and_metrics(client: TestClient) -> None:
     assert 'queueformer_queue_depth{queue="tiny-gpt2"} 1.0' in metrics
     assert "queueformer_api_requests_total" in metrics
     assert client.get("/openapi.json").json()["paths"]["/v1/batches"]
+
+
+def test_fine_tuning_jobs_are_validated_queued_and_tenant_isolated(redis_url: str, tmp_path: Path) -> None:
+    settings = make_settings(redis_url, tmp_path, api={"auth_required": True})
+    keys = ApiKeys(redis.Redis.from_url(redis_url, decode_responses=True))
+    a, b = ({"Authorization": f"Bearer {keys.create(t)}"} for t in ("acme", "globex"))
+    with TestClient(create_app(settings)) as c:
+        fid = c.post(
+            "/v1/files", files={"file": ("t.jsonl", jsonl([{"text": "hi"}]))}, data={"purpose": "fine-tune"}, headers=a
+        ).json()["id"]
+        body = {"model": "tiny-gpt2", "training_file": fid, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}
+        resp = c.post("/v1/fine_tuning/jobs", json={**body, "method": "qlora"}, headers=a)
+        assert resp.status_code == 200, resp.text
+        job = resp.json()
+        assert job["object"] == "fine_tuning.job" and job["status"] == "queued" and job["fine_tuned_model"] is None
+        assert job["hyperparameters"]["n_epochs"] == 2 and job["method"]["training"] == "qlora"
+        assert redis.Redis.from_url(redis_url).llen("fine-tune") == 1  # one message per fine-tune, own queue
+        # The file must be the caller's, the model registered and generative, the knobs in range.
+        assert c.post("/v1/fine_tuning/jobs", json=body, headers=b).status_code == 404
+        wrong = c.post("/v1/fine_tuning/jobs", json={**body, "model": "tiny-bert"}, headers=a)
+        assert wrong.status_code == 422 and wrong.json()["error"]["code"] == "task_mismatch"
+        bad_hp = {**body, "hyperparameters": {"max_steps": -1}}
+        assert c.post("/v1/fine_tuning/jobs", json=bad_hp, headers=a).status_code == 422
+        with_validation = c.post("/v1/fine_tuning/jobs", json={**body, "validation_file": fid}, headers=a)
+        assert with_validation.status_code == 422 and with_validation.json()["error"]["param"] == "validation_file"
+        for path in ("", "/events", "/checkpoints"):
+            assert c.get(f"/v1/fine_tuning/jobs/{job['id']}{path}", headers=b).status_code == 404
+        assert c.get("/v1/fine_tuning/jobs", headers=b).json()["data"] == []
+        assert [j["id"] for j in c.get("/v1/fine_tuning/jobs", headers=a).json()["data"]] == [job["id"]]
+        cancelled = c.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=a).json()
+        assert cancelled["status"] == "cancelled"
+        events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=a).json()["data"]
+        assert [e["message"] for e in events][:1] == ["Job is cancelled"]

@@ -19,7 +19,7 @@ from queueformer.client import Client
 from queueformer.cluster import Cluster
 from queueformer.storage import Storage
 from tests.conftest import free_port
-from tests.helpers import jsonl, make_settings
+from tests.helpers import eventually, jsonl, make_settings
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,42 @@ def test_partial_output_is_downloadable_while_running(qf: Client, cluster: Clust
     final = qf.wait_batch(batch["id"], timeout=120)
     assert final["status"] == "completed"
     assert seen > 0, "never caught the batch part-way through"
+
+
+def test_fine_tune_then_generate_with_the_new_model_through_the_api(cluster: Cluster, qf: Client) -> None:
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank today."
+    client = openai.OpenAI(base_url=f"{cluster.api_url}/v1", api_key="unused-locally")
+    training = client.files.create(file=("fox.jsonl", jsonl([{"text": sentence}] * 40)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-gpt2",
+        training_file=training.id,
+        suffix="fox",
+        seed=7,
+        hyperparameters={"n_epochs": "auto"},
+        extra_body={
+            "method": "full",
+            "hyperparameters": {"max_steps": 60, "learning_rate": 3e-3, "block_size": 32, "checkpoint_steps": 20},
+        },
+    )
+    assert job.status in ("queued", "running") and job.model == "tiny-gpt2"
+    done = eventually(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+        timeout=240,
+        interval=1,
+    )
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:tiny-gpt2:fox:{job.id.split('-', 1)[1][:12].lower()}"
+    assert client.fine_tuning.jobs.list().data[0].id == job.id
+    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+    assert steps == [60, 40, 20]
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert any(e.type == "metrics" for e in events) and events[0].message.startswith("Job is succeeded")
+
+    models = {m["id"]: m for m in qf.models()}
+    assert models[done.fine_tuned_model]["queue"] == "fine-tuned"
+    gen = qf.submit(
+        {"task": "generate", "model": done.fine_tuned_model, "prompt": "The quick brown", "max_new_tokens": 24}
+    )
+    record = qf.wait(gen, timeout=120)
+    assert record["state"] == "succeeded", record
+    assert qf.result(gen)["generations"][0]["text"].startswith(" fox jumps over the lazy dog near the river")

@@ -8,15 +8,19 @@ hands the attempt back and re-queues the job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from typing import Any
 
+from redis.exceptions import LockError
+from redis.lock import Lock
+
 from queueformer.broker import JobsUnit
 from queueformer.errors import ErrorInfo, InternalError, QueueformerError, TransientError, WorkerLost
 from queueformer.jobs import FineTuneJob, parse_job
-from queueformer.state import JobStore
+from queueformer.state import PREFIX, JobStore
 from queueformer.storage import Storage
 from workers import metrics
 from workers.handlers.fine_tune import FineTuneHandler
@@ -27,8 +31,16 @@ log = logging.getLogger(__name__)
 class TrainingRunner:
     """Owns the fine-tune queue's jobs in this worker process."""
 
-    def __init__(self, handler: FineTuneHandler, jobs: JobStore, storage: Storage, max_deliveries: int = 3) -> None:
+    def __init__(
+        self,
+        handler: FineTuneHandler,
+        jobs: JobStore,
+        storage: Storage,
+        max_deliveries: int = 3,
+        lease_s: float = 3600,
+    ) -> None:
         self.handler = handler
+        self.lease_s = lease_s
         self.jobs = jobs
         self.storage = storage
         self.max_deliveries = max_deliveries
@@ -42,6 +54,19 @@ class TrainingRunner:
         return {"jobs": done}
 
     def run_one(self, job_id: str) -> int:
+        # Redelivery can hand the same job to two consumers; a lease in Redis lets only one train it.
+        lease = self.jobs.r.lock(f"{PREFIX}:fine-tune-lease:{job_id}", timeout=self.lease_s)
+        if not lease.acquire(blocking=False):
+            log.info("fine-tune %s is running elsewhere; this delivery steps aside", job_id)
+            return 0
+        try:
+            with self._device:
+                return self._train(job_id, lease)
+        finally:
+            with contextlib.suppress(LockError):
+                lease.release()
+
+    def _train(self, job_id: str, lease: Lock) -> int:
         data = self.jobs.raw(job_id)
         attempt = self.jobs.start_many([job_id])[0]
         if not attempt:
@@ -55,10 +80,9 @@ class TrainingRunner:
             if not isinstance(spec, FineTuneJob):
                 raise InternalError(f"job {job_id} is a {spec.task!r} job on the fine-tune path")
             deadline = float(data["deadline"]) if data.get("deadline") else None
-            with self._device:
-                plan = self.handler.preprocess(job_id, spec, data.get("tenant"), self._stop_reason(job_id, deadline))
-                run = self.handler.forward(plan)
-                result = self.handler.postprocess(plan, run)
+            plan = self.handler.preprocess(job_id, spec, data.get("tenant"), self._stop_reason(job_id, deadline, lease))
+            run = self.handler.forward(plan)
+            result = self.handler.postprocess(plan, run)
             outcome = self.storage.put_json(self.storage.result_key(job_id), result.model_dump(mode="json"))
         except TransientError:
             self.jobs.release(job_id)  # not the job's fault: the redelivery does not count against it
@@ -75,8 +99,13 @@ class TrainingRunner:
         metrics.JOBS.labels(data.get("model", ""), "fine-tune", code).inc()
         return 1
 
-    def _stop_reason(self, job_id: str, deadline: float | None) -> Any:
+    def _stop_reason(self, job_id: str, deadline: float | None, lease: Lock) -> Any:
+        renewed = [time.monotonic()]
+
         def reason() -> str | None:
+            if time.monotonic() - renewed[0] > self.lease_s / 3:
+                lease.reacquire()  # checked every optimizer step, so the lease outlives only a live run
+                renewed[0] = time.monotonic()
             if self.draining.is_set():
                 return "draining"
             if deadline is not None and time.time() > deadline:

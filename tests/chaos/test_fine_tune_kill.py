@@ -1,0 +1,45 @@
+"""A fine-tune worker SIGKILLed mid-training: the redelivered job resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from queueformer.client import Client
+from queueformer.cluster import Cluster
+from tests.helpers import eventually, jsonl
+
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+
+
+def test_a_killed_fine_tune_resumes_from_its_checkpoint_and_completes(chaos_cluster: tuple[Cluster, Any]) -> None:
+    cluster, new_worker = chaos_cluster
+    with Client(cluster.api_url) as qf:
+        training = qf.upload(jsonl([{"text": SENTENCE}] * 40), purpose="fine-tune")["id"]
+        hp = {"max_steps": 400, "checkpoint_steps": 25, "learning_rate": 1e-3, "block_size": 32, "batch_size": 8}
+        job = qf.http.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tiny-gpt2", "training_file": training, "method": "full", "hyperparameters": hp},
+        ).json()
+        path = f"/v1/fine_tuning/jobs/{job['id']}"
+        worker = new_worker(["fine-tune"])
+
+        def past_a_checkpoint() -> int:
+            steps = [c["step_number"] for c in qf.http.get(f"{path}/checkpoints").json()["data"]]
+            step = qf.http.get(path).json()["progress"].get("step", 0)
+            return max(steps) if steps and steps[0] >= 50 and step > steps[0] + 5 else 0
+
+        eventually(past_a_checkpoint, timeout=180, interval=0.2)
+        worker.kill()
+        killed_at = time.monotonic()
+        kept = max(c["step_number"] for c in qf.http.get(f"{path}/checkpoints").json()["data"])
+        new_worker(["fine-tune"])
+        done = eventually(
+            lambda: (j := qf.http.get(path).json())["status"] in ("succeeded", "failed") and j, timeout=240, interval=1
+        )
+        assert done["status"] == "succeeded", done["error"]
+        result = qf.result(job["id"])
+        assert result["resumed_from_step"] == kept and result["steps"] == 400
+        messages = [e["message"] for e in qf.http.get(f"{path}/events", params={"limit": 1000}).json()["data"]]
+        assert f"Resumed from the checkpoint at step {kept}" in messages
+        print(f"\nkilled after step {kept}; resumed and finished {time.monotonic() - killed_at:.1f}s after the kill")
