@@ -22,7 +22,8 @@ MAX_BACKOFF_S = 60
 def register(app: Celery, runner: Runner, lease: LeaseKeeper) -> Task:
     @app.task(name=RUN_TASK, bind=True, shared=False)  # bound to this app's runner only
     def run(self: Task, unit: dict[str, Any]) -> dict[str, Any]:
-        tag = (self.request.delivery_info or {}).get("delivery_tag")
+        # kombu's Redis transport tags each delivery in the message properties (not in delivery_info).
+        tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
         metrics.IN_FLIGHT.inc()
         try:
             with lease.hold(tag):
