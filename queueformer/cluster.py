@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 
 from queueformer.embedded import EmbeddedRedis
+from queueformer.fleet import Fleet
 from queueformer.registry import Registry
 from queueformer.settings import Settings
+from queueformer.state import connect
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class Cluster:
     worker_health_ports: list[int] | None = None  # one per worker group, for /metrics in tests and probes
     env: dict[str, str] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
+    redis_url: str = ""
     children: list[Child] = field(default_factory=list)
     flower_auth: str | None = None
 
@@ -80,6 +84,7 @@ class Cluster:
         if url is None:
             self.redis = EmbeddedRedis(self.settings.data_dir / "valkey")
             url = self.redis.start()
+        self.redis_url = url
         env = self.child_env(url)
         registry = Registry.load(self.settings.registry)
         groups = self.worker_groups if self.worker_groups is not None else [sorted(registry.queues())]
@@ -137,16 +142,15 @@ class Cluster:
         """Wait until the API answers /readyz and every worker process reports ready."""
         expected = workers if workers is not None else sum(1 for c in self.children if c.name.startswith("worker"))
         deadline = time.monotonic() + timeout
+        fleet = Fleet(connect(self.redis_url))
         while time.monotonic() < deadline:
             self.check_alive()
             try:
                 ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
-                if ready:
-                    members = httpx.get(f"{self.api_url}/v1/models", timeout=5).json()["data"]
-                    live = {w["worker"] for m in members for w in m["workers"] if w["ready"]}
-                    if len(live) >= expected:
-                        return
-            except httpx.HTTPError:
+                # Workers announce themselves in Redis, models or not (a fine-tune worker loads none up front).
+                if ready and sum(1 for m in fleet.members() if m.get("ready")) >= expected:
+                    return
+            except (httpx.HTTPError, redis.RedisError):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s; logs in {self.log_dir}")

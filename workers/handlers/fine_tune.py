@@ -150,7 +150,7 @@ class FineTuneHandler:
             report_to="none",
             disable_tqdm=True,
             use_cpu=not cuda,
-            bf16=cuda and torch.cuda.is_bf16_supported() and plan.spec.method != FineTuneMethod.FULL,
+            bf16=cuda and torch.cuda.is_bf16_supported(),  # mixed precision; full keeps fp32 master weights
             dataloader_num_workers=0,
             remove_unused_columns=False,
         )
@@ -275,5 +275,5 @@ class FineTuneHandler:
         hp = plan.spec.hyperparameters
         return run.steps * hp.batch_size * hp.gradient_accumulation_steps * len(plan.train.blocks[0])
 
-    def _kept(self, plan_run: Run) -> dict[str, Any]:
-        return {"step": plan_run.steps, "checkpoints": plan_run.checkpoints}
+    def _kept(self, run: Run) -> dict[str, Any]:
+        return {"step": run.steps, "checkpoints": run.checkpoints}
