@@ -43,3 +43,34 @@ def test_a_killed_fine_tune_resumes_from_its_checkpoint_and_completes(chaos_clus
         messages = [e["message"] for e in qf.http.get(f"{path}/events", params={"limit": 1000}).json()["data"]]
         assert f"Resumed from the checkpoint at step {kept}" in messages
         print(f"\nkilled after step {kept}; resumed and finished {time.monotonic() - killed_at:.1f}s after the kill")
+
+
+def test_sigterm_checkpoints_a_running_fine_tune_and_hands_it_to_the_next_worker(
+    chaos_cluster: tuple[Cluster, Any],
+) -> None:
+    cluster, new_worker = chaos_cluster
+    with Client(cluster.api_url) as qf:
+        training = qf.upload(jsonl([{"text": SENTENCE}] * 40), purpose="fine-tune")["id"]
+        # No periodic checkpoint before the drain: whatever resumes comes from the drain's own checkpoint.
+        hp = {"max_steps": 1500, "checkpoint_steps": 10_000, "learning_rate": 1e-3, "block_size": 32, "batch_size": 8}
+        job = qf.http.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tiny-gpt2", "training_file": training, "method": "lora", "hyperparameters": hp},
+        ).json()
+        path = f"/v1/fine_tuning/jobs/{job['id']}"
+        worker = new_worker(["fine-tune"])
+        eventually(lambda: qf.http.get(path).json()["progress"].get("step", 0) >= 40, timeout=180, interval=0.2)
+        started = time.monotonic()
+        assert worker.terminate(timeout=120) == 0
+        drain_s = time.monotonic() - started
+        saved = [c["step_number"] for c in qf.http.get(f"{path}/checkpoints").json()["data"]]
+        assert len(saved) == 1 and 40 <= saved[0] < 1500
+        record = qf.http.get(path).json()
+        assert record["status"] == "queued" and record["attempts"] == 0  # handed back, not counted as a failure
+        new_worker(["fine-tune"])
+        done = eventually(
+            lambda: (j := qf.http.get(path).json())["status"] in ("succeeded", "failed") and j, timeout=240, interval=1
+        )
+        assert done["status"] == "succeeded", done["error"]
+        assert qf.result(job["id"])["resumed_from_step"] == saved[0]
+        print(f"\nSIGTERM at step {saved[0]}: checkpointed and exited in {drain_s:.1f}s; resumed there")

@@ -141,7 +141,7 @@ class FineTuneHandler:
             weight_decay=hp.weight_decay,
             seed=hp.seed,
             data_seed=hp.seed,
-            logging_steps=max(1, hp.checkpoint_steps // 5),
+            logging_steps=min(10, max(1, hp.checkpoint_steps // 5)),  # progress events at least every 10 steps
             save_strategy="steps",
             save_steps=hp.checkpoint_steps,
             save_total_limit=1,  # older ones live in storage; the local copy only feeds the upload
