@@ -6,14 +6,13 @@ Run it with ``queueformer api`` or ``uvicorn api.app:create_app --factory``.
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from api import errors, metrics
-from api.middleware import BodyLimit
+from api import errors
+from api.middleware import BodyLimit, Observe
 from api.routes import batches, files, fine_tuning, health, jobs, models
 from api.services import Services
 from queueformer import __version__
@@ -41,17 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, jobs.router, files.router, batches.router, fine_tuning.router):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
-        metrics.LATENCY.labels(path, request.method).observe(time.perf_counter() - started)
-        return response
-
     app.add_middleware(BodyLimit, limit=settings.api.max_body_bytes, limit_for=_upload_limit(settings))
+    app.add_middleware(Observe)  # outermost: 413s from BodyLimit are counted too
     return app
 
 

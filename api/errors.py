@@ -1,7 +1,10 @@
 """Every error leaves the API in one shape: ``{"error": {"code", "message", "param", "type"}}``.
 
 It is the shape OpenAI clients parse. Validation errors (422) also keep FastAPI's ``detail`` list so
-each failing field is named with its location.
+each failing field is named with its location. A JSON body that cannot be parsed (malformed, not
+UTF-8, or nested deeper than the parser goes) is a 400 ``invalid_json``, a form that cannot be parsed a
+400 ``invalid_request``; Starlette's own HTTP errors (404 for an unknown path, 405 for a wrong method)
+get the same shape.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from queueformer.errors import BrokerUnavailable, QueueformerError
 
@@ -34,7 +38,40 @@ def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
 _TASK_TAGS = {"generate", "fill-mask", "translate", "classify", "fine-tune", "echo"}
 
 
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def invalid_json(message: str) -> JSONResponse:
+    return JSONResponse(status_code=400, content=error_body("invalid_json", message))
+
+
+def _unparsable_body(cause: BaseException) -> JSONResponse:
+    """Why FastAPI could not read the body (it raises a bare 400 from the original error)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return invalid_json(
+            f"the request body is not valid JSON text ({cause.encoding}: {cause.reason} at byte {cause.start})"
+        )
+    if isinstance(cause, RecursionError):
+        return invalid_json("the request body is nested too deeply to parse")
+    message = f"the request body could not be parsed: {type(cause).__name__}: {cause}"[:300]
+    return JSONResponse(status_code=400, content=error_body("invalid_request", message))
+
+
 def validation_response(errors: Sequence[Any]) -> JSONResponse:
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        loc = tuple(bad_json.get("loc", ()))
+        where = f" at position {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (bad_json.get("ctx") or {}).get("error") or bad_json.get("msg")
+        return invalid_json(f"the request body is not valid JSON: {reason}{where}")
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _loc_param(tuple(first.get("loc", ())))
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
@@ -50,6 +87,13 @@ def install(app: FastAPI) -> None:
         return JSONResponse(
             status_code=exc.http_status, content=error_body(exc.code, exc.message, exc.param, **exc.details)
         )
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            return _unparsable_body(exc.__cause__)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(status_code=exc.status_code, content=error_body(code, str(exc.detail)), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -161,7 +161,7 @@ def scan_file(storage: Storage, key: str, endpoint: str, max_lines: int, check: 
 def custom_id_of(raw: bytes) -> str | None:
     try:
         value = json.loads(raw).get("custom_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from queueformer import limits
+from queueformer.errors import InputTooLong
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 _HARD_TEXT_CHARS = 1_000_000
@@ -244,6 +245,22 @@ _ID_RE = re.compile(r"^[a-z]+[-_][A-Za-z0-9]{8,64}$")
 def valid_object_id(value: str) -> bool:
     """Object ids (job-..., file-..., batch_...) hold letters and digits only, so they never escape a storage prefix."""
     return bool(_ID_RE.fullmatch(value))
+
+
+def check_fits(spec: AnyJob, max_input_tokens: int | None, param: str = "max_new_tokens") -> None:
+    """Refuse, before it is queued, a job that can never fit its model's context window.
+
+    A decoder's window holds the prompt and every new token, so ``max_new_tokens`` at or above the
+    model's ``max_input_tokens`` leaves no room for even one prompt token (the worker would fail it the
+    same way). How many tokens a prompt takes is only known to the worker's tokenizer: an overlong
+    prompt fails there as ``input_too_long`` (or is cut, with ``truncate``).
+    """
+    if max_input_tokens and isinstance(spec, GenerateJob) and spec.max_new_tokens >= max_input_tokens:
+        raise InputTooLong(
+            f"max_new_tokens is {spec.max_new_tokens} but {spec.model} holds {max_input_tokens} tokens in all, "
+            "prompt included",
+            param=param,
+        )
 
 
 def estimate_tokens(spec: AnyJob) -> int:

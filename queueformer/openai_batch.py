@@ -199,6 +199,8 @@ def parse_line(raw: bytes | str, endpoint: str) -> tuple[BatchLine, AnyJob]:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LineError("invalid_json", f"line is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise LineError("invalid_json", "line is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise LineError("invalid_request", "line must be a JSON object")
     try:

@@ -19,7 +19,7 @@ from api.services import Services
 from queueformer.batches import TooManyLines, scan_file, to_openai
 from queueformer.broker import LinesUnit, publish
 from queueformer.errors import BrokerUnavailable, InvalidInput, NotFound, PayloadTooLarge, QuotaExceeded
-from queueformer.jobs import AnyJob
+from queueformer.jobs import AnyJob, check_fits
 from queueformer.openai_batch import ENDPOINTS, BatchCreate
 from queueformer.state import new_id, tenant_tokens_key
 
@@ -54,7 +54,9 @@ def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) ->
     registry = services.registry()
 
     def registered(job: AnyJob) -> None:
-        registry.queue_for(registry.get(job.model, job.task, tenant=tenant), job.task)
+        entry = registry.get(job.model, job.task, tenant=tenant)
+        registry.queue_for(entry, job.task)
+        check_fits(job, entry.max_input_tokens, "body.max_new_tokens")
 
     try:
         scan = scan_file(

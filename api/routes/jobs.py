@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Body, Header, Query
@@ -15,7 +15,7 @@ from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
 from api.services import Services
 from queueformer.errors import Conflict, NotFound
-from queueformer.jobs import AnyJob, JobSpec, valid_object_id
+from queueformer.jobs import AnyJob, GenerateJob, JobSpec, check_fits, valid_object_id
 from queueformer.records import TERMINAL, JobRecord, JobState
 from queueformer.state import PREFIX, events_key
 
@@ -64,10 +64,31 @@ def _idempotent(services: Services, tenant: str, key: str, body: bytes) -> tuple
     return rkey, list(stored["ids"])
 
 
-def _submit(services: Services, tenant: str, specs: list[AnyJob], key: str | None, body: bytes) -> list[str]:
+def _check_fits(services: Services, tenant: str, specs: list[AnyJob], bulk: bool) -> None:
+    """Refuse generate jobs that cannot fit their model's context window (a 422 now, not a failure later)."""
+    if not any(isinstance(s, GenerateJob) for s in specs):
+        return
+    registry = services.registry()
+    for i, spec in enumerate(specs):
+        if isinstance(spec, GenerateJob):
+            entry = registry.get(spec.model, spec.task, tenant=tenant)
+            check_fits(spec, entry.max_input_tokens, f"jobs.{i}.max_new_tokens" if bulk else "max_new_tokens")
+
+
+def _submit(
+    services: Services,
+    tenant: str,
+    specs: list[AnyJob],
+    key: str | None,
+    body: Callable[[], bytes],
+    bulk: bool = False,
+) -> list[str]:
+    """Enqueue ``specs``; with an Idempotency-Key, ``body()`` (the canonical request) is hashed to match retries."""
+    _check_fits(services, tenant, specs, bulk)
     if not key:
         return Enqueuer(services).submit(specs, tenant)
-    rkey, existing = _idempotent(services, tenant, key, body)
+    canonical = body()
+    rkey, existing = _idempotent(services, tenant, key, canonical)
     if existing is not None:
         return existing
     try:
@@ -75,7 +96,8 @@ def _submit(services: Services, tenant: str, specs: list[AnyJob], key: str | Non
     except Exception:
         services.redis.delete(rkey)
         raise
-    services.redis.set(rkey, json.dumps({"body": hashlib.sha256(body).hexdigest(), "ids": ids}), ex=IDEMPOTENCY_TTL_S)
+    digest = hashlib.sha256(canonical).hexdigest()
+    services.redis.set(rkey, json.dumps({"body": digest, "ids": ids}), ex=IDEMPOTENCY_TTL_S)
     return ids
 
 
@@ -86,7 +108,9 @@ def submit_job(
     job: Annotated[JobSpec, Body()],
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobAccepted:
-    body = json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()
+    def body() -> bytes:
+        return json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()
+
     return _accepted(_submit(services, tenant, [job], idempotency_key, body)[0])
 
 
@@ -97,8 +121,10 @@ def submit_jobs(
     bulk: BulkJobs,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobList:
-    body = json.dumps([j.model_dump(mode="json") for j in bulk.jobs], sort_keys=True).encode()
-    ids = _submit(services, tenant, list(bulk.jobs), idempotency_key, body)
+    def body() -> bytes:
+        return json.dumps([j.model_dump(mode="json") for j in bulk.jobs], sort_keys=True).encode()
+
+    ids = _submit(services, tenant, list(bulk.jobs), idempotency_key, body, bulk=True)
     return JobList(data=[_accepted(i) for i in ids])
 
 

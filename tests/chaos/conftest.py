@@ -72,6 +72,8 @@ def chaos_cluster(own_redis: EmbeddedRedis, tiny_models: Path, tmp_path: Path) -
     cluster = Cluster(settings, api_port=free_port(), worker_groups=[])
     cluster.start()
     workers: list[Worker] = []
+    # Deliveries are counted per chunk delivery, not per execution: five kills a minute would push lines
+    # that only sat queued in the engine past the default of 3 (see docs/reliability.md, "Quarantine").
     env = {**cluster.child_env(own_redis.url), "QUEUEFORMER_WORKER__MAX_DELIVERIES": "10"}
 
     def new_worker(queues: list[str]) -> Worker:

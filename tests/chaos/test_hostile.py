@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from tests.helpers import jsonl, make_settings
+from queueformer.broker import RUN_TASK, make_celery
+from queueformer.client import Client
+from queueformer.cluster import Cluster
+from queueformer.registry import Registry
+from tests.helpers import eventually, jsonl, make_settings
 
 GEN = {"task": "generate", "model": "tiny-gpt2", "prompt": "hello"}
 
@@ -22,47 +28,54 @@ def api(redis_url: str, tmp_path: Path) -> Iterator[TestClient]:
         yield client
 
 
-def post_raw(api: TestClient, path: str, body: bytes) -> Any:
-    return api.post(path, content=body, headers={"content-type": "application/json"})
+def post_raw(api: TestClient, path: str, body: bytes | list[bytes]) -> Any:
+    # A list is sent as a chunked stream: no Content-Length for the size check to trust.
+    content = iter(body) if isinstance(body, list) else body
+    return api.post(path, content=content, headers={"content-type": "application/json"})
 
+
+TEN_MB = b'{"task":"echo","model":"echo","text":"' + b"a" * (10 << 20) + b'"}'
+DEEP = b"[" * 100_000 + b"]" * 100_000
 
 HOSTILE: list[tuple[str, str, Any, int, str]] = [
-    (
-        "10 MB body",
-        "/v1/jobs",
-        b'{"task":"echo","model":"echo","text":"' + b"a" * (10 << 20) + b'"}',
-        413,
-        "payload_too_large",
-    ),
-    ("invalid UTF-8", "/v1/jobs", b'{"task":"echo","model":"echo","text":"\xff\xfe\xfd"}', 422, ""),
-    (
-        "deeply nested JSON",
-        "/v1/jobs",
-        b'{"task":"echo","model":"echo","metadata":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        400,
-        "",
-    ),
-    ("not JSON at all", "/v1/jobs", b"\x00\x01garbage", 422, ""),
+    ("10 MB body", "/v1/jobs", TEN_MB, 413, "payload_too_large"),
+    ("10 MB chunked body", "/v1/jobs", [TEN_MB[i : i + (1 << 20)] for i in range(0, len(TEN_MB), 1 << 20)], 413, ""),
+    ("invalid UTF-8", "/v1/jobs", b'{"task":"echo","model":"echo","text":"\xff\xfe\xfd"}', 400, "invalid_json"),
+    ("deeply nested JSON", "/v1/jobs", b'{"task":"echo","model":"echo","metadata":' + DEEP + b"}", 400, "invalid_json"),
+    ("deeply nested bulk", "/v1/jobs/bulk", b'{"jobs":' + DEEP + b"}", 400, "invalid_json"),
+    ("nested below the parser's limit", "/v1/jobs", {**GEN, "metadata": json.loads("[" * 500 + "]" * 500)}, 422, ""),
+    ("not JSON at all", "/v1/jobs", b"\x00\x01garbage", 400, "invalid_json"),
+    ("truncated JSON", "/v1/jobs", b'{"task":"echo","model":', 400, "invalid_json"),
+    ("a JSON string, not an object", "/v1/jobs", b'"echo"', 422, "invalid_input"),
     ("unknown model", "/v1/jobs", {**GEN, "model": "gpt-99"}, 404, "model_not_found"),
+    ("model name with a path", "/v1/jobs", {**GEN, "model": "../../etc/passwd"}, 422, "invalid_input"),
     ("negative max_new_tokens", "/v1/jobs", {**GEN, "max_new_tokens": -1}, 422, "invalid_input"),
     ("huge max_new_tokens", "/v1/jobs", {**GEN, "max_new_tokens": 10**12}, 422, "invalid_input"),
+    # tiny-gpt2 holds 256 tokens in all (its registry entry): 256 new tokens leave no room for a prompt
+    ("max_new_tokens past the context window", "/v1/jobs", {**GEN, "max_new_tokens": 256}, 422, "input_too_long"),
+    ("bulk job past the context window", "/v1/jobs/bulk", {"jobs": [GEN, {**GEN, "max_new_tokens": 300}]}, 422, ""),
     ("prompt over the character limit", "/v1/jobs", {**GEN, "prompt": "x" * 40_000}, 422, "invalid_input"),
+    ("NUL in the prompt", "/v1/jobs", {**GEN, "prompt": "a\x00b"}, 422, "invalid_input"),
     ("wrong type", "/v1/jobs", {**GEN, "do_sample": [1]}, 422, "invalid_input"),
     ("unknown task", "/v1/jobs", {"task": "rm -rf /", "model": "echo"}, 422, "invalid_input"),
-    ("bulk over its cap", "/v1/jobs/bulk", {"jobs": [GEN] * 10_001}, 413, ""),
+    ("unknown field", "/v1/jobs", {**GEN, "__class__": "x"}, 422, "invalid_input"),
+    ("bulk over its cap", "/v1/jobs/bulk", {"jobs": [GEN] * 10_001}, 422, "invalid_input"),
 ]
 
 
 @pytest.mark.parametrize(("name", "path", "body", "status", "code"), HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_bodies_get_clear_4xx(api: TestClient, name: str, path: str, body: Any, status: int, code: str) -> None:
-    resp = post_raw(api, path, body) if isinstance(body, bytes) else api.post(path, json=body)
-    assert resp.status_code in (status, 413, 422) and 400 <= resp.status_code < 500, (
-        name,
-        resp.status_code,
-        resp.text[:300],
-    )
-    if code:
-        assert resp.json()["error"]["code"] == code
+    resp = post_raw(api, path, body) if isinstance(body, bytes | list) else api.post(path, json=body)
+    assert resp.status_code == status, (name, resp.status_code, resp.text[:300])
+    error = resp.json()["error"]  # every refusal has the one error shape, with a message saying why
+    assert error["message"] and (error["code"] == code if code else error["code"])
+
+
+def test_bulk_errors_name_the_job(api: TestClient) -> None:
+    resp = api.post("/v1/jobs/bulk", json={"jobs": [GEN, {**GEN, "max_new_tokens": 300}]})
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "input_too_long"
+    assert resp.json()["error"]["param"] == "jobs.1.max_new_tokens"
+    assert api.get("/v1/jobs").json()["data"] == []  # nothing of a refused request was queued
 
 
 @pytest.mark.parametrize(
@@ -79,26 +92,49 @@ def test_hostile_bodies_get_clear_4xx(api: TestClient, name: str, path: str, bod
 def test_path_traversal_ids_are_not_found(api: TestClient, path: str) -> None:
     resp = api.get(path)
     assert resp.status_code == 404, (path, resp.text)
+    assert resp.json()["error"]["code"]
 
 
 def test_duplicate_custom_ids_and_bad_lines_get_4xx_line_errors(api: TestClient) -> None:
     line = {"custom_id": "same", "method": "POST", "url": "/v1/jobs", "body": {"task": "echo", "model": "echo"}}
     bad = {"custom_id": "bad", "method": "POST", "url": "/v1/jobs", "body": {"task": "echo", "model": "echo", "x": 1}}
-    fid = api.post(
-        "/v1/files", files={"file": ("in.jsonl", jsonl([line, line, bad]))}, data={"purpose": "batch"}
-    ).json()["id"]
-    batch = api.post(
-        "/v1/batches", json={"input_file_id": fid, "endpoint": "/v1/jobs", "completion_window": "24h"}
-    ).json()
+    unknown = {**line, "custom_id": "unknown", "body": {**GEN, "model": "gpt-99"}}
+    too_long = {**line, "custom_id": "too-long", "body": {**GEN, "max_new_tokens": 1000}}
+    deep = b'{"custom_id": "deep", "method": "POST", "url": "/v1/jobs", "body": ' + DEEP + b"}\n"
+    content = jsonl([line, line, bad, unknown, too_long]) + deep + jsonl([{**line, "custom_id": "fine"}])
+    fid = api.post("/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}).json()["id"]
+    resp = api.post("/v1/batches", json={"input_file_id": fid, "endpoint": "/v1/jobs", "completion_window": "24h"})
+    assert resp.status_code == 200, resp.text[:300]
+    batch = resp.json()
     assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [
         (2, "duplicate_custom_id"),
         (3, "invalid_request"),
+        (4, "model_not_found"),
+        (5, "input_too_long"),
+        (6, "invalid_json"),
     ]
+    assert batch["request_counts"] == {"total": 7, "completed": 0, "failed": 5}
     api.post(f"/v1/batches/{batch['id']}/cancel")
     err_file = api.get(f"/v1/batches/{batch['id']}").json()["error_file_id"]
     errors = [json.loads(x) for x in api.get(f"/v1/files/{err_file}/content").text.splitlines()]
     line_errors = [e for e in errors if e["response"]]
-    assert sorted(e["response"]["status_code"] for e in line_errors) == [400, 400]
+    assert sorted(e["response"]["status_code"] for e in line_errors) == [400] * 5
+
+
+def test_uploads_over_the_cap_get_413_even_when_chunked(redis_url: str, tmp_path: Path) -> None:
+    import httpx
+
+    cap = 100_000
+    with TestClient(create_app(make_settings(redis_url, tmp_path, quota={"max_upload_bytes": cap}))) as api:
+        for size in (cap + 1, cap + 200_000):  # under the request cap (file cap + 64 KiB of form), then over it
+            request = httpx.Request(
+                "POST", "http://x/v1/files", files={"file": ("in.jsonl", b"x" * size)}, data={"purpose": "batch"}
+            )
+            body = request.read()
+            chunked = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+            resp = api.post("/v1/files", content=chunked, headers={"content-type": request.headers["content-type"]})
+            assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large", resp.text[:300]
+        assert api.get("/v1/files").json()["data"] == []  # nothing half-written was recorded
 
 
 def test_batch_endpoint_and_file_mistakes_are_4xx(api: TestClient) -> None:
@@ -109,33 +145,108 @@ def test_batch_endpoint_and_file_mistakes_are_4xx(api: TestClient) -> None:
     assert api.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "evil"}).status_code == 422
 
 
-def test_schemathesis_finds_no_server_error(redis_url: str, tmp_path: Path) -> None:
-    import schemathesis
+def test_prompts_past_the_context_window_fail_as_input_too_long(chaos_cluster: tuple[Cluster, Any]) -> None:
+    """How many tokens a prompt takes only the worker's tokenizer knows: there it is a clear 4xx-class error."""
+    cluster, new_worker = chaos_cluster
+    long_prompt = "The weather today is sunny. " * 60  # about 1,700 characters: far past tiny-gpt2's 256 tokens
+    job = {**GEN, "prompt": long_prompt, "max_new_tokens": 8}
+    lines = [
+        {"custom_id": "long", "method": "POST", "url": "/v1/jobs", "body": job},
+        {"custom_id": "short", "method": "POST", "url": "/v1/jobs", "body": {**job, "prompt": "The weather"}},
+    ]
+    new_worker(["tiny-gpt2"])
+    with Client(cluster.api_url) as qf:
+        failed = qf.wait(qf.submit(job), timeout=120)
+        assert failed["state"] == "failed" and failed["error"]["code"] == "input_too_long"
+        assert failed["error"]["retryable"] is False and failed["attempts"] == 1  # refused once, never retried
+        done = qf.wait_batch(qf.create_batch(qf.upload(jsonl(lines))["id"], "/v1/jobs")["id"], timeout=120)
+        out, err = qf.batch_results(done)
+        assert [o["custom_id"] for o in out] == ["short"]
+        assert [(e["custom_id"], e["response"]["status_code"]) for e in err] == [("long", 422)]
+        assert err[0]["response"]["body"]["error"]["code"] == "input_too_long"
+
+
+class _Unpickled:
+    """Unpickling this makes a directory: proof that a worker deserialised a pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (self.marker,)
+
+
+def test_a_pickled_celery_message_is_refused(chaos_cluster: tuple[Cluster, Any], tmp_path: Path) -> None:
+    cluster, new_worker = chaos_cluster
+    marker = tmp_path / "unpickled"
+    # Published exactly as an attacker with broker access would: a well-formed task message, pickle-encoded.
+    publisher = make_celery(cluster.settings, Registry.load(cluster.settings.registry))
+    unit = {"v": 1, "kind": "jobs", "model": "echo", "ids": [_Unpickled(marker)]}
+    publisher.send_task(RUN_TASK, kwargs={"unit": unit}, queue="echo", serializer="pickle")
+    assert cluster.settings.redis_url is not None
+    r = redis.Redis.from_url(cluster.settings.redis_url.get_secret_value())
+    assert r.llen("echo") == 1
+    worker = new_worker(["echo"])
+    with Client(cluster.api_url) as qf:
+        # The pickle sits ahead of this job in the queue; the job runs once the worker has dealt with it.
+        assert (
+            qf.wait(qf.submit({"task": "echo", "model": "echo", "text": "after"}), timeout=120)["state"] == "succeeded"
+        )
+    eventually(lambda: r.llen("echo") == 0 and r.hlen("unacked") == 0, timeout=30)  # dropped, not redelivered
+    assert not marker.exists()
+    log = worker.log_path.read_text(errors="replace")
+    assert "ContentDisallowed" in log or "untrusted content" in log, log[-2000:]
+
+
+def _takes_input(operation: Any) -> bool:
+    """Whether a request to ``operation`` has anything negative mode could break."""
+    params = (operation.path_parameters, operation.query, operation.headers, operation.cookies)
+    return any(len(p) for p in params) or bool(operation.body)
+
+
+def _fuzz(operation: Any, mode: Any, calls: dict[tuple[str, str], int], failures: list[str]) -> None:
+    """Up to 15 generated requests against one operation; any 5xx is recorded as a failure."""
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=operation.as_strategy(mode))
+    def check(case: Any) -> None:
+        key = (operation.label, mode.value)
+        calls[key] = calls.get(key, 0) + 1
+        response = case.call()
+        try:
+            case.validate_response(response, checks=[not_a_server_error])
+        except Exception as exc:
+            failures.append(f"{case.method} {case.formatted_path}: {response.status_code} {exc}"[:500])
+
+    check()
+
+
+def test_schemathesis_finds_no_server_error(redis_url: str, tmp_path: Path) -> None:
+    import schemathesis
+    from hypothesis.errors import Unsatisfiable
     from schemathesis.generation.modes import GenerationMode
 
     app = create_app(make_settings(redis_url, tmp_path))
     failures: list[str] = []
-    calls = 0
+    calls: dict[tuple[str, str], int] = {}
     with TestClient(app):  # runs the lifespan so the services exist
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         # The event stream holds its connection open by design; every other operation is fuzzed.
         for result in schema.exclude(path_regex=r"/events$").get_all_operations():
             operation = result.ok()  # type: ignore[union-attr]
-            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-                @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-                @given(case=operation.as_strategy(mode))
-                def check(case: Any) -> None:
-                    nonlocal calls
-                    calls += 1
-                    response = case.call()
-                    try:
-                        case.validate_response(response, checks=[not_a_server_error])
-                    except Exception as exc:
-                        failures.append(f"{case.method} {case.formatted_path}: {response.status_code} {exc}"[:500])
-
-                check()
-    assert calls > 200
+            modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if _takes_input(operation) else [])
+            for mode in modes:
+                try:
+                    _fuzz(operation, mode, calls, failures)
+                except Unsatisfiable:
+                    # A free-form string path parameter has no invalid value to send; positive mode covers it.
+                    if mode is GenerationMode.POSITIVE:
+                        raise
+    ops = {label for label, _ in calls}
+    negative = {label for label, mode in calls if mode == "negative"}
+    print(f"schemathesis: {sum(calls.values())} requests over {len(ops)} operations, {len(failures)} server errors")
+    assert len(ops) >= 20 and sum(calls.values()) > 300, calls
+    assert {"POST /v1/jobs", "POST /v1/jobs/bulk", "POST /v1/batches", "POST /v1/files", "GET /v1/jobs"} <= negative
     assert failures == []

@@ -169,9 +169,15 @@ def test_health_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     client.post("/v1/jobs", json=GEN)
+    client.get("/v1/jobs/job-0123456789abcdef")
+    client.get("/no/such/path")
     metrics = client.get("/metrics").text
     assert 'queueformer_queue_depth{queue="tiny-gpt2"} 1.0' in metrics
-    assert "queueformer_api_requests_total" in metrics
+    # requests are labelled by route template (never the raw path, which would explode the series)
+    assert 'queueformer_api_requests_total{method="POST",route="/v1/jobs",status="202"}' in metrics
+    assert 'queueformer_api_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"}' in metrics
+    assert 'queueformer_api_requests_total{method="GET",route="unmatched",status="404"}' in metrics
+    assert 'queueformer_api_request_seconds_count{method="POST",route="/v1/jobs"}' in metrics
     assert client.get("/openapi.json").json()["paths"]["/v1/batches"]
 
 

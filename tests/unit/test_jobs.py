@@ -8,10 +8,12 @@ import pytest
 from pydantic import ValidationError
 
 from queueformer import limits
+from queueformer.errors import InputTooLong
 from queueformer.jobs import (
     ClassifyJob,
     FineTuneJob,
     GenerateJob,
+    check_fits,
     estimate_tokens,
     parse_job,
     valid_object_id,
@@ -125,3 +127,13 @@ def test_object_ids_are_letters_and_digits_only() -> None:
 def test_token_estimate_counts_prompt_and_new_tokens() -> None:
     job = parse_job({"task": "generate", "model": "m", "prompt": "x" * 400, "max_new_tokens": 50})
     assert estimate_tokens(job) == 100 + 1 + 50
+
+
+def test_check_fits_refuses_max_new_tokens_that_leave_no_room_for_a_prompt() -> None:
+    job = parse_job({"task": "generate", "model": "m", "prompt": "hi", "max_new_tokens": 255})
+    check_fits(job, 256)  # one position left for the prompt
+    check_fits(job, None)  # unknown window: the worker decides
+    check_fits(parse_job({"task": "echo", "model": "m", "text": "x" * 500}), 8)  # not a decoder job
+    with pytest.raises(InputTooLong) as info:
+        check_fits(job.model_copy(update={"max_new_tokens": 256}), 256, "jobs.3.max_new_tokens")
+    assert info.value.param == "jobs.3.max_new_tokens" and info.value.http_status == 422

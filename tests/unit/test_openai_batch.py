@@ -56,6 +56,9 @@ def test_extension_endpoints_map_to_their_job_types() -> None:
         (line("/v1/jobs", {"task": "generate", "model": "m", "prompt": "x", "max_new_tokens": -1}), "invalid_request"),
         (line("/v1/jobs", {"task": "generate", "model": "m", "prompt": "x", "stream": "maybe"}), "invalid_request"),
         (b"\xff\xfe not utf-8", "invalid_json"),
+        pytest.param(
+            b'{"custom_id": "deep", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", id="too-deep"
+        ),
     ],
 )
 def test_bad_lines_raise_line_errors(raw: bytes, code: str) -> None:
