@@ -10,9 +10,11 @@ blocks fit. A short training run makes their outputs readable in the demo, not r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from importlib import resources
@@ -307,19 +309,35 @@ BUILDERS: dict[str, Callable[[Path], float]] = {
 }
 
 
+COMPLETE = ".complete"
+
+
 def build_all(root: Path, names: Iterable[str] = NAMES, force: bool = False) -> dict[str, Any]:
-    """Build each named tiny model under ``root`` (skipping ones already built unless ``force``)."""
+    """Build each named tiny model under ``root`` (skipping ones already built unless ``force``).
+
+    Each model is built in a scratch directory and renamed into place with a completion marker, under
+    a file lock: concurrent builders (parallel test sessions, an init container racing a worker) wait
+    for each other, and a build killed halfway leaves nothing that looks finished.
+    """
     report: dict[str, Any] = {}
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    for name in names:
-        out = root / name
-        if not force and (out / "config.json").exists() and (out / "tokenizer.json").exists():
-            report[name] = {"skipped": True}
-            continue
-        started = time.perf_counter()
-        loss = BUILDERS[name](out)
-        report[name] = {"seconds": round(time.perf_counter() - started, 2), "final_loss": round(loss, 4)}
-        log.info("built %s in %.1fs (loss %.3f)", name, report[name]["seconds"], loss)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in names:
+            out = root / name
+            if not force and (out / COMPLETE).exists():
+                report[name] = {"skipped": True}
+                continue
+            started = time.perf_counter()
+            scratch = root / f".{name}.building"
+            shutil.rmtree(scratch, ignore_errors=True)
+            loss = BUILDERS[name](scratch)
+            (scratch / COMPLETE).write_text(json.dumps({"final_loss": loss}))
+            shutil.rmtree(out, ignore_errors=True)
+            scratch.rename(out)
+            report[name] = {"seconds": round(time.perf_counter() - started, 2), "final_loss": round(loss, 4)}
+            log.info("built %s in %.1fs (loss %.3f)", name, report[name]["seconds"], loss)
     (root / "tiny-models.json").write_text(json.dumps(report, indent=2))
     return report
