@@ -119,7 +119,7 @@ def cluster_run(url: str, model: str, prompts: list[str]) -> tuple[float, dict[s
 
 
 def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
-    """The default run serves bf16 (what the registry would use on a CPU); ``full`` adds the fp32 set."""
+    """The default run serves the dtype this CPU decodes faster (see ``serving_dtype``); ``full`` runs both."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,7 +140,9 @@ def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
     by_len = sorted(range(n), key=lambda i: len(ids[i]))
     subset = [ids[i] for i in by_len[:: max(1, n // (8 if quick else 32))]]
     rates: dict[str, float] = {}
-    dtypes = ["bf16", "fp32"] if full else ["bf16"]
+    probe = serving_dtype()
+    dtypes = ["bf16", "fp32"] if full else [probe["pick"]]
+    say(f"  dtype probe (decode-shaped matmuls): {probe}")
     say(
         f"bulk generation: {n} prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens "
         f"({sum(map(len, ids))} in all), {NEW_TOKENS} new tokens each, EOS ignored; dtypes {dtypes}"
@@ -174,10 +176,39 @@ def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
     print_report(rates, ratios)
     path = save(
         "bulk_generation",
-        {"prompts": n, "new_tokens": NEW_TOKENS, "tokens_per_s": rates, "ratios": ratios, "cluster_batches": batches},
+        {
+            "prompts": n,
+            "new_tokens": NEW_TOKENS,
+            "dtype_probe": probe,
+            "tokens_per_s": rates,
+            "ratios": ratios,
+            "cluster_batches": batches,
+        },
     )
     say(f"saved {path}")
     return {"tokens_per_s": rates, "ratios": ratios}
+
+
+def serving_dtype(batch: int = 32, width: int = 768, repeats: int = 20) -> dict[str, Any]:
+    """Which dtype a registry entry should use here: bf16 only where the CPU multiplies it natively.
+
+    CPUs with AVX512-BF16 or AMX run bf16 decode about twice as fast as fp32; without them (AVX2 only)
+    PyTorch converts on the fly and bf16 is several times slower. A decode step is mostly
+    (batch x width) @ (width x 4 width) products, so those are timed in both dtypes.
+    """
+    import torch
+
+    timings: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(batch, width, dtype=dtype)
+        w = torch.randn(width, 4 * width, dtype=dtype)
+        x @ w  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            x @ w
+        timings[name] = (time.perf_counter() - started) / repeats
+    pick = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
+    return {"pick": pick, "seconds_per_matmul": timings, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 NAIVE = "naive fp32 (one prompt per generate)"
