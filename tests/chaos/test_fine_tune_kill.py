@@ -10,18 +10,28 @@ from queueformer.cluster import Cluster
 from tests.helpers import eventually, jsonl
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+SHAPE = {"learning_rate": 1e-3, "block_size": 32, "batch_size": 8}
+
+
+def start_fine_tune(qf: Client, method: str, max_steps: int, checkpoint_steps: int) -> str:
+    """Upload the training file and create the job; returns the job's API path."""
+    training = qf.upload(jsonl([{"text": SENTENCE}] * 40), purpose="fine-tune")["id"]
+    hp = {"max_steps": max_steps, "checkpoint_steps": checkpoint_steps, **SHAPE}
+    body = {"model": "tiny-gpt2", "training_file": training, "method": method, "hyperparameters": hp}
+    return f"/v1/fine_tuning/jobs/{qf.http.post('/v1/fine_tuning/jobs', json=body).json()['id']}"
+
+
+def wait_end(qf: Client, path: str) -> dict[str, Any]:
+    done: dict[str, Any] = eventually(
+        lambda: (j := qf.http.get(path).json())["status"] in ("succeeded", "failed") and j, timeout=240, interval=1
+    )
+    return done
 
 
 def test_a_killed_fine_tune_resumes_from_its_checkpoint_and_completes(chaos_cluster: tuple[Cluster, Any]) -> None:
     cluster, new_worker = chaos_cluster
     with Client(cluster.api_url) as qf:
-        training = qf.upload(jsonl([{"text": SENTENCE}] * 40), purpose="fine-tune")["id"]
-        hp = {"max_steps": 400, "checkpoint_steps": 25, "learning_rate": 1e-3, "block_size": 32, "batch_size": 8}
-        job = qf.http.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "tiny-gpt2", "training_file": training, "method": "full", "hyperparameters": hp},
-        ).json()
-        path = f"/v1/fine_tuning/jobs/{job['id']}"
+        path = start_fine_tune(qf, "full", max_steps=400, checkpoint_steps=25)
         worker = new_worker(["fine-tune"])
 
         def past_a_checkpoint() -> int:
@@ -34,11 +44,9 @@ def test_a_killed_fine_tune_resumes_from_its_checkpoint_and_completes(chaos_clus
         killed_at = time.monotonic()
         kept = max(c["step_number"] for c in qf.http.get(f"{path}/checkpoints").json()["data"])
         new_worker(["fine-tune"])
-        done = eventually(
-            lambda: (j := qf.http.get(path).json())["status"] in ("succeeded", "failed") and j, timeout=240, interval=1
-        )
+        done = wait_end(qf, path)
         assert done["status"] == "succeeded", done["error"]
-        result = qf.result(job["id"])
+        result = qf.result(path.rsplit("/", 1)[1])
         assert result["resumed_from_step"] == kept and result["steps"] == 400
         messages = [e["message"] for e in qf.http.get(f"{path}/events", params={"limit": 1000}).json()["data"]]
         assert f"Resumed from the checkpoint at step {kept}" in messages
@@ -50,14 +58,8 @@ def test_sigterm_checkpoints_a_running_fine_tune_and_hands_it_to_the_next_worker
 ) -> None:
     cluster, new_worker = chaos_cluster
     with Client(cluster.api_url) as qf:
-        training = qf.upload(jsonl([{"text": SENTENCE}] * 40), purpose="fine-tune")["id"]
         # No periodic checkpoint before the drain: whatever resumes comes from the drain's own checkpoint.
-        hp = {"max_steps": 1500, "checkpoint_steps": 10_000, "learning_rate": 1e-3, "block_size": 32, "batch_size": 8}
-        job = qf.http.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "tiny-gpt2", "training_file": training, "method": "lora", "hyperparameters": hp},
-        ).json()
-        path = f"/v1/fine_tuning/jobs/{job['id']}"
+        path = start_fine_tune(qf, "lora", max_steps=1500, checkpoint_steps=10_000)
         worker = new_worker(["fine-tune"])
         eventually(lambda: qf.http.get(path).json()["progress"].get("step", 0) >= 40, timeout=180, interval=0.2)
         started = time.monotonic()
@@ -68,9 +70,7 @@ def test_sigterm_checkpoints_a_running_fine_tune_and_hands_it_to_the_next_worker
         record = qf.http.get(path).json()
         assert record["status"] == "queued" and record["attempts"] == 0  # handed back, not counted as a failure
         new_worker(["fine-tune"])
-        done = eventually(
-            lambda: (j := qf.http.get(path).json())["status"] in ("succeeded", "failed") and j, timeout=240, interval=1
-        )
+        done = wait_end(qf, path)
         assert done["status"] == "succeeded", done["error"]
-        assert qf.result(job["id"])["resumed_from_step"] == saved[0]
+        assert qf.result(path.rsplit("/", 1)[1])["resumed_from_step"] == saved[0]
         print(f"\nSIGTERM at step {saved[0]}: checkpointed and exited in {drain_s:.1f}s; resumed there")

@@ -176,13 +176,16 @@ class _Unpickled:
         return os.mkdir, (self.marker,)
 
 
+HOSTILE_ENCODING = "pickle"  # what workers must refuse: they accept JSON only
+
+
 def test_a_pickled_celery_message_is_refused(chaos_cluster: tuple[Cluster, Any], tmp_path: Path) -> None:
     cluster, new_worker = chaos_cluster
     marker = tmp_path / "unpickled"
     # Published exactly as an attacker with broker access would: a well-formed task message, pickle-encoded.
     publisher = make_celery(cluster.settings, Registry.load(cluster.settings.registry))
     unit = {"v": 1, "kind": "jobs", "model": "echo", "ids": [_Unpickled(marker)]}
-    publisher.send_task(RUN_TASK, kwargs={"unit": unit}, queue="echo", serializer="pickle")
+    publisher.send_task(RUN_TASK, kwargs={"unit": unit}, queue="echo", serializer=HOSTILE_ENCODING)
     assert cluster.settings.redis_url is not None
     r = redis.Redis.from_url(cluster.settings.redis_url.get_secret_value())
     assert r.llen("echo") == 1
