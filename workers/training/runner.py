@@ -54,17 +54,18 @@ class TrainingRunner:
         return {"jobs": done}
 
     def run_one(self, job_id: str) -> int:
-        # Redelivery can hand the same job to two consumers; a lease in Redis lets only one train it.
-        lease = self.jobs.r.lock(f"{PREFIX}:fine-tune-lease:{job_id}", timeout=self.lease_s)
-        if not lease.acquire(blocking=False):
-            log.info("fine-tune %s is running elsewhere; this delivery steps aside", job_id)
-            return 0
-        try:
-            with self._device:
+        # The device first: a lease taken while waiting for it would not be renewed and could lapse.
+        with self._device:
+            # Redelivery can hand the same job to two consumers; a lease in Redis lets only one train it.
+            lease = self.jobs.r.lock(f"{PREFIX}:fine-tune-lease:{job_id}", timeout=self.lease_s)
+            if not lease.acquire(blocking=False):
+                log.info("fine-tune %s is running elsewhere; this delivery steps aside", job_id)
+                return 0
+            try:
                 return self._train(job_id, lease)
-        finally:
-            with contextlib.suppress(LockError):
-                lease.release()
+            finally:
+                with contextlib.suppress(LockError):
+                    lease.release()
 
     def _train(self, job_id: str, lease: Lock) -> int:
         data = self.jobs.raw(job_id)
