@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.bulk_generation import NEW_TOKENS, engine
 from bench.common import CACHE, save, say, table
 from bench.models import mixed_prompts, word_tokenizer
 
-NEW_TOKENS = 64
 FORMATS = ("none", "int8", "nf4")
 
 
@@ -84,17 +84,6 @@ def entry(path: Path, quant: str, max_batch: int) -> Any:
         kv_cache_tokens=256 * 256,
         max_input_tokens=1024,
     )
-
-
-def engine_rate(served: Any, prompts: list[str]) -> float:
-    from queueformer.jobs import GenerateJob
-    from workers.engine.item import WorkItem
-
-    jobs = [GenerateJob(model="b", prompt=p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in prompts]
-    started = time.perf_counter()
-    items = [served.engine.submit(WorkItem(served.handler.preprocess(j))) for j in jobs]
-    tokens = sum(len(it.future.result()[0].token_ids) for it in items)
-    return tokens / (time.perf_counter() - started)
 
 
 def static_rate(model: Any, tokenizer: Any, prompts: list[str]) -> float:
@@ -197,9 +186,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         served = serve(entry(path, quant, max_batch=n), path.parent)
         model, tok = served.handler.model, served.handler.tokenizer
         weights = model.get_memory_footprint()
-        engine_rate(served, one)  # warm-up
-        batch1 = engine_rate(served, one)
-        bulk = engine_rate(served, prompts)
+        engine(served, one)  # warm-up
+        batch1 = engine(served, one)
+        bulk = engine(served, prompts)
         static = static_rate(model, tok, prompts)
         compiled = static_rate(model, tok, one) if quant == "none" else None
         limit = bw * 1e9 / weights

@@ -106,24 +106,22 @@ def _load(services: Services, job_id: str, tenant: str) -> dict[str, str]:
     return data
 
 
-def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
+def _object(data: dict[str, str]) -> dict[str, Any]:
     record = record_from_raw(data)
     spec = FineTuneJob.model_validate_json(data["spec"])
     hp = spec.hyperparameters
-    result: dict[str, Any] = {}
-    if record.state == JobState.SUCCEEDED and record.result_uri:
-        result = services.storage.get_json(services.storage.result_key(record.id))
+    done = record.state == JobState.SUCCEEDED
     return {
         "id": record.id,
         "object": "fine_tuning.job",
         "created_at": int(record.created_at),
         "finished_at": int(record.finished_at) if record.finished_at else None,
         "model": spec.model,
-        "fine_tuned_model": result.get("fine_tuned_model"),
+        "fine_tuned_model": record.progress.get("fine_tuned_model") if done else None,
         "organization_id": data.get("tenant"),
         "result_files": [],
         "status": STATUS[record.state],
-        "trained_tokens": result.get("trained_tokens"),
+        "trained_tokens": record.progress.get("trained_tokens") if done else None,
         "training_file": spec.training_file,
         "validation_file": None,
         "hyperparameters": {
@@ -149,7 +147,7 @@ def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
 @router.post("", summary="Create a fine-tuning job (OpenAI-compatible)")
 def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
-    return _object(services, services.jobs.raw(job_id))
+    return _object(services.jobs.raw(job_id))
 
 
 @router.get("", summary="List this tenant's fine-tuning jobs, newest first")
@@ -161,12 +159,12 @@ def list_jobs(
 ) -> dict[str, Any]:
     before = record_from_raw(_load(services, after, tenant)).created_at if after else None
     rows = services.jobs.recent_raw(tenant, limit + 1, before, index="fine-tunes")
-    return {"object": "list", "data": [_object(services, d) for d in rows[:limit]], "has_more": len(rows) > limit}
+    return {"object": "list", "data": [_object(d) for d in rows[:limit]], "has_more": len(rows) > limit}
 
 
 @router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
 def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
-    return _object(services, _load(services, fine_tuning_job_id, tenant))
+    return _object(_load(services, fine_tuning_job_id, tenant))
 
 
 @router.post(
@@ -175,7 +173,7 @@ def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) 
 def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     _load(services, fine_tuning_job_id, tenant)
     services.jobs.request_cancel(fine_tuning_job_id)
-    return _object(services, services.jobs.raw(fine_tuning_job_id))
+    return _object(services.jobs.raw(fine_tuning_job_id))
 
 
 @router.get("/{fine_tuning_job_id}/events", summary="Status and training-metric events, newest first")

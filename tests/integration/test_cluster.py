@@ -221,6 +221,7 @@ def test_fine_tune_then_generate_with_the_new_model_through_the_api(cluster: Clu
     )
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:tiny-gpt2:fox:{job.id.split('-', 1)[1][:12].lower()}"
+    assert done.trained_tokens == qf.result(job.id)["trained_tokens"] > 0
     assert client.fine_tuning.jobs.list().data[0].id == job.id
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
     assert steps == [60, 40, 20]

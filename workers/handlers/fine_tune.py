@@ -68,6 +68,7 @@ class Run:
     steps: int
     stopped: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
     checkpoints: list[int] = field(default_factory=list)
 
 
@@ -173,8 +174,11 @@ class FineTuneHandler:
         if callback.stopped is None and plan.eval is not None:
             eval_loss = float(trainer.evaluate()["eval_loss"])
             metrics.update(eval_loss=round(eval_loss, 6), perplexity=round(math.exp(min(eval_loss, 700.0)), 4))
-        self.jobs.set_progress(plan.job_id, {**callback.progress(state), **metrics})
-        return Run(trainer.model, state.global_step, callback.stopped, metrics, callback.saved)
+        progress = {**callback.progress(state), **metrics}
+        self.jobs.set_progress(plan.job_id, progress)
+        return Run(
+            trainer.model, state.global_step, callback.stopped, metrics, checkpoints=callback.saved, progress=progress
+        )
 
     def build_model(self, plan: Plan) -> Any:
         method = plan.spec.method
@@ -256,6 +260,11 @@ class FineTuneHandler:
             )
         )
         shutil.rmtree(plan.work_dir, ignore_errors=True)
+        trained_tokens = self._trained_tokens(plan, run)
+        # On the record too, so job listings show the new model without reading each result from storage.
+        self.jobs.set_progress(
+            plan.job_id, {**run.progress, "fine_tuned_model": name, "trained_tokens": trained_tokens}
+        )
         return FineTuneResult(
             model=plan.base.name,
             fine_tuned_model=name,
@@ -266,7 +275,7 @@ class FineTuneHandler:
             perplexity=run.metrics.get("perplexity"),
             model_uri=uri,
             resumed_from_step=plan.resume[0] if plan.resume else None,
-            trained_tokens=self._trained_tokens(plan, run),
+            trained_tokens=trained_tokens,
             checkpoints=[*run.checkpoints],
         )
 
