@@ -18,19 +18,26 @@ FAMILIES = {
     "mt": ("translate", "tiny-marian-en-de"),
 }
 QUANTS = ("none", "int8", "nf4")
+# Greedy decoders also run in bf16 (the dtype the bulk benchmark serves on CPUs with native bf16);
+# their reference is plain transformers in bf16, not the fp32 model.
+BF16_FAMILIES = ("gen", "mt")
+DECODER_VARIANTS = (*QUANTS, "bf16")
 
 
 def equivalence_registry(path: Path) -> Registry:
-    """Every inference family in fp32, int8 and nf4, each on its own queue."""
+    """Every inference family in fp32, int8 and nf4 (the decoders in bf16 too), each on its own queue."""
     lines = ["models:"]
     for fam, (task, model_dir) in FAMILIES.items():
-        for q in QUANTS:
+        variants = [(q, q, "float32") for q in QUANTS]
+        if fam in BF16_FAMILIES:
+            variants.append(("bf16", "none", "bfloat16"))
+        for name, quant, dtype in variants:
             lines += [
-                f"  {fam}-{q}:",
+                f"  {fam}-{name}:",
                 f"    task: {task}",
                 f"    path: {model_dir}",
-                f"    quantization: {q}",
-                "    dtype: float32",
+                f"    quantization: {quant}",
+                f"    dtype: {dtype}",
                 "    device_map: cpu",
                 "    max_batch_size: 16",
             ]

@@ -1,8 +1,9 @@
 """Through a real Celery worker, every inference type answers exactly as plain transformers does.
 
-Greedy generate token for token, batched and alone; fill-mask tokens and scores (1e-5); class
+Greedy generate token for token, batched and alone; fill-mask tokens and scores (1e-5, nf4 1e-4); class
 scores; greedy translation — each in fp32, int8 and nf4 on CPU (bitsandbytes quantizes on CPU; the
-reference loads with the same BitsAndBytesConfig).
+reference loads with the same BitsAndBytesConfig), and generate and translation in bf16 against
+transformers in bf16.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from queueformer.cluster import Cluster
 from queueformer.registry import Registry
 from tests.conftest import free_port
 from tests.helpers import make_settings
-from tests.model.conftest import QUANTS, reference
+from tests.model.conftest import DECODER_VARIANTS, QUANTS, reference
 
 PROMPTS = [
     "The weather today",
@@ -39,6 +40,10 @@ MASKED = [
     "The [MASK] bridge crosses the [MASK].",
 ]
 SENTENCES = ["I love this film, it was wonderful.", "bad", "The food was cold and the service was rude and slow today."]
+# bitsandbytes' 4-bit CPU matmul sums in a different order when a batch pads a row to a longer
+# length: plain transformers moves a class score by 2.1e-5 between a sentence alone and the same
+# sentence padded in a batch (AVX512 machine), while fp32 and int8 agree to 1e-5.
+SCORE_TOLERANCE = {"nf4": 1e-4}
 ENGLISH = ["the cat sleeps", "the weather is good", "the book is on the table", "i am hungry"]
 
 
@@ -81,7 +86,7 @@ def entries(registry_path: Path) -> Registry:
     return Registry.load(str(registry_path))
 
 
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", DECODER_VARIANTS)
 def test_greedy_generate_matches_transformers_batched_and_alone(
     qf: Client, entries: Registry, tiny_models: Path, quant: str
 ) -> None:
@@ -113,7 +118,7 @@ def test_fill_mask_matches_the_pipeline(qf: Client, entries: Registry, tiny_mode
             assert [c["token_str"] for c in got_mask] == [c["token_str"] for c in want_mask]
             assert [c["sequence"] for c in got_mask] == [c["sequence"] for c in want_mask]
             for g, w in zip(got_mask, want_mask, strict=True):
-                assert g["score"] == pytest.approx(w["score"], abs=1e-5)
+                assert g["score"] == pytest.approx(w["score"], abs=SCORE_TOLERANCE.get(quant, 1e-5))
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -128,12 +133,12 @@ def test_classification_scores_match_the_pipeline(qf: Client, entries: Registry,
         got = {x["label"]: x["score"] for x in result["labels"][0]}
         assert got.keys() == want.keys()
         for label in want:
-            assert got[label] == pytest.approx(want[label], abs=1e-5)
+            assert got[label] == pytest.approx(want[label], abs=SCORE_TOLERANCE.get(quant, 1e-5))
     top1 = [labels[0]["label"] for labels in results[-1]["labels"]]
     assert top1 == [classify([s])[0][0]["label"] for s in SENTENCES] == ["POSITIVE", "NEGATIVE", "NEGATIVE"]
 
 
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", DECODER_VARIANTS)
 def test_greedy_translation_matches_generate(qf: Client, entries: Registry, tiny_models: Path, quant: str) -> None:
     model, tok = reference(entries.get(f"mt-{quant}"), tiny_models)
     jobs = [{"task": "translate", "model": f"mt-{quant}", "text": t, "max_new_tokens": 32} for t in ENGLISH]
@@ -158,4 +163,4 @@ def test_jobs_were_really_batched_and_each_model_loaded_once(qf: Client, cluster
     steps = values['queueformer_batch_size_count{model="gen-none"}']
     assert rows / steps > 4, f"mean decode batch {rows / steps:.1f}: jobs were not batched together"
     loads = {k: v for k, v in values.items() if k.startswith("queueformer_model_loads_total")}
-    assert len(loads) == 12 and set(loads.values()) == {1.0}, loads
+    assert len(loads) == 14 and set(loads.values()) == {1.0}, loads
