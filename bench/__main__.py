@@ -26,7 +26,7 @@ SUITE = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a couple of minutes")
-    parser.add_argument("--full", action="store_true", help="bulk generation in fp32 and bf16, every static configuration")
+    parser.add_argument("--full", action="store_true", help="both dtypes, every static configuration")
     parser.add_argument("--only", nargs="+", choices=[*SUITE, "gpu"], help="run only these")
     args = parser.parse_args(argv)
     names = args.only or list(SUITE)
