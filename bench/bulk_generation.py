@@ -9,7 +9,10 @@ each with EOS ignored. Every figure comes from the same run on the same prompts:
   cache, batches of 64 with the dynamic one; ``--full`` adds the other two); the best one per dtype
   is the baseline;
 * **engine** — ``workers.engine.decode.DecodeEngine`` in this process, every prompt submitted at once;
-* **cluster** — HTTP API -> Redis -> a worker process -> storage, the prompts as one batch.
+* **cluster** — HTTP API -> Redis -> a worker process -> storage, the prompts as one batch, twice:
+  on a fresh worker (no measured rate yet, so one message holds an engine batch), then once the worker
+  has announced its rate and the API sizes chunks from it, as in a long bulk job. The ratios use the
+  second.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from bench.common import CACHE, save, say, table
 from bench.models import gpt2_124m, mixed_prompts
 
 NEW_TOKENS = 64
+SLOTS = 16  # the cluster worker's --concurrency
 
 
 def entry_yaml(model_dir: Path, max_batch: int) -> str:
@@ -237,16 +241,38 @@ def run_cluster(
         redis_url=None,
     )
     queues = [MODELS[d] for d in dtypes]
-    c = Cluster(settings, api_port=_free_port(), worker_groups=[queues], worker_concurrency=16)
+    c = Cluster(settings, api_port=_free_port(), worker_groups=[queues], worker_concurrency=SLOTS)
     batches: dict[str, Any] = {}
     with c.running(timeout=300):
         for dtype_name in dtypes:
-            cluster_run(c.api_url, MODELS[dtype_name], prompts[:16])  # warm-up: kernels and the chunk-size estimate
-            rate, batch = cluster_run(c.api_url, MODELS[dtype_name], prompts)
+            model = MODELS[dtype_name]
+            cluster_run(c.api_url, model, prompts[:16])  # warm-up: kernels and allocator
+            # A fresh worker has no measured rate yet: the API sends one engine batch per message.
+            rate, batch = cluster_run(c.api_url, model, prompts)
+            rates[f"cluster {dtype_name}, fresh worker (one message)"] = rate
+            say(f"  cluster {dtype_name}, fresh worker: {rate:.1f} tok/s")
+            # Then the steady state a long bulk job runs in: chunks sized from the announced rate.
+            chunk = announced_chunk(c.api_url, model, len(prompts))
+            rate, batch = cluster_run(c.api_url, model, prompts)
             rates[f"cluster {dtype_name} (API -> Redis -> worker)"] = rate
-            batches[dtype_name] = {"id": batch["id"], "usage": batch["usage"]}
-            say(f"  cluster {dtype_name}: {rate:.1f} tok/s")
+            batches[dtype_name] = {"id": batch["id"], "usage": batch["usage"], "lines_per_message": chunk}
+            say(f"  cluster {dtype_name}, measured rate, {chunk} lines per message: {rate:.1f} tok/s")
     return batches
+
+
+def announced_chunk(url: str, model: str, max_batch_size: int, timeout: float = 30.0) -> int:
+    """Wait until the worker announces its measured rate; the lines per message the API will then use."""
+    from api.routes.batches import lines_per_chunk
+    from queueformer.client import Client
+    from queueformer.settings import WorkerSettings
+
+    deadline = time.monotonic() + timeout
+    with Client(url) as qf:
+        while True:
+            workers = next(m["workers"] for m in qf.models() if m["id"] == model)
+            if any(w.get("lines_per_s") for w in workers) or time.monotonic() > deadline:
+                return lines_per_chunk(workers, max_batch_size, WorkerSettings().chunk_target_s)
+            time.sleep(0.5)
 
 
 def best_static(rates: dict[str, float], dtype: str, single: bool) -> tuple[str, float]:

@@ -46,6 +46,12 @@ class Fleet:
         for w in self.members():
             for name, loaded in (w.get("models") or {}).items():
                 out.setdefault(name, []).append(
-                    {"worker": w["id"], "ready": w.get("ready", False), "healthy": w.get("healthy", True), **loaded}
+                    {
+                        "worker": w["id"],
+                        "ready": w.get("ready", False),
+                        "healthy": w.get("healthy", True),
+                        "slots": w.get("slots"),
+                        **loaded,
+                    }
                 )
         return out

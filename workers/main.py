@@ -166,8 +166,10 @@ def run_worker(
 
     stop_announcing = threading.Event()
 
+    slots = concurrency or default_concurrency(settings, registry, queues)
+
     def announce() -> None:
-        info: dict[str, Any] = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname()}
+        info: dict[str, Any] = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots}
         while True:
             models = holder.describe()
             for model, rate in runner.lines.throughput.rates.items():
@@ -195,7 +197,7 @@ def run_worker(
         hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
         queues=queues,
         pool="threads",
-        concurrency=concurrency or default_concurrency(settings, registry, queues),
+        concurrency=slots,
         loglevel=settings.log_level,
         without_mingle=True,
         without_gossip=True,

@@ -28,13 +28,24 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MIN_CHUNK, MAX_CHUNK = 8, 4096
 
 
+def lines_per_chunk(workers: list[dict[str, Any]], max_batch_size: int, target_s: float) -> int:
+    """Lines per message for a model served by ``workers`` (their fleet announcements).
+
+    About ``target_s`` of work at the measured rate, but never so few that a worker's consumer slots
+    together hold less than one full engine batch: with 16 slots and 256-row batches, 2 s of work at
+    7 lines/s would be 14-line chunks, and the engine would never run more than 224 rows. Before any
+    rate is known, one engine batch per message.
+    """
+    rates = [float(w["lines_per_s"]) for w in workers if w.get("lines_per_s")]
+    slots = [int(w["slots"]) for w in workers if w.get("slots")]
+    fill = -(-max_batch_size // min(slots)) if slots else 1
+    size = max(int(sum(rates) / len(rates) * target_s), fill) if rates else max_batch_size
+    return max(MIN_CHUNK, min(MAX_CHUNK, size))
+
+
 def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
-    """Lines per message: about ``chunk_target_s`` of work at the model's measured rate."""
-    rates = [float(w["lines_per_s"]) for w in services.fleet.by_model().get(model, []) if w.get("lines_per_s")]
-    if not rates:
-        return max(MIN_CHUNK, min(MAX_CHUNK, max_batch_size))
-    per_worker = sum(rates) / len(rates)
-    return max(MIN_CHUNK, min(MAX_CHUNK, int(per_worker * services.settings.worker.chunk_target_s)))
+    workers = services.fleet.by_model().get(model, [])
+    return lines_per_chunk(workers, max_batch_size, services.settings.worker.chunk_target_s)
 
 
 @router.post("", summary="Create a batch from an uploaded JSONL file")

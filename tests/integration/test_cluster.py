@@ -66,6 +66,7 @@ def test_models_endpoint_reports_what_workers_loaded(qf: Client) -> None:
     (worker,) = gpt2["workers"]
     assert worker["ready"] and worker["device_map"] == {"": "cpu"} and worker["dtype"] == "float32"
     assert worker["memory_bytes"] > 0
+    assert worker["slots"] == 8  # the worker's --concurrency: the API sizes batch chunks from it
 
 
 def test_openai_sdk_runs_a_batch_end_to_end(cluster: Cluster, tmp_path: Path) -> None:

@@ -1,0 +1,32 @@
+"""How many batch lines go into one message, from what the fleet announces."""
+
+from __future__ import annotations
+
+from api.routes.batches import MAX_CHUNK, MIN_CHUNK, lines_per_chunk
+
+
+def test_before_any_rate_is_measured_a_message_holds_one_engine_batch() -> None:
+    assert lines_per_chunk([{"slots": 16}], max_batch_size=256, target_s=2.0) == 256
+    assert lines_per_chunk([], max_batch_size=64, target_s=2.0) == 64
+
+
+def test_chunks_hold_target_seconds_of_work_at_the_measured_rate() -> None:
+    workers = [{"slots": 8, "lines_per_s": 40.0}, {"slots": 8, "lines_per_s": 60.0}]
+    assert lines_per_chunk(workers, max_batch_size=64, target_s=2.0) == 100
+
+
+def test_consumer_slots_together_always_hold_a_full_engine_batch() -> None:
+    # 2 s at 7 lines/s is 14 lines; 16 slots x 14 = 224 rows would leave a 256-row engine short.
+    workers = [{"slots": 16, "lines_per_s": 7.0}]
+    size = lines_per_chunk(workers, max_batch_size=256, target_s=2.0)
+    assert size == 16 and size * 16 >= 256
+    # The smallest worker decides: its slots must fill its engine too.
+    workers = [{"slots": 16, "lines_per_s": 7.0}, {"slots": 4, "lines_per_s": 7.0}]
+    assert lines_per_chunk(workers, max_batch_size=256, target_s=2.0) == 64
+
+
+def test_chunk_sizes_stay_within_bounds() -> None:
+    assert lines_per_chunk([{"slots": 64, "lines_per_s": 0.5}], max_batch_size=8, target_s=2.0) == MIN_CHUNK
+    assert lines_per_chunk([{"slots": 1, "lines_per_s": 1e6}], max_batch_size=64, target_s=2.0) == MAX_CHUNK
+    # Workers announced before slots were part of the announcement: the rate alone decides.
+    assert lines_per_chunk([{"lines_per_s": 10.0}], max_batch_size=256, target_s=2.0) == 20
