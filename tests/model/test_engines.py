@@ -62,6 +62,24 @@ def test_sequences_join_and_leave_a_running_batch(gen: Served) -> None:
         assert got == reference_tokens(gen, job.prompt, **kwargs)[0]
 
 
+def test_a_wide_batch_of_mixed_lengths_decodes_each_row_as_if_alone(tiny_models: Path) -> None:
+    # 96 rows: decode steps attend in runs of 32 rows, each from its own first unpadded column.
+    wide = serve(
+        ModelEntry(name="w", task="generate", path="tiny-gpt2", device_map="cpu", max_batch_size=128), tiny_models
+    )
+    try:
+        sentence = "the old bridge crosses the river near the village and a queue holds jobs until"
+        words = sentence.split(" ")
+        prompts = [" ".join(words[: 1 + i % len(words)] * (1 + i // 24)) for i in range(96)]
+        jobs = [GenerateJob(model="w", prompt=p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+        items = [wide.engine.submit(WorkItem(wide.handler.preprocess(j))) for j in jobs]
+        for prompt, it in zip(prompts, items, strict=True):
+            want = reference_tokens(wide, prompt, max_new_tokens=12, do_sample=False, eos_token_id=[])[0]
+            assert it.future.result(timeout=120)[0].token_ids == want
+    finally:
+        wide.stop()
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(gen: Served) -> None:
     job = {
         "prompt": "The weather",

@@ -189,7 +189,7 @@ class DecodeEngine:
         self._mergeable = plain_attention(model.config)
         self._layers = num_layers(model.config) if self._mergeable else 0
         self._kv_dtype = cache_dtype(model) if self._mergeable else None
-        if self._kv_dtype is not None and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        if self._mergeable and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(ATTENTION)
         if not self._mergeable:
             log.warning("%s: sliding-window or hybrid attention; decoding one group at a time", name)
