@@ -59,7 +59,12 @@ class WorkerSettings(BaseModel):
     )
     cancel_poll_steps: int = Field(8, ge=1, description="Decode steps between checks of cancel flags.")
     chunk_target_s: float = Field(
-        2.0, gt=0, description="Seconds of work a batch chunk should hold, from the model's measured throughput."
+        2.0,
+        gt=0,
+        description=(
+            "Seconds of work a batch chunk should hold, from the model's measured throughput; never fewer lines "
+            "than fill one engine batch across a worker's consumer slots."
+        ),
     )
     offload_folder: Path | None = None
     finetuned_cache_size: int = Field(2, ge=1, description="Fine-tuned models kept loaded at once on a serving worker.")
