@@ -1,7 +1,7 @@
 """Run the CPU benchmark suite: ``python -m bench [--quick] [--full] [--only NAME ...]``.
 
 Each benchmark prints a table and writes ``bench/results/<name>.json``. The default suite runs in
-about 7 minutes on 2 CPU cores with native bf16 (about 16 on AVX2-only cores, which decode in fp32);
+about 9 minutes on 2 CPU cores with native bf16 (over 20 on AVX2-only cores, which decode in fp32);
 ``--quick`` is a smoke run; ``--full`` adds the other dtype and the dominated static configurations.
 ``bench.gpu`` runs only where CUDA is present (see docs/benchmarks.md).
 """

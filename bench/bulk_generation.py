@@ -14,13 +14,19 @@ each with EOS ignored. Every figure comes from the same run on the same prompts:
   on a fresh worker (no measured rate yet, so one message holds an engine batch), then once the worker
   has announced its rate and the API sizes chunks from it, as in a long bulk job. The ratios use the
   second.
+
+Static, engine and cluster take turns twice (``ROUNDS``) and each figure is the mean of its rounds.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from bench.models import gpt2_124m, mixed_prompts
 
 NEW_TOKENS = 64
 SLOTS = 16  # the cluster worker's --concurrency
+ROUNDS = 2
 
 
 def entry_yaml(model_dir: Path, max_batch: int) -> str:
@@ -101,6 +108,8 @@ def manager(model: Any, ids: list[list[int]]) -> float:
     from transformers import GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # "eos_token_id not set", each call
+
     page = 128
     pages_per_prompt = -(-(max(map(len, ids)) + NEW_TOKENS) // page)
     config = ContinuousBatchingConfig(page_size=page, num_blocks=pages_per_prompt * len(ids), max_batch_tokens=1024)
@@ -145,8 +154,16 @@ def cluster_run(url: str, model: str, prompts: list[str]) -> tuple[float, dict[s
     return batch["usage"]["output_tokens"] / elapsed, batch
 
 
-def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
-    """The default run serves the dtype this CPU decodes faster (see ``serving_dtype``); ``full`` runs both."""
+def cluster_rate(url: str, model: str, prompts: list[str]) -> float:
+    return cluster_run(url, model, prompts)[0]
+
+
+def run(quick: bool = False, full: bool = False, rounds: int = ROUNDS) -> dict[str, Any]:
+    """The default run serves the dtype this CPU decodes faster (see ``serving_dtype``); ``full`` runs both.
+
+    The compared patterns take turns, ``rounds`` times, and each figure is their mean: on a shared host
+    throughput drifts by ~10 % within a minute, more than the margins the ratios are judged by.
+    """
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,32 +196,51 @@ def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
     rates[NAIVE] = naive(fp32, subset)
     say(f"  {NAIVE}: {rates[NAIVE]:.1f} tok/s on {len(subset)} prompts")
     del fp32
-    for dtype_name in dtypes:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtypes[dtype_name]).eval()
-        # A single generate of every prompt with the dynamic cache always trails the static cache
-        # (208.6 vs 304.9 tok/s bf16, 59.6 vs 90.1 fp32), so only the full run spends minutes on it.
-        configs = [(n, "static"), (64, "dynamic")] if not quick else [(n, "static")]
-        if full:
-            configs += [(n, "dynamic"), (64, "static")]
-        for batch, cache in configs:
-            key = static_key(dtype_name, batch, n, cache)
-            rates[key] = static(model, ids, batch, cache)
-            say(f"  {key}: {rates[key]:.1f} tok/s")
-        if full:
-            key = f"transformers continuous batching {dtype_name} (generate_batch)"
-            rates[key] = manager(model, ids)
-            say(f"  {key}: {rates[key]:.1f} tok/s")
-        del model
-        gc.collect()
-        served = serve(registry.get(MODELS[dtype_name]), model_dir)
-        engine(served, prompts[:8])  # warm up the allocator and kernels
-        rates[f"engine {dtype_name} (in-process)"] = engine(served, prompts)
-        say(f"  engine {dtype_name}: {rates[f'engine {dtype_name} (in-process)']:.1f} tok/s")
-        served.stop()
-        del served
-        gc.collect()
+    # A single generate of every prompt with the dynamic cache always trails the static cache
+    # (208.6 vs 304.9 tok/s bf16, 59.6 vs 90.1 fp32), so only the full run spends minutes on it.
+    configs = [(n, "static"), (64, "dynamic")] if not quick else [(n, "static")]
+    extra = [(n, "dynamic"), (64, "static")] if full else []
+    samples: dict[str, list[float]] = {}
 
-    batches = run_cluster(registry_path, model_dir, prompts, dtypes, rates)
+    def measure(key: str, fn: Callable[[], float]) -> None:
+        samples.setdefault(key, []).append(fn())
+        say(f"  {key}: {samples[key][-1]:.1f} tok/s")
+
+    batches: dict[str, Any] = {}
+    with cluster_for(registry_path, model_dir, dtypes) as url:
+        for dtype_name in dtypes:
+            name = MODELS[dtype_name]
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtypes[dtype_name]).eval()
+            served = serve(registry.get(name), model_dir)
+            engine(served, prompts[:8])  # warm-up: allocator and kernels
+            cluster_run(url, name, prompts[:16])
+            for round_ in range(rounds):
+                for batch, cache in configs + (extra if round_ == 0 else []):
+                    measure(static_key(dtype_name, batch, n, cache), partial(static, model, ids, batch, cache))
+                if full and round_ == 0:
+                    measure(
+                        f"transformers continuous batching {dtype_name} (generate_batch)", partial(manager, model, ids)
+                    )
+                measure(f"engine {dtype_name} (in-process)", partial(engine, served, prompts))
+                if round_ == 0:
+                    # A fresh worker has no measured rate yet: the API sends one engine batch per message.
+                    measure(
+                        f"cluster {dtype_name}, fresh worker (one message)", partial(cluster_rate, url, name, prompts)
+                    )
+                    # Then the steady state a long bulk job runs in: chunks sized from the announced rate.
+                    chunk = announced_chunk(url, name, n)
+                rate, batch_record = cluster_run(url, name, prompts)
+                samples.setdefault(f"cluster {dtype_name} (API -> Redis -> worker)", []).append(rate)
+                say(f"  cluster {dtype_name}, {chunk} lines per message: {rate:.1f} tok/s (round {round_ + 1})")
+                batches[dtype_name] = {
+                    "id": batch_record["id"],
+                    "usage": batch_record["usage"],
+                    "lines_per_message": chunk,
+                }
+            served.stop()
+            del model, served
+            gc.collect()
+    rates.update({k: sum(v) / len(v) for k, v in samples.items()})
     ratios = ratios_of(rates, dtypes)
     print_report(rates, ratios)
     path = save(
@@ -213,7 +249,9 @@ def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
             "prompts": n,
             "new_tokens": NEW_TOKENS,
             "dtype_probe": probe,
+            "rounds": rounds,
             "tokens_per_s": rates,
+            "samples": samples,
             "ratios": ratios,
             "cluster_batches": batches,
         },
@@ -253,9 +291,9 @@ def static_key(dtype: str, batch: int, n: int, cache: str) -> str:
     return f"static {dtype} ({shape}, {cache} cache)"
 
 
-def run_cluster(
-    registry_path: Path, model_dir: Path, prompts: list[str], dtypes: list[str], rates: dict[str, float]
-) -> dict[str, Any]:
+@contextmanager
+def cluster_for(registry_path: Path, model_dir: Path, dtypes: list[str]) -> Iterator[str]:
+    """A cluster (embedded Valkey, API, one worker of 16 slots serving ``dtypes``); yields the API's URL."""
     from queueformer.cluster import Cluster
     from queueformer.settings import load_settings
 
@@ -268,22 +306,8 @@ def run_cluster(
     )
     queues = [MODELS[d] for d in dtypes]
     c = Cluster(settings, api_port=_free_port(), worker_groups=[queues], worker_concurrency=SLOTS)
-    batches: dict[str, Any] = {}
     with c.running(timeout=300):
-        for dtype_name in dtypes:
-            model = MODELS[dtype_name]
-            cluster_run(c.api_url, model, prompts[:16])  # warm-up: kernels and allocator
-            # A fresh worker has no measured rate yet: the API sends one engine batch per message.
-            rate, batch = cluster_run(c.api_url, model, prompts)
-            rates[f"cluster {dtype_name}, fresh worker (one message)"] = rate
-            say(f"  cluster {dtype_name}, fresh worker: {rate:.1f} tok/s")
-            # Then the steady state a long bulk job runs in: chunks sized from the announced rate.
-            chunk = announced_chunk(c.api_url, model, len(prompts))
-            rate, batch = cluster_run(c.api_url, model, prompts)
-            rates[f"cluster {dtype_name} (API -> Redis -> worker)"] = rate
-            batches[dtype_name] = {"id": batch["id"], "usage": batch["usage"], "lines_per_message": chunk}
-            say(f"  cluster {dtype_name}, measured rate, {chunk} lines per message: {rate:.1f} tok/s")
-    return batches
+        yield c.api_url
 
 
 def announced_chunk(url: str, model: str, max_batch_size: int, timeout: float = 30.0) -> int:
