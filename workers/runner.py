@@ -202,6 +202,7 @@ class Runner:
             (job_id, r if isinstance(r, ErrorInfo) else uris[keys[job_id]]) for job_id, r in done
         ]
         task = served.entry.task.value
+        self.tokens.flush()  # streamed tokens land before the terminal state that ends a reader's stream
         for (_, outcome), changed in zip(outcomes, self.jobs.finish_many(outcomes), strict=True):
             if changed:
                 code = outcome.code if isinstance(outcome, ErrorInfo) else "succeeded"

@@ -75,7 +75,7 @@ class TokenPublisher:
 
     def __init__(self, publish: Publish) -> None:
         self._publish = publish
-        self._q: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[str, int, str] | threading.Event | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="token-publisher", daemon=True)
         self._thread.start()
 
@@ -85,26 +85,45 @@ class TokenPublisher:
 
         return on_token
 
+    def flush(self, timeout: float = 5.0) -> None:
+        """Return once every token queued before this call is published (or ``timeout`` passes).
+
+        A job's terminal state must not overtake its last tokens: a stream reader stops at that state.
+        """
+        if not self._thread.is_alive():
+            return
+        published = threading.Event()
+        self._q.put(published)
+        published.wait(timeout)
+
     def flush_and_stop(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
-            first = self._q.get()
-            if first is None:
-                return
-            batch = [first]
+            item = self._q.get()
+            batch: list[tuple[str, int, str]] = []
+            flushed: list[threading.Event] = []
+            stop = False
             while True:
+                if item is None:
+                    stop = True
+                    break
+                if isinstance(item, threading.Event):
+                    flushed.append(item)
+                else:
+                    batch.append(item)
                 try:
-                    nxt = self._q.get_nowait()
+                    item = self._q.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._send(batch)
-                    return
-                batch.append(nxt)
-            self._send(batch)
+            if batch:
+                self._send(batch)
+            for event in flushed:
+                event.set()
+            if stop:
+                return
 
     def _send(self, batch: list[tuple[str, int, str]]) -> None:
         try:
