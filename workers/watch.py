@@ -76,11 +76,16 @@ class TokenPublisher:
     def __init__(self, publish: Publish) -> None:
         self._publish = publish
         self._q: queue.SimpleQueue[tuple[str, int, str] | threading.Event | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # tokens handed in, and tokens handed to ``publish`` (sent or dropped)
+        self._done = 0
         self._thread = threading.Thread(target=self._loop, name="token-publisher", daemon=True)
         self._thread.start()
 
     def callback(self, job_id: str) -> Callable[[int, int, str], None]:
         def on_token(index: int, _token_id: int, text: str) -> None:
+            with self._lock:
+                self._queued += 1
             self._q.put((job_id, index, text))
 
         return on_token
@@ -90,8 +95,10 @@ class TokenPublisher:
 
         A job's terminal state must not overtake its last tokens: a stream reader stops at that state.
         """
-        if not self._thread.is_alive():
-            return
+        with self._lock:
+            idle = self._queued == self._done
+        if idle or not self._thread.is_alive():
+            return  # every commit flushes; one with no streamed tokens pending costs no hand-off
         published = threading.Event()
         self._q.put(published)
         published.wait(timeout)
@@ -131,3 +138,6 @@ class TokenPublisher:
         except redis.RedisError:
             # Tokens are a convenience view; the result in storage is the record. Drop, don't block decode.
             log.warning("could not publish %d streamed tokens", len(batch), exc_info=True)
+        finally:
+            with self._lock:
+                self._done += len(batch)
