@@ -135,10 +135,9 @@ def test_classification_scores_match_the_pipeline(qf: Client, entries: Registry,
         for label in want:
             assert got[label] == pytest.approx(want[label], abs=SCORE_TOLERANCE.get(quant, 1e-5))
     top1 = [labels[0]["label"] for labels in results[-1]["labels"]]
+    # Equal to the pipeline's top labels. Not to fixed labels: the tiny model's WordPiece vocabulary is
+    # trained afresh per build, not deterministically, and some builds label these sentences differently.
     assert top1 == [classify([s])[0][0]["label"] for s in SENTENCES]
-    # The one-word "bad" is left out: the tiny model's WordPiece vocabulary is trained afresh per build and
-    # not deterministically, and one build in several learns that word the wrong way round.
-    assert (top1[0], top1[2]) == ("POSITIVE", "NEGATIVE")
 
 
 @pytest.mark.parametrize("quant", DECODER_VARIANTS)
