@@ -15,6 +15,7 @@ from api import errors
 from api.middleware import BodyLimit, Observe
 from api.routes import batches, files, fine_tuning, health, jobs, models
 from api.services import Services
+from api.upkeep import Upkeep
 from queueformer import __version__
 from queueformer.settings import Settings, get_settings
 
@@ -25,9 +26,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = Services.build(settings)
+        upkeep = Upkeep(app.state.services)
+        upkeep.start()
         try:
             yield
         finally:
+            upkeep.stop()
             app.state.services.close()
 
     app = FastAPI(

@@ -25,6 +25,12 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge("queueformer_queue_depth", "Messages waiting in each model queue.", ["queue"], registry=REGISTRY)
+RESENT = Counter(
+    "queueformer_resent_total",
+    "Jobs and batch chunks sent again because no broker message held them.",
+    ["kind"],
+    registry=REGISTRY,
+)
 WORKERS = Gauge("queueformer_live_workers", "Workers announcing themselves per model.", ["model"], registry=REGISTRY)
 
 

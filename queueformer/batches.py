@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from redis.client import NEVER_DECODE
 
 from queueformer import webhooks
 from queueformer.broker import LinesUnit
@@ -30,6 +31,7 @@ from queueformer.storage import Storage
 
 log = logging.getLogger(__name__)
 
+_RAW = {NEVER_DECODE: True}
 WINDOW_S = 24 * 3600
 FINALIZE_STALE_S = 300
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -48,6 +50,7 @@ else
 end
 if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[4]) end
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5]) end
+redis.call('HSET', KEYS[1], 'progress_at', ARGV[6])
 local b = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed')
 return tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
 """
@@ -76,7 +79,9 @@ class Chunk:
     """A run of consecutive lines: bytes ``[start, end)`` of the input file, and which model runs which line.
 
     ``models`` maps each model in the chunk to its line indices, or to ``None`` when the whole chunk is
-    one model's (the usual case, which keeps messages small).
+    one model's (the usual case, which keeps messages small). ``last`` and ``count`` let the ledger tell
+    whether a chunk is finished from the done bitmap alone, without reading the input file again
+    (chunks recorded before they existed have ``None``).
     """
 
     index: int
@@ -84,6 +89,8 @@ class Chunk:
     start: int
     end: int
     models: dict[str, list[int] | None]
+    last: int | None = None  # physical line index of the last non-blank line
+    count: int | None = None  # non-blank lines in the range
 
 
 @dataclass
@@ -111,7 +118,7 @@ class Scan:
             if not per_model:
                 continue  # nothing valid to run here: every line is already in the error file
             models: dict[str, list[int] | None] = dict.fromkeys(per_model) if len(per_model) == 1 else dict(per_model)
-            out.append(Chunk(n, part[0][0], part[0][1], part[-1][2], models))
+            out.append(Chunk(n, part[0][0], part[0][1], part[-1][2], models, part[-1][0], len(part)))
         return out
 
 
@@ -248,7 +255,10 @@ class BatchStore:
             },
         )
         if chunks:
-            p.rpush(_k(batch_id, "chunks"), *[json.dumps([c.index, c.first, c.start, c.end, c.models]) for c in chunks])
+            p.rpush(
+                _k(batch_id, "chunks"),
+                *[json.dumps([c.index, c.first, c.start, c.end, c.models, c.last, c.count]) for c in chunks],
+            )
         if scan.tokens:
             p.incrby(tenant_tokens_key(tenant), scan.tokens)
         p.execute()
@@ -360,11 +370,12 @@ class BatchStore:
         if not entries:
             return None
         keys = [batch_key(batch_id), _k(batch_id, "out"), _k(batch_id, "err"), _k(batch_id, "done")]
+        now = str(int(time.time()))
         p = self.r.pipeline(transaction=False)
         for line, kind, obj, tin, tout in entries:
             self._commit(
                 keys=keys,
-                args=[line, kind, json.dumps(obj, ensure_ascii=False, separators=(",", ":")), tin, tout],
+                args=[line, kind, json.dumps(obj, ensure_ascii=False, separators=(",", ":")), tin, tout, now],
                 client=p,
             )
         results = [int(x) for x in p.execute()]
@@ -378,6 +389,41 @@ class BatchStore:
         for line in lines:
             p.getbit(_k(batch_id, "done"), line)
         return {line for line, bit in zip(lines, p.execute(), strict=True) if bit}
+
+    def open_units(self, batch_id: str) -> list[LinesUnit]:
+        """The batch's work units that still have uncommitted lines."""
+        return [u for c in self.chunks(batch_id) for u in self._chunk_units(batch_id, c) if self._unfinished(u, c)]
+
+    def unfinished(self, unit: LinesUnit) -> bool:
+        """Whether a unit still has uncommitted lines (read again, e.g. after a broker scan)."""
+        chunk = next((c for c in self.chunks(unit.batch) if c.index == unit.chunk), None)
+        return chunk is not None and self._unfinished(unit, chunk)
+
+    def _chunk_units(self, batch_id: str, c: Chunk) -> list[LinesUnit]:
+        return [
+            LinesUnit(model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=lines)
+            for model, lines in c.models.items()
+        ]
+
+    def _unfinished(self, unit: LinesUnit, c: Chunk) -> bool:
+        if unit.only is not None:
+            return len(self.committed(unit.batch, unit.only)) < len(unit.only)
+        if c.last is None or c.count is None:
+            lines = self._chunk_lines(unit.batch, c)
+            return len(self.committed(unit.batch, lines)) < len(lines)
+        return self._committed_between(unit.batch, c.first, c.last) < c.count
+
+    def _committed_between(self, batch_id: str, first: int, last: int) -> int:
+        """Set bits of the done bitmap at positions ``first..last`` (bit 0 is the first byte's high bit)."""
+        # Raw bytes (the client decodes replies as text); BITCOUNT ... BIT would need Redis 7.
+        data = cast(bytes, self.r.execute_command("GETRANGE", _k(batch_id, "done"), first // 8, last // 8, **_RAW))
+        total = 0
+        for offset, byte in enumerate(data):
+            for bit in range(8):
+                pos = (first // 8 + offset) * 8 + bit
+                if first <= pos <= last and byte & (0x80 >> bit):
+                    total += 1
+        return total
 
     def bump_deliveries(self, batch_id: str, lines: Sequence[int]) -> list[int]:
         p = self.r.pipeline(transaction=False)

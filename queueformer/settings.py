@@ -34,6 +34,15 @@ class ApiSettings(BaseModel):
     )
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key that signs batch webhooks.")
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for status links).")
+    reconcile_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between audits of open work against the broker (queueformer.reconcile); 0 turns "
+        "them off. Work no message holds in two audits this far apart is sent again.",
+    )
+    reconcile_after_s: float = Field(
+        60.0, ge=0, description="How long open work must have made no progress before an audit looks for it."
+    )
 
 
 class TenantQuota(BaseModel):

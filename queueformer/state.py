@@ -25,7 +25,8 @@ PREFIX = "qf"
 # Set fields and the new state only if the current state is one of the allowed ones (comma list), and
 # append the state event to the job's stream (KEYS[2]) in the same step. ARGV: allowed, new state,
 # record TTL ('0' while not terminal), event JSON, now, stream TTL, then field/value pairs. Reaching a
-# terminal state starts the record's TTL and gives the job's estimated tokens back to its tenant.
+# terminal state starts the record's TTL, gives the job's estimated tokens back to its tenant and takes
+# the job off the open index.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
@@ -38,6 +39,7 @@ if ARGV[3] ~= '0' then
   if tenant and tokens and tokens > 0 then
     redis.call('DECRBY', 'qf:tenant:' .. tenant .. ':tokens', tokens)
   end
+  redis.call('ZREM', 'qf:jobs:open', redis.call('HGET', KEYS[1], 'id'))
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', ARGV[4], 'at', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -78,6 +80,11 @@ def connect(url: str) -> redis.Redis:
 def new_id(prefix: str) -> str:
     sep = "_" if prefix == "batch" else "-"
     return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
+# Every job not yet in a terminal state, scored by creation time: what the reconciler checks against
+# the broker (queueformer.reconcile).
+OPEN_JOBS = f"{PREFIX}:jobs:open"
 
 
 def job_key(job_id: str) -> str:
@@ -128,6 +135,7 @@ class JobStore:
                 fields["deadline"] = repr(now + spec.timeout_s)
             p.hset(job_key(job_id), mapping=fields)
             p.zadd(f"{PREFIX}:jobs:{tenant}", {job_id: now})
+            p.zadd(OPEN_JOBS, {job_id: now})
             if spec.task == Task.FINE_TUNE.value:
                 p.zadd(f"{PREFIX}:fine-tunes:{tenant}", {job_id: now})
             if fields["tokens"] != "0":

@@ -69,7 +69,9 @@ def chaos_cluster(own_redis: EmbeddedRedis, tiny_models: Path, tmp_path: Path) -
     settings = make_settings(
         own_redis.url, tmp_path, tiny_models, visibility_timeout_s=10, quota={"max_enqueued_tokens": 10**9}
     )
-    cluster = Cluster(settings, api_port=free_port(), worker_groups=[])
+    # Audits of open work every second, so a message lost in delivery is sent again within seconds.
+    upkeep = {"QUEUEFORMER_API__RECONCILE_INTERVAL_S": "1", "QUEUEFORMER_API__RECONCILE_AFTER_S": "3"}
+    cluster = Cluster(settings, api_port=free_port(), worker_groups=[], env=upkeep)
     cluster.start()
     workers: list[Worker] = []
     # Deliveries are counted per chunk delivery, not per execution: five kills a minute would push lines

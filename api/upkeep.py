@@ -1,0 +1,69 @@
+"""Background upkeep of the API process: audits of open work against the broker.
+
+A thread, not a Celery beat: the API is the one process that is always up and already publishes.
+Every replica runs one; a Redis lock lets one audit at a time (see ``queueformer.reconcile``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from api import metrics
+from api.services import Services
+from queueformer.broker import JobsUnit, LinesUnit, publish
+from queueformer.reconcile import Audit, Reconciler
+
+log = logging.getLogger(__name__)
+
+
+class Upkeep:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        settings = services.settings.api
+        self.interval_s = settings.reconcile_interval_s
+        self.reconciler = Reconciler(
+            services.redis,
+            services.jobs,
+            services.batches,
+            self._queue_for,
+            self._send,
+            after_s=settings.reconcile_after_s,
+            confirm_s=self.interval_s,
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
+
+    def start(self) -> None:
+        if self.interval_s > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def audit(self) -> Audit:
+        report = self.reconciler.audit()
+        metrics.RESENT.labels("job").inc(len(report.resent_jobs))
+        metrics.RESENT.labels("batch_chunk").inc(len(report.resent_units))
+        return report
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.audit()
+            except redis.RedisError:
+                log.warning("audit of open work skipped: Redis is away", exc_info=True)
+            except Exception:  # a bug here must not stop the next audit
+                log.exception("audit of open work failed")
+
+    def _queue_for(self, model: str, tenant: str) -> str:
+        registry = self.services.registry()
+        entry = registry.get(model, tenant=tenant)
+        return registry.queue_for(entry, entry.task)
+
+    def _send(self, unit: JobsUnit | LinesUnit, queue: str) -> None:
+        publish(self.services.celery, unit, queue)

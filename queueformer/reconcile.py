@@ -1,0 +1,275 @@
+"""Accepted work whose broker message is gone is sent again.
+
+kombu's Redis transport pops a message (BRPOP) before it records it as unacknowledged, so a worker
+killed between the two loses the message: no queue and no ``unacked`` entry holds it any more, and
+its jobs or batch lines would wait forever (kombu#305, celery#7950). Under load that window lasts
+hundreds of milliseconds, and a pod killed right after finishing a unit, while it fetches the next,
+lands in it. A unit whose task failed outright is acknowledged and gone too.
+
+Job records and the batch ledger are the system of record, so they are checked against the broker.
+Open work that has made no progress for ``after_s`` and that no queued or unacknowledged message
+names, in two audits at least ``confirm_s`` apart, is published again. Commits are idempotent and
+every delivery counts towards quarantine, so a false alarm costs a repeated delivery, never a
+duplicate result or an endless loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+
+from queueformer.batches import BatchStore, batch_key
+from queueformer.broker import RUN_TASK, JobsUnit, LinesUnit
+from queueformer.jobs import Task
+from queueformer.state import OPEN_JOBS, PREFIX, JobStore
+
+log = logging.getLogger(__name__)
+
+SUSPECTS = f"{PREFIX}:reconcile:suspects"
+LOCK = f"{PREFIX}:reconcile:lock"
+UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (tag -> [payload, exchange, key])
+PRIORITY_SEP = "\x06\x16"  # kombu names a queue's priority lists "<queue><sep><priority>"
+PRIORITY_STEPS = (0, 3, 6, 9)
+JOBS_PER_MESSAGE = 128
+
+Send = Callable[[JobsUnit | LinesUnit, str], None]
+QueueFor = Callable[[str, str], str]  # (model, tenant) -> queue
+
+
+@dataclass
+class Audit:
+    """What one audit found and did."""
+
+    checked_jobs: int = 0
+    checked_units: int = 0
+    scanned_messages: int = 0
+    suspects: int = 0
+    resent_jobs: list[str] = field(default_factory=list)
+    resent_units: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+
+@dataclass
+class _Open:
+    """Open work that is old enough to check: jobs by id, batch units by key."""
+
+    jobs: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> record
+    units: dict[str, tuple[LinesUnit, str]] = field(default_factory=dict)  # key -> (unit, queue)
+
+    @property
+    def queues(self) -> set[str]:
+        return {r["queue"] for r in self.jobs.values() if r.get("queue")} | {q for _, q in self.units.values()}
+
+
+def unit_key(unit: LinesUnit) -> str:
+    return f"lines:{unit.batch}:{unit.chunk}:{unit.model}"
+
+
+def unit_of(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The work unit a kombu message carries (Celery protocol 2), or None for anything else."""
+    if (payload.get("headers") or {}).get("task") != RUN_TASK:
+        return None
+    body = payload.get("body")
+    if (payload.get("properties") or {}).get("body_encoding") == "base64" and isinstance(body, str):
+        body = base64.b64decode(body)
+    try:
+        _args, kwargs, _embed = json.loads(body)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    unit = (kwargs or {}).get("unit")
+    return unit if isinstance(unit, dict) else None
+
+
+class Reconciler:
+    """Audits open jobs and batch units against the broker and re-sends what no message holds."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        jobs: JobStore,
+        batches: BatchStore,
+        queue_for: QueueFor,
+        send: Send,
+        *,
+        after_s: float = 60.0,
+        confirm_s: float = 30.0,
+        max_scan: int = 200_000,
+        max_jobs: int = 10_000,
+    ) -> None:
+        self.r = client
+        self.jobs = jobs
+        self.batches = batches
+        self.queue_for = queue_for
+        self.send = send
+        self.after_s = after_s
+        self.confirm_s = confirm_s
+        self.max_scan = max_scan
+        self.max_jobs = max_jobs
+
+    def audit(self, now: float | None = None) -> Audit:
+        """One pass; several API replicas may call it, one of them audits at a time."""
+        lock = self.r.lock(LOCK, timeout=max(60.0, 4 * self.confirm_s))
+        if not lock.acquire(blocking=False):
+            return Audit(skipped="another process is auditing")
+        try:
+            return self._audit(time.time() if now is None else now)
+        finally:
+            # It may have expired while a very long audit ran; the next audit takes it again.
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
+
+    def _audit(self, now: float) -> Audit:
+        work = self._stale(now)
+        report = Audit(checked_jobs=len(work.jobs), checked_units=len(work.units))
+        if not work.jobs and not work.units:
+            self.r.delete(SUSPECTS)
+            return report
+        listed = self._listed(work.queues)
+        if listed is None:
+            report.skipped = f"the broker holds more than {self.max_scan} messages; not scanned"
+            return report
+        present_jobs, present_units, report.scanned_messages = listed
+        # Read the state again after the scan: work that finished meanwhile was acknowledged, not lost.
+        missing_jobs = self._still_open([j for j in work.jobs if j not in present_jobs])
+        missing_units = [
+            k for k, (unit, _) in work.units.items() if k not in present_units and self.batches.unfinished(unit)
+        ]
+        suspects = [f"job:{j}" for j in missing_jobs] + missing_units
+        report.suspects = len(suspects)
+        confirmed = self._confirm(suspects, now)
+        report.resent_jobs = [j for j in missing_jobs if f"job:{j}" in confirmed]
+        report.resent_units = [k for k in missing_units if k in confirmed]
+        self._resend(report.resent_jobs, work.jobs, [work.units[k] for k in report.resent_units])
+        if report.resent_jobs or report.resent_units:
+            log.warning(
+                "re-sent %d jobs and %d batch chunks that no broker message held (lost in delivery)",
+                len(report.resent_jobs),
+                len(report.resent_units),
+            )
+        return report
+
+    # --- what is open -------------------------------------------------------------------------------
+
+    def _stale(self, now: float) -> _Open:
+        work = _Open()
+        ids = cast(list[str], self.r.zrangebyscore(OPEN_JOBS, "-inf", now - self.after_s, start=0, num=self.max_jobs))
+        gone = []
+        for job_id, record in zip(ids, self.jobs.raw_many(ids), strict=True):
+            if not record or record.get("state") not in ("queued", "running"):
+                gone.append(job_id)  # expired or ended by a path that predates the index
+            else:
+                work.jobs[job_id] = record
+        if gone:
+            self.r.zrem(OPEN_JOBS, *gone)
+        for batch_id, raw in self._open_batches():
+            if raw.get("status") != "in_progress":
+                continue
+            last = int(raw.get("progress_at") or raw.get("in_progress_at") or raw.get("created_at") or now)
+            if now - last < self.after_s:
+                continue
+            for unit in self.batches.open_units(batch_id):
+                try:
+                    queue = self.queue_for(unit.model, raw["tenant"])
+                except Exception as exc:  # the model left the registry: nothing can run it anywhere
+                    log.warning("batch %s: no queue for %s (%s)", batch_id, unit.model, exc)
+                    continue
+                work.units[unit_key(unit)] = (unit, queue)
+        return work
+
+    def _open_batches(self) -> Iterable[tuple[str, dict[str, str]]]:
+        for key in self.r.scan_iter(match=f"{PREFIX}:tenant:*:open_batches", count=1000):
+            batch_ids = sorted(cast(set[str], self.r.smembers(key)))
+            p = self.r.pipeline(transaction=False)
+            for batch_id in batch_ids:
+                p.hgetall(batch_key(batch_id))
+            for batch_id, raw in zip(batch_ids, p.execute(), strict=True):
+                if raw:
+                    yield batch_id, raw
+
+    def _still_open(self, job_ids: list[str]) -> list[str]:
+        return [
+            j
+            for j, rec in zip(job_ids, self.jobs.raw_many(job_ids), strict=True)
+            if rec and rec.get("state") in ("queued", "running")
+        ]
+
+    # --- what the broker holds ----------------------------------------------------------------------
+
+    def _listed(self, queues: set[str]) -> tuple[set[str], set[str], int] | None:
+        """Job ids and unit keys named by messages waiting in ``queues`` or delivered and unacknowledged."""
+        names = [q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}" for q in sorted(queues) for pri in PRIORITY_STEPS]
+        p = self.r.pipeline(transaction=False)
+        for name in names:
+            p.llen(name)
+        p.hlen(UNACKED)
+        if sum(int(n) for n in p.execute()) > self.max_scan:
+            return None
+        # Queues first, then unacknowledged: a message moving between them is seen in one of the two
+        # unless it is inside a consumer right then, which the second audit tells apart.
+        p = self.r.pipeline(transaction=False)
+        for name in names:
+            p.lrange(name, 0, -1)
+        raws = [m for msgs in p.execute() for m in msgs]
+        payloads = [self._load(m) for m in raws]
+        for entry in cast(list[str], self.r.hvals(UNACKED)):
+            loaded = self._load(entry)
+            payloads.append(loaded[0] if isinstance(loaded, list) and loaded else None)
+        jobs: set[str] = set()
+        units: set[str] = set()
+        for payload in payloads:
+            unit = unit_of(payload) if isinstance(payload, dict) else None
+            if unit is None:
+                continue
+            if unit.get("kind") == "lines":
+                try:
+                    units.add(unit_key(LinesUnit.model_validate(unit)))
+                except ValueError:
+                    continue
+            else:
+                jobs.update(str(i) for i in unit.get("ids") or [])
+        return jobs, units, len(payloads)
+
+    @staticmethod
+    def _load(raw: str) -> Any:
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    # --- two sightings, then send -------------------------------------------------------------------
+
+    def _confirm(self, suspects: list[str], now: float) -> set[str]:
+        """Suspects also missing in an audit at least ``confirm_s`` earlier; the rest are remembered."""
+        before = cast(dict[str, str], self.r.hgetall(SUSPECTS))
+        confirmed = {k for k in suspects if k in before and now - float(before[k]) >= self.confirm_s}
+        keep: dict[Any, Any] = {k: before.get(k, repr(now)) for k in suspects if k not in confirmed}
+        p = self.r.pipeline()
+        p.delete(SUSPECTS)
+        if keep:
+            p.hset(SUSPECTS, mapping=keep)
+        p.execute()
+        return confirmed
+
+    def _resend(
+        self, job_ids: list[str], records: dict[str, dict[str, str]], units: list[tuple[LinesUnit, str]]
+    ) -> None:
+        groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+        for job_id in job_ids:
+            rec = records[job_id]
+            groups[(rec["model"], rec["queue"], rec.get("task", ""))].append(job_id)
+        for (model, queue, task), ids in groups.items():
+            fine_tune = task == Task.FINE_TUNE.value
+            step = 1 if fine_tune else JOBS_PER_MESSAGE
+            for start in range(0, len(ids), step):
+                self.send(JobsUnit(model=model, ids=ids[start : start + step], task=task if fine_tune else None), queue)
+        for unit, queue in units:
+            self.send(unit, queue)

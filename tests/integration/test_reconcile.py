@@ -1,0 +1,188 @@
+"""Audits of open work against a real broker: lost messages are sent again, held ones never are."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from queueformer.batches import BatchStore, scan_file
+from queueformer.broker import JobsUnit, LinesUnit, make_celery, publish
+from queueformer.errors import ErrorInfo
+from queueformer.files import FileStore
+from queueformer.jobs import parse_job
+from queueformer.openai_batch import output_line
+from queueformer.reconcile import SUSPECTS, UNACKED, Reconciler, unit_key, unit_of
+from queueformer.registry import Registry
+from queueformer.state import OPEN_JOBS, JobStore, new_id
+from queueformer.storage import Storage
+from tests.helpers import jsonl, make_settings
+
+QUEUE = "tiny-gpt2"
+
+
+class Env:
+    def __init__(self, redis_url: str, tmp_path: Path) -> None:
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        settings = make_settings(redis_url, tmp_path)
+        self.registry = Registry.load("tiny")
+        self.celery = make_celery(settings, self.registry)
+        self.storage = Storage(f"file://{tmp_path / 'storage'}")
+        self.files = FileStore(self.r, self.storage)
+        self.jobs = JobStore(self.r)
+        self.batches = BatchStore(self.r, self.storage, self.files)
+        self.sent: list[tuple[JobsUnit | LinesUnit, str]] = []
+
+    def reconciler(self, after_s: float = 0.0, confirm_s: float = 10.0) -> Reconciler:
+        def send(unit: JobsUnit | LinesUnit, queue: str) -> None:
+            self.sent.append((unit, queue))
+            publish(self.celery, unit, queue)
+
+        return Reconciler(
+            self.r, self.jobs, self.batches, lambda model, tenant: QUEUE, send, after_s=after_s, confirm_s=confirm_s
+        )
+
+    def submit(self, n: int) -> list[str]:
+        ids = [new_id("job") for _ in range(n)]
+        spec = parse_job({"task": "generate", "model": "tiny-gpt2", "prompt": "hi"})
+        self.jobs.create_many([(i, spec) for i in ids], tenant="t1", queue=dict.fromkeys(ids, QUEUE))
+        publish(self.celery, JobsUnit(model="tiny-gpt2", ids=ids), QUEUE)
+        return ids
+
+    def batch(self, n: int, chunk: int) -> str:
+        rows = [
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/jobs",
+                "body": {"task": "generate", "model": "tiny-gpt2", "prompt": "x"},
+            }
+            for i in range(n)
+        ]
+        f = self.files.create_bytes("t1", "in.jsonl", "batch", jsonl(rows))
+        scan = scan_file(self.storage, self.files.key(f.id), "/v1/jobs", 1000)
+        batch_id = new_id("batch")
+        self.batches.create(batch_id, "t1", {"endpoint": "/v1/jobs", "input_file_id": f.id})
+        self.batches.start(batch_id, scan, scan.chunks(chunk), "t1")
+        for unit in self.batches.units(batch_id):
+            publish(self.celery, unit, QUEUE)
+        return batch_id
+
+    def take(self) -> dict[str, Any]:
+        """Pop a message the way a consumer does, and never record it: the delivery a SIGKILL loses."""
+        raw = self.r.rpop(QUEUE)
+        assert raw is not None
+        return json.loads(raw)
+
+    def hold_unacked(self) -> dict[str, Any]:
+        """Pop a message and record it as kombu does for a delivery a live worker is running."""
+        payload = self.take()
+        self.r.hset(UNACKED, payload["properties"]["delivery_tag"], json.dumps([payload, QUEUE, QUEUE]))
+        return payload
+
+    def queued_units(self) -> list[dict[str, Any]]:
+        return [u for m in self.r.lrange(QUEUE, 0, -1) if (u := unit_of(json.loads(m))) is not None]
+
+
+@pytest.fixture
+def env(redis_url: str, tmp_path: Path) -> Env:
+    return Env(redis_url, tmp_path)
+
+
+def test_a_lost_job_message_is_sent_again_after_a_second_sighting(env: Env) -> None:
+    ids = env.submit(3)
+    lost = unit_of(env.take())
+    assert lost is not None and lost["ids"] == ids
+    rec = env.reconciler(confirm_s=10)
+
+    first = rec.audit(now=1e10)
+    assert first.suspects == 3 and first.resent_jobs == [] and env.r.hlen(SUSPECTS) == 3
+    too_soon = rec.audit(now=1e10 + 5)
+    assert too_soon.resent_jobs == []
+    second = rec.audit(now=1e10 + 10)
+    assert sorted(second.resent_jobs) == sorted(ids)
+    assert [sorted(u["ids"]) for u in env.queued_units()] == [sorted(ids)]
+    # the message is back: later audits leave it alone and forget the suspicion
+    assert rec.audit(now=1e10 + 20).suspects == 0 and env.r.hlen(SUSPECTS) == 0
+
+
+def test_queued_and_unacknowledged_messages_are_never_sent_again(env: Env) -> None:
+    env.submit(2)
+    env.submit(2)
+    env.hold_unacked()  # one unit running on a live worker, one still queued
+    rec = env.reconciler()
+    for step in range(3):
+        report = rec.audit(now=1e10 + 100 * step)
+        assert report.checked_jobs == 4 and report.suspects == 0 and report.resent_jobs == []
+    assert env.sent == []
+
+
+def test_a_suspect_that_reappears_is_not_sent(env: Env) -> None:
+    env.submit(1)
+    payload = env.take()  # inside a consumer, between its pop and its unacked record
+    rec = env.reconciler()
+    assert rec.audit(now=1e10).suspects == 1
+    env.r.hset(UNACKED, payload["properties"]["delivery_tag"], json.dumps([payload, QUEUE, QUEUE]))
+    assert rec.audit(now=1e10 + 60).resent_jobs == []
+    assert env.sent == []
+
+
+def test_finished_jobs_leave_the_open_index_and_young_ones_wait(env: Env) -> None:
+    done, young = env.submit(2)
+    env.take()
+    env.jobs.start_many([done])
+    env.jobs.succeed(done, "file:///r.json")
+    assert env.r.zscore(OPEN_JOBS, done) is None
+    rec = env.reconciler(after_s=3600)
+    assert rec.audit().checked_jobs == 0  # `young` was created just now
+    env.jobs.fail(young, ErrorInfo(code="x", message="y"))
+    assert env.r.zcard(OPEN_JOBS) == 0
+
+
+def test_lost_batch_chunks_are_sent_again_and_finished_ones_are_not(env: Env) -> None:
+    batch_id = env.batch(10, chunk=4)  # chunks of lines 0-3, 4-7, 8-9
+    lost = [LinesUnit.model_validate(unit_of(env.take())) for _ in range(3)]
+    assert sorted(u.chunk for u in lost) == [0, 1, 2]
+    entries = [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in (0, 1, 2, 3, 4)]
+    env.batches.commit_many(batch_id, entries)  # chunk 0 done, chunk 1 started
+    rec = env.reconciler()
+    assert rec.audit(now=1e10).suspects == 2
+    report = rec.audit(now=1e10 + 10)
+    assert sorted(report.resent_units) == sorted(unit_key(u) for u in lost if u.chunk in (1, 2))
+    assert sorted(u["chunk"] for u in env.queued_units()) == [1, 2]
+
+
+def test_a_progressing_batch_is_not_audited(env: Env) -> None:
+    batch_id = env.batch(8, chunk=4)
+    env.take()
+    env.batches.commit_many(batch_id, [(0, "out", output_line("r0", 200, {}), 0, 0)])
+    assert env.reconciler(after_s=3600).audit().checked_units == 0
+
+
+def test_one_auditor_at_a_time(env: Env) -> None:
+    env.submit(1)
+    lock = env.r.lock("qf:reconcile:lock", timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        assert env.reconciler().audit().skipped == "another process is auditing"
+    finally:
+        lock.release()
+
+
+def test_committed_lines_are_counted_from_the_bitmap(env: Env) -> None:
+    batch_id = env.batch(1, chunk=1)
+    rnd = random.Random(7)
+    bits = sorted(rnd.sample(range(3000), 700))
+    p = env.r.pipeline()
+    for b in bits:
+        p.setbit(f"qf:batch:{batch_id}:done", b, 1)
+    p.execute()
+    for _ in range(200):
+        first = rnd.randrange(0, 3000)
+        last = rnd.randrange(first, 3100)
+        expected = sum(first <= b <= last for b in bits)
+        assert env.batches._committed_between(batch_id, first, last) == expected
