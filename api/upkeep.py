@@ -55,8 +55,8 @@ class Upkeep:
         while not self._stop.wait(self.interval_s):
             try:
                 self.audit()
-            except redis.RedisError:
-                log.warning("audit of open work skipped: Redis is away", exc_info=True)
+            except redis.RedisError as exc:
+                log.warning("audit of open work skipped: Redis is away (%s)", exc)
             except Exception:  # a bug here must not stop the next audit
                 log.exception("audit of open work failed")
 
