@@ -2,15 +2,18 @@
 
 ``queueformer models build-tiny DIR`` writes four models with ``save_pretrained`` — a GPT-2 causal LM,
 a BERT masked LM, a DistilBERT sentiment classifier with named labels and a Marian en->de translator —
-with tokenizers trained by ``tokenizers`` on the corpus shipped in ``queueformer/data``. They load
-through the same ``AutoModelFor*``/``AutoTokenizer`` calls as hub models. Seeds are fixed, so a build
-is deterministic on a given machine; every layer width is a multiple of 64 so bitsandbytes 4-bit
-blocks fit. A short training run makes their outputs readable in the demo, not random noise.
+with tokenizers built with ``tokenizers`` from the corpus shipped in ``queueformer/data``. They load
+through the same ``AutoModelFor*``/``AutoTokenizer`` calls as hub models. Seeds are fixed and the
+vocabularies do not depend on hash order, so a build is deterministic on a given machine; a build
+made by another recipe (this module, the data, the libraries) is made again. Every layer width is a
+multiple of 64 so bitsandbytes 4-bit blocks fit. A short training run makes their outputs readable in
+the demo, not random noise.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import random
@@ -120,16 +123,45 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedToke
     )
 
 
+def wordpiece_vocab(
+    texts: Iterable[str],
+    vocab_size: int,
+    specials: list[str],
+    normalizer: normalizers.Normalizer,
+    pre_tokenizer: pre_tokenizers.PreTokenizer,
+) -> dict[str, int]:
+    """Specials, every character alone and as a ``##`` continuation, then the most frequent words.
+
+    Built here rather than by ``WordPieceTrainer``, whose vocabulary differs from process to process
+    (ties broken in hash order), which made every fresh build of the tiny BERT models a different model.
+    Ties are broken by the word itself, so the same corpus always gives the same ids.
+    """
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for word in counts for c in word})
+    tokens = [*specials, *chars, *(f"##{c}" for c in chars)]
+    seen = set(tokens)
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in seen:
+            tokens.append(word)
+            seen.add(word)
+    return {token: i for i, token in enumerate(tokens)}
+
+
 def wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 640) -> PreTrainedTokenizerFast:
     """BERT style uncased WordPiece with [CLS] ... [SEP] framing."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    )
+    vocab = wordpiece_vocab(texts, vocab_size, specials, normalizer, pre_tokenizer)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -312,14 +344,33 @@ BUILDERS: dict[str, Callable[[Path], float]] = {
 COMPLETE = ".complete"
 
 
+def recipe() -> str:
+    """What a build depends on: this module, the shipped data and the libraries that train and save."""
+    import tokenizers
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for name in ("corpus.txt", "sentiment.tsv", "en_de.tsv"):
+        h.update(_data(name).encode())
+    h.update(f"{torch.__version__} {transformers.__version__} {tokenizers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def _built(out: Path, want: str) -> bool:
+    try:
+        return bool(json.loads((out / COMPLETE).read_text()).get("recipe") == want)
+    except (OSError, ValueError):
+        return False
+
+
 def build_all(root: Path, names: Iterable[str] = NAMES, force: bool = False) -> dict[str, Any]:
-    """Build each named tiny model under ``root`` (skipping ones already built unless ``force``).
+    """Build each named tiny model under ``root`` (skipping ones built by this recipe unless ``force``).
 
     Each model is built in a scratch directory and renamed into place with a completion marker, under
     a file lock: concurrent builders (parallel test sessions, an init container racing a worker) wait
     for each other, and a build killed halfway leaves nothing that looks finished.
     """
     report: dict[str, Any] = {}
+    want = recipe()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     root.mkdir(parents=True, exist_ok=True)
@@ -327,14 +378,14 @@ def build_all(root: Path, names: Iterable[str] = NAMES, force: bool = False) -> 
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name in names:
             out = root / name
-            if not force and (out / COMPLETE).exists():
+            if not force and _built(out, want):
                 report[name] = {"skipped": True}
                 continue
             started = time.perf_counter()
             scratch = root / f".{name}.building"
             shutil.rmtree(scratch, ignore_errors=True)
             loss = BUILDERS[name](scratch)
-            (scratch / COMPLETE).write_text(json.dumps({"final_loss": loss}))
+            (scratch / COMPLETE).write_text(json.dumps({"final_loss": loss, "recipe": want}))
             shutil.rmtree(out, ignore_errors=True)
             scratch.rename(out)
             report[name] = {"seconds": round(time.perf_counter() - started, 2), "final_loss": round(loss, 4)}
