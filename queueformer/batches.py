@@ -186,6 +186,27 @@ def iter_range(data: bytes, first: int) -> Iterator[tuple[int, bytes]]:
             yield first + offset, raw
 
 
+class Bitmap:
+    """A Redis bitmap read in one piece: bit ``n`` is the high bit of byte ``n // 8`` first."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def has(self, pos: int) -> bool:
+        at = pos // 8
+        return at < len(self.data) and bool(self.data[at] & (0x80 >> (pos % 8)))
+
+    def count(self, first: int, last: int) -> int:
+        """Set bits at positions ``first..last``."""
+        lo, hi = first // 8, last // 8
+        span = self.data[lo : hi + 1].ljust(hi - lo + 1, b"\0")
+        width = len(span) * 8
+        # In the big-endian integer, position p sits at bit (width - 1 - (p - lo * 8)).
+        low_bit = width - 1 - (last - lo * 8)
+        mask = ((1 << (last - first + 1)) - 1) << low_bit
+        return (int.from_bytes(span, "big") & mask).bit_count()
+
+
 class BatchStore:
     """Batch records, the line ledger, finalization, cancel, expiry and retry."""
 
@@ -391,39 +412,43 @@ class BatchStore:
         return {line for line, bit in zip(lines, p.execute(), strict=True) if bit}
 
     def open_units(self, batch_id: str) -> list[LinesUnit]:
-        """The batch's work units that still have uncommitted lines."""
-        return [u for c in self.chunks(batch_id) for u in self._chunk_units(batch_id, c) if self._unfinished(u, c)]
+        """The batch's work units that still have uncommitted lines: one read of its chunks and bitmap."""
+        done = Bitmap(cast(bytes, self.r.execute_command("GET", _k(batch_id, "done"), **_RAW) or b""))
+        out = []
+        for c in self.chunks(batch_id):
+            for unit in self._chunk_units(batch_id, c):
+                if unit.only is not None:
+                    left = any(not done.has(i) for i in unit.only)
+                elif c.last is None or c.count is None:  # recorded before chunks kept their line count
+                    left = any(not done.has(i) for i in self._chunk_lines(batch_id, c))
+                else:
+                    left = done.count(c.first, c.last) < c.count
+                if left:
+                    out.append(unit)
+        return out
 
-    def unfinished(self, unit: LinesUnit) -> bool:
-        """Whether a unit still has uncommitted lines (read again, e.g. after a broker scan)."""
-        chunk = next((c for c in self.chunks(unit.batch) if c.index == unit.chunk), None)
-        return chunk is not None and self._unfinished(unit, chunk)
+    def close_unit(self, unit: LinesUnit, code: str, message: str) -> int:
+        """Commit the unit's uncommitted lines as errors (work that can never run); returns how many."""
+        raw = self.raw(unit.batch)
+        data = self.storage.read_range(self.files.key(raw["input_file_id"]), unit.start, unit.end)
+        only = set(unit.only) if unit.only is not None else None
+        rows = [(i, line) for i, line in iter_range(data, unit.first) if only is None or i in only]
+        done = self.committed(unit.batch, [i for i, _ in rows])
+        info = ErrorInfo(code=code, message=message)
+        entries = [
+            (i, "err", error_line(custom_id_of(line) or f"line-{i + 1}", info), 0, 0)
+            for i, line in rows
+            if i not in done
+        ]
+        self.commit_many(unit.batch, entries)
+        self.maybe_finalize(unit.batch)
+        return len(entries)
 
     def _chunk_units(self, batch_id: str, c: Chunk) -> list[LinesUnit]:
         return [
             LinesUnit(model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=lines)
             for model, lines in c.models.items()
         ]
-
-    def _unfinished(self, unit: LinesUnit, c: Chunk) -> bool:
-        if unit.only is not None:
-            return len(self.committed(unit.batch, unit.only)) < len(unit.only)
-        if c.last is None or c.count is None:
-            lines = self._chunk_lines(unit.batch, c)
-            return len(self.committed(unit.batch, lines)) < len(lines)
-        return self._committed_between(unit.batch, c.first, c.last) < c.count
-
-    def _committed_between(self, batch_id: str, first: int, last: int) -> int:
-        """Set bits of the done bitmap at positions ``first..last`` (bit 0 is the first byte's high bit)."""
-        # Raw bytes (the client decodes replies as text); BITCOUNT ... BIT would need Redis 7.
-        data = cast(bytes, self.r.execute_command("GETRANGE", _k(batch_id, "done"), first // 8, last // 8, **_RAW))
-        total = 0
-        for offset, byte in enumerate(data):
-            for bit in range(8):
-                pos = (first // 8 + offset) * 8 + bit
-                if first <= pos <= last and byte & (0x80 >> bit):
-                    total += 1
-        return total
 
     def bump_deliveries(self, batch_id: str, lines: Sequence[int]) -> list[int]:
         p = self.r.pipeline(transaction=False)

@@ -19,7 +19,6 @@ import base64
 import contextlib
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import redis
 
 from queueformer.batches import BatchStore, batch_key
 from queueformer.broker import RUN_TASK, JobsUnit, LinesUnit
+from queueformer.errors import WorkerLost
 from queueformer.jobs import Task
 from queueformer.state import OPEN_JOBS, PREFIX, JobStore
 
@@ -40,6 +40,8 @@ UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (tag -
 PRIORITY_SEP = "\x06\x16"  # kombu names a queue's priority lists "<queue><sep><priority>"
 PRIORITY_STEPS = (0, 3, 6, 9)
 JOBS_PER_MESSAGE = 128
+RESENDS = f"{PREFIX}:reconcile:resent"  # key -> times sent again
+VALIDATING_STALE_S = 600  # validating a 50,000-line file takes about a second
 
 Send = Callable[[JobsUnit | LinesUnit, str], None]
 QueueFor = Callable[[str, str], str]  # (model, tenant) -> queue
@@ -55,6 +57,9 @@ class Audit:
     suspects: int = 0
     resent_jobs: list[str] = field(default_factory=list)
     resent_units: list[str] = field(default_factory=list)
+    ended_jobs: list[str] = field(default_factory=list)  # sent again too often: failed as worker_lost
+    ended_units: list[str] = field(default_factory=list)
+    tended_batches: list[str] = field(default_factory=list)  # finalized, expired, cancelled or failed here
     skipped: str | None = None
 
 
@@ -104,6 +109,7 @@ class Reconciler:
         confirm_s: float = 30.0,
         max_scan: int = 200_000,
         max_jobs: int = 10_000,
+        max_resends: int = 3,
     ) -> None:
         self.r = client
         self.jobs = jobs
@@ -114,76 +120,102 @@ class Reconciler:
         self.confirm_s = confirm_s
         self.max_scan = max_scan
         self.max_jobs = max_jobs
+        self.max_resends = max_resends
 
     def audit(self, now: float | None = None) -> Audit:
         """One pass; several API replicas may call it, one of them audits at a time."""
-        lock = self.r.lock(LOCK, timeout=max(60.0, 4 * self.confirm_s))
+        lock = self.r.lock(LOCK, timeout=max(600.0, 4 * self.confirm_s))
         if not lock.acquire(blocking=False):
             return Audit(skipped="another process is auditing")
         try:
-            return self._audit(time.time() if now is None else now)
+            if now is None:
+                sec, usec = self.r.time()  # one clock for every replica
+                now = sec + usec / 1e6
+            return self._audit(now)
         finally:
             # It may have expired while a very long audit ran; the next audit takes it again.
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
 
     def _audit(self, now: float) -> Audit:
-        work = self._stale(now)
-        report = Audit(checked_jobs=len(work.jobs), checked_units=len(work.units))
+        report = Audit()
+        work = self._stale(now, report)
+        report.checked_jobs, report.checked_units = len(work.jobs), len(work.units)
         if not work.jobs and not work.units:
             self.r.delete(SUSPECTS)
             return report
         listed = self._listed(work.queues)
         if listed is None:
+            self.r.delete(SUSPECTS)  # a later sighting must not pair with one this old
             report.skipped = f"the broker holds more than {self.max_scan} messages; not scanned"
             return report
         present_jobs, present_units, report.scanned_messages = listed
         # Read the state again after the scan: work that finished meanwhile was acknowledged, not lost.
         missing_jobs = self._still_open([j for j in work.jobs if j not in present_jobs])
-        missing_units = [
-            k for k, (unit, _) in work.units.items() if k not in present_units and self.batches.unfinished(unit)
-        ]
+        missing_units = self._still_unfinished([k for k in work.units if k not in present_units], work)
         suspects = [f"job:{j}" for j in missing_jobs] + missing_units
         report.suspects = len(suspects)
         confirmed = self._confirm(suspects, now)
-        report.resent_jobs = [j for j in missing_jobs if f"job:{j}" in confirmed]
-        report.resent_units = [k for k in missing_units if k in confirmed]
-        self._resend(report.resent_jobs, work.jobs, [work.units[k] for k in report.resent_units])
-        if report.resent_jobs or report.resent_units:
+        jobs = [j for j in missing_jobs if f"job:{j}" in confirmed]
+        units = [k for k in missing_units if k in confirmed]
+        if jobs or units:
+            self._resend(jobs, units, work, report)
             log.warning(
-                "re-sent %d jobs and %d batch chunks that no broker message held (lost in delivery)",
+                "re-sent %d jobs and %d batch chunks that no broker message held (lost in delivery); "
+                "ended %d jobs and %d chunks sent again %d times already",
                 len(report.resent_jobs),
                 len(report.resent_units),
+                len(report.ended_jobs),
+                len(report.ended_units),
+                self.max_resends,
             )
         return report
 
     # --- what is open -------------------------------------------------------------------------------
 
-    def _stale(self, now: float) -> _Open:
+    def _stale(self, now: float, report: Audit) -> _Open:
         work = _Open()
         ids = cast(list[str], self.r.zrangebyscore(OPEN_JOBS, "-inf", now - self.after_s, start=0, num=self.max_jobs))
         gone = []
         for job_id, record in zip(ids, self.jobs.raw_many(ids), strict=True):
             if not record or record.get("state") not in ("queued", "running"):
-                gone.append(job_id)  # expired or ended by a path that predates the index
+                gone.append(job_id)  # expired, or ended before the index existed
             else:
                 work.jobs[job_id] = record
         if gone:
             self.r.zrem(OPEN_JOBS, *gone)
         for batch_id, raw in self._open_batches():
-            if raw.get("status") != "in_progress":
-                continue
-            last = int(raw.get("progress_at") or raw.get("in_progress_at") or raw.get("created_at") or now)
-            if now - last < self.after_s:
-                continue
-            for unit in self.batches.open_units(batch_id):
-                try:
-                    queue = self.queue_for(unit.model, raw["tenant"])
-                except Exception as exc:  # the model left the registry: nothing can run it anywhere
-                    log.warning("batch %s: no queue for %s (%s)", batch_id, unit.model, exc)
+            try:
+                if self._tend(batch_id, raw, now):
+                    report.tended_batches.append(batch_id)
                     continue
-                work.units[unit_key(unit)] = (unit, queue)
+                if raw.get("status") != "in_progress":
+                    continue
+                last = max(int(raw.get(f) or 0) for f in ("progress_at", "in_progress_at", "created_at"))
+                if now - last < self.after_s:
+                    continue
+                for unit in self.batches.open_units(batch_id):
+                    work.units[unit_key(unit)] = (unit, self.queue_for(unit.model, raw["tenant"]))
+            except Exception:  # one broken batch (its input file deleted, its model gone) must not stop the rest
+                log.exception("audit of batch %s failed", batch_id)
         return work
+
+    def _tend(self, batch_id: str, raw: dict[str, str], now: float) -> bool:
+        """Move on a batch whose mover died: a finalizer, a cancel or a validation cut short."""
+        status = raw.get("status")
+        since = {"validating": "created_at", "cancelling": "cancelling_at"}.get(status or "")
+        if since is not None and now - int(raw.get(since) or now) > max(self.after_s, VALIDATING_STALE_S):
+            if status == "validating":
+                self.batches.fail_validation(batch_id, "validation was interrupted; create the batch again")
+            else:
+                self.batches.close_out(batch_id, "batch_cancelled", "the batch was cancelled before this request ran")
+                self.batches.maybe_finalize(batch_id)
+            return True
+        if status == "in_progress" and now > int(raw.get("expires_at") or now + 1):
+            return self.batches.maybe_expire(batch_id, raw)
+        if status in ("in_progress", "finalizing") and self.batches.remaining(raw) == 0:
+            return self.batches.maybe_finalize(batch_id)
+        return False
 
     def _open_batches(self) -> Iterable[tuple[str, dict[str, str]]]:
         for key in self.r.scan_iter(match=f"{PREFIX}:tenant:*:open_batches", count=1000):
@@ -202,6 +234,11 @@ class Reconciler:
             if rec and rec.get("state") in ("queued", "running")
         ]
 
+    def _still_unfinished(self, keys: list[str], work: _Open) -> list[str]:
+        batches = {work.units[k][0].batch for k in keys}
+        left = {unit_key(u) for b in sorted(batches) for u in self.batches.open_units(b)}
+        return [k for k in keys if k in left]
+
     # --- what the broker holds ----------------------------------------------------------------------
 
     def _listed(self, queues: set[str]) -> tuple[set[str], set[str], int] | None:
@@ -213,8 +250,8 @@ class Reconciler:
         p.hlen(UNACKED)
         if sum(int(n) for n in p.execute()) > self.max_scan:
             return None
-        # Queues first, then unacknowledged: a message moving between them is seen in one of the two
-        # unless it is inside a consumer right then, which the second audit tells apart.
+        # Queues first, then unacknowledged: a message taken by a consumer between the two reads, or
+        # handed back from a dead worker's entry, can be missed once; the second audit tells it apart.
         p = self.r.pipeline(transaction=False)
         for name in names:
             p.lrange(name, 0, -1)
@@ -259,17 +296,38 @@ class Reconciler:
         p.execute()
         return confirmed
 
-    def _resend(
-        self, job_ids: list[str], records: dict[str, dict[str, str]], units: list[tuple[LinesUnit, str]]
-    ) -> None:
+    def _resend(self, job_ids: list[str], unit_keys: list[str], work: _Open, report: Audit) -> None:
+        """Send again, or end as ``worker_lost`` what was sent again ``max_resends`` times already.
+
+        Work can fail before it counts a delivery (its model cannot load, its input file is gone) and be
+        acknowledged: sending it again forever would be a loop, so the audit ends it instead.
+        """
+        p = self.r.pipeline(transaction=False)
+        for key in [f"job:{j}" for j in job_ids] + unit_keys:
+            p.hincrby(RESENDS, key, 1)
+        p.expire(RESENDS, 7 * 24 * 3600)
+        counts = [int(n) for n in p.execute()[:-1]]
+        times = dict(zip([f"job:{j}" for j in job_ids] + unit_keys, counts, strict=True))
+        lost = WorkerLost(f"no worker finished this after it was sent again {self.max_resends} times")
         groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
         for job_id in job_ids:
-            rec = records[job_id]
+            if times[f"job:{job_id}"] > self.max_resends:
+                self.jobs.fail(job_id, lost.info())
+                report.ended_jobs.append(job_id)
+                continue
+            rec = work.jobs[job_id]
             groups[(rec["model"], rec["queue"], rec.get("task", ""))].append(job_id)
+            report.resent_jobs.append(job_id)
         for (model, queue, task), ids in groups.items():
             fine_tune = task == Task.FINE_TUNE.value
             step = 1 if fine_tune else JOBS_PER_MESSAGE
             for start in range(0, len(ids), step):
                 self.send(JobsUnit(model=model, ids=ids[start : start + step], task=task if fine_tune else None), queue)
-        for unit, queue in units:
-            self.send(unit, queue)
+        for key in unit_keys:
+            unit, queue = work.units[key]
+            if times[key] > self.max_resends:
+                self.batches.close_unit(unit, lost.code, lost.message)
+                report.ended_units.append(key)
+            else:
+                self.send(unit, queue)
+                report.resent_units.append(key)

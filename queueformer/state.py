@@ -24,14 +24,14 @@ PREFIX = "qf"
 
 # Set fields and the new state only if the current state is one of the allowed ones (comma list), and
 # append the state event to the job's stream (KEYS[2]) in the same step. ARGV: allowed, new state,
-# record TTL ('0' while not terminal), event JSON, now, stream TTL, then field/value pairs. Reaching a
-# terminal state starts the record's TTL, gives the job's estimated tokens back to its tenant and takes
-# the job off the open index.
+# record TTL ('0' while not terminal), event JSON, now, stream TTL, job id, then field/value pairs.
+# Reaching a terminal state starts the record's TTL, gives the job's estimated tokens back to its
+# tenant and takes the job off the open index.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) == nil then return {0, cur} end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 8))
 if ARGV[3] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   local tenant = redis.call('HGET', KEYS[1], 'tenant')
@@ -39,7 +39,7 @@ if ARGV[3] ~= '0' then
   if tenant and tokens and tokens > 0 then
     redis.call('DECRBY', 'qf:tenant:' .. tenant .. ':tokens', tokens)
   end
-  redis.call('ZREM', 'qf:jobs:open', redis.call('HGET', KEYS[1], 'id'))
+  redis.call('ZREM', 'qf:jobs:open', ARGV[7])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', ARGV[4], 'at', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -200,7 +200,8 @@ class JobStore:
             flat += [k, v]
         ttl = str(self.ttl) if to.terminal else "0"
         data = json.dumps({"state": to.value, **(event or {})})
-        args = [",".join(s.value for s in allowed), to.value, ttl, data, repr(time.time()), str(self.ttl), *flat]
+        allowed_csv = ",".join(s.value for s in allowed)
+        args = [allowed_csv, to.value, ttl, data, repr(time.time()), str(self.ttl), job_id, *flat]
         result = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args, client=pipe)
         if pipe is not None:
             return True, ""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from redis.client import NEVER_DECODE
 
-from queueformer.batches import BatchStore, scan_file
+from queueformer.batches import BatchStore, Bitmap, scan_file
 from queueformer.broker import JobsUnit, LinesUnit, make_celery, publish
 from queueformer.errors import ErrorInfo
 from queueformer.files import FileStore
@@ -181,8 +183,52 @@ def test_committed_lines_are_counted_from_the_bitmap(env: Env) -> None:
     for b in bits:
         p.setbit(f"qf:batch:{batch_id}:done", b, 1)
     p.execute()
-    for _ in range(200):
+    done = Bitmap(env.r.execute_command("GET", f"qf:batch:{batch_id}:done", **{NEVER_DECODE: True}))
+    for _ in range(300):
         first = rnd.randrange(0, 3000)
         last = rnd.randrange(first, 3100)
-        expected = sum(first <= b <= last for b in bits)
-        assert env.batches._committed_between(batch_id, first, last) == expected
+        assert done.count(first, last) == sum(first <= b <= last for b in bits)
+    assert [done.has(i) for i in range(3100)] == [i in set(bits) for i in range(3100)]
+
+
+def test_work_that_never_runs_ends_as_worker_lost_instead_of_looping(env: Env) -> None:
+    (job,) = env.submit(1)
+    batch_id = env.batch(3, chunk=3)
+    rec = env.reconciler(confirm_s=10)
+    now = 1e10
+    for _ in range(3):  # sent again three times, and each time taken and never run
+        while env.r.rpop(QUEUE) is not None:
+            pass
+        rec.audit(now=now)
+        report = rec.audit(now=now + 10)
+        assert report.resent_jobs == [job] and len(report.resent_units) == 1
+        now += 100
+    while env.r.rpop(QUEUE) is not None:
+        pass
+    rec.audit(now=now)
+    report = rec.audit(now=now + 10)
+    assert report.ended_jobs == [job] and len(report.ended_units) == 1 and not report.resent_jobs
+    record = env.jobs.get(job)
+    assert record.state.value == "failed" and record.error is not None and record.error.code == "worker_lost"
+    raw = env.batches.raw(batch_id)
+    assert raw["status"] == "completed" and raw["failed"] == "3"
+    errors = [json.loads(line) for line in env.batches.partial_output(batch_id, errors=True).decode().splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == ["r0", "r1", "r2"]
+    assert {e["error"]["code"] for e in errors} == {"worker_lost"}
+
+
+def test_batches_whose_mover_died_are_moved_on(env: Env) -> None:
+    old = str(int(time.time()) - 3600)
+    finished = env.batch(2, chunk=2)  # every line committed, but the finalizer died before finalizing
+    env.batches.commit_many(finished, [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in range(2)])
+    env.r.hset(f"qf:batch:{finished}", mapping={"status": "finalizing", "finalizing_at": old})
+    cancelling = env.batch(2, chunk=2)  # the API died inside the cancel
+    env.r.hset(f"qf:batch:{cancelling}", mapping={"status": "cancelling", "cancelling_at": old})
+    validating = env.batch(2, chunk=2)  # the API died while it validated the file
+    env.r.hset(f"qf:batch:{validating}", mapping={"status": "validating", "created_at": old})
+    while env.r.rpop(QUEUE) is not None:
+        pass
+    report = env.reconciler(after_s=60).audit()
+    assert sorted(report.tended_batches) == sorted([finished, cancelling, validating])
+    status = {b: env.batches.raw(b)["status"] for b in (finished, cancelling, validating)}
+    assert status == {finished: "completed", cancelling: "cancelled", validating: "failed"}
