@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _RAW = {NEVER_DECODE: True}
 WINDOW_S = 24 * 3600
 FINALIZE_STALE_S = 300
+OPEN_BATCHES = f"{PREFIX}:open-batches"  # every tenant's, for the audits of queueformer.reconcile
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 DONE = ("failed", "completed", "expired", "cancelled")
 
@@ -251,6 +252,7 @@ class BatchStore:
         p.hset(batch_key(batch_id), mapping=fields)
         p.zadd(f"{PREFIX}:batches:{tenant}", {batch_id: now})
         p.sadd(f"{PREFIX}:tenant:{tenant}:open_batches", batch_id)
+        p.sadd(OPEN_BATCHES, batch_id)
         p.execute()
 
     def open_batches(self, tenant: str) -> int:
@@ -578,6 +580,7 @@ class BatchStore:
             p.decrby(tenant_tokens_key(raw["tenant"]), tokens)
             p.hset(batch_key(batch_id), "tokens", "0")
         p.srem(f"{PREFIX}:tenant:{raw['tenant']}:open_batches", batch_id)
+        p.srem(OPEN_BATCHES, batch_id)
         p.hdel(batch_key(batch_id), "expiring")
         for part in ("", ":err", ":done", ":tries", ":chunks"):
             p.expire(f"{batch_key(batch_id)}{part}", self.ttl)
@@ -628,6 +631,7 @@ class BatchStore:
             "finalizing_at",
         )
         p.sadd(f"{PREFIX}:tenant:{raw['tenant']}:open_batches", batch_id)
+        p.sadd(OPEN_BATCHES, batch_id)
         p.execute()
         self._event(batch_id, {"status": "in_progress", "retried_lines": len(picked)})
         return sorted(picked)

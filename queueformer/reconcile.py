@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import redis
 
-from queueformer.batches import BatchStore, batch_key
+from queueformer.batches import OPEN_BATCHES, BatchStore, batch_key
 from queueformer.broker import RUN_TASK, JobsUnit, LinesUnit
 from queueformer.errors import WorkerLost
 from queueformer.jobs import Task
@@ -218,14 +218,18 @@ class Reconciler:
         return False
 
     def _open_batches(self) -> Iterable[tuple[str, dict[str, str]]]:
-        for key in self.r.scan_iter(match=f"{PREFIX}:tenant:*:open_batches", count=1000):
-            batch_ids = sorted(cast(set[str], self.r.smembers(key)))
-            p = self.r.pipeline(transaction=False)
-            for batch_id in batch_ids:
-                p.hgetall(batch_key(batch_id))
-            for batch_id, raw in zip(batch_ids, p.execute(), strict=True):
-                if raw:
-                    yield batch_id, raw
+        batch_ids = sorted(cast(set[str], self.r.smembers(OPEN_BATCHES)))
+        p = self.r.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            p.hgetall(batch_key(batch_id))
+        gone = []
+        for batch_id, raw in zip(batch_ids, p.execute(), strict=True):
+            if raw:
+                yield batch_id, raw
+            else:
+                gone.append(batch_id)
+        if gone:
+            self.r.srem(OPEN_BATCHES, *gone)
 
     def _still_open(self, job_ids: list[str]) -> list[str]:
         return [

@@ -39,7 +39,7 @@ if ARGV[3] ~= '0' then
   if tenant and tokens and tokens > 0 then
     redis.call('DECRBY', 'qf:tenant:' .. tenant .. ':tokens', tokens)
   end
-  redis.call('ZREM', 'qf:jobs:open', ARGV[7])
+  redis.call('ZREM', 'qf:open-jobs', ARGV[7])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', ARGV[4], 'at', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -84,7 +84,7 @@ def new_id(prefix: str) -> str:
 
 # Every job not yet in a terminal state, scored by creation time: what the reconciler checks against
 # the broker (queueformer.reconcile).
-OPEN_JOBS = f"{PREFIX}:jobs:open"
+OPEN_JOBS = f"{PREFIX}:open-jobs"  # not under jobs:, where each tenant has its index
 
 
 def job_key(job_id: str) -> str:
