@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import cast
 
 from api.services import Services
-from queueformer.broker import JobsUnit, publish
+from queueformer.broker import job_units, publish
 from queueformer.errors import BrokerUnavailable, QuotaExceeded
-from queueformer.jobs import AnyJob, FineTuneJob, Task, estimate_tokens
+from queueformer.jobs import AnyJob, FineTuneJob, estimate_tokens
 from queueformer.state import new_id, tenant_tokens_key
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,9 @@ class Enqueuer:
         sent: set[str] = set()
         try:
             with self.s.celery.producer_or_acquire() as producer:
-                for (model, queue, task), ids in groups.items():
-                    # A fine-tune is hours of work: one per message, so each is redelivered on its own.
-                    step = 1 if task == Task.FINE_TUNE else self.chunk
-                    for start in range(0, len(ids), step):
-                        part = ids[start : start + step]
-                        unit = JobsUnit(model=model, ids=part, task=task if task == Task.FINE_TUNE else None)
-                        publish(self.s.celery, unit, queue, producer=producer)
-                        sent.update(part)
+                for unit, queue in job_units(groups, self.chunk):
+                    publish(self.s.celery, unit, queue, producer=producer)
+                    sent.update(unit.ids)
         except Exception as exc:
             unsent = [i for ids in groups.values() for i in ids if i not in sent]
             err = BrokerUnavailable(f"could not enqueue: {exc}")

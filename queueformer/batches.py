@@ -351,21 +351,21 @@ class BatchStore:
         """Work units, one per (chunk, model); with ``only``, just the units holding those lines."""
         units = []
         for c in self.chunks(batch_id):
-            for model, lines in c.models.items():
-                picked: list[int] | None = lines
+            for unit in self._chunk_units(batch_id, c):
                 if only is not None:
-                    if lines is None:
-                        picked = [x for x in self._chunk_lines(batch_id, c) if x in only]
-                    else:
-                        picked = [x for x in lines if x in only]
+                    lines = unit.only if unit.only is not None else self._chunk_lines(batch_id, c)
+                    picked = [x for x in lines if x in only]
                     if not picked:
                         continue
-                units.append(
-                    LinesUnit(
-                        model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=picked
-                    )
-                )
+                    unit.only = picked
+                units.append(unit)
         return units
+
+    def _chunk_units(self, batch_id: str, c: Chunk) -> list[LinesUnit]:
+        return [
+            LinesUnit(model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=lines)
+            for model, lines in c.models.items()
+        ]
 
     def _chunk_lines(self, batch_id: str, c: Chunk) -> list[int]:
         key = self.files.key(self.raw(batch_id)["input_file_id"])
@@ -431,25 +431,33 @@ class BatchStore:
 
     def close_unit(self, unit: LinesUnit, code: str, message: str) -> int:
         """Commit the unit's uncommitted lines as errors (work that can never run); returns how many."""
-        raw = self.raw(unit.batch)
-        data = self.storage.read_range(self.files.key(raw["input_file_id"]), unit.start, unit.end)
-        only = set(unit.only) if unit.only is not None else None
-        rows = [(i, line) for i, line in iter_range(data, unit.first) if only is None or i in only]
-        done = self.committed(unit.batch, [i for i, _ in rows])
-        info = ErrorInfo(code=code, message=message)
-        entries = [
-            (i, "err", error_line(custom_id_of(line) or f"line-{i + 1}", info), 0, 0)
-            for i, line in rows
-            if i not in done
-        ]
+        key = self.files.key(self.raw(unit.batch)["input_file_id"])
+        entries = self._error_entries(unit.batch, key, unit.first, unit.start, unit.end, unit.only, code, message)
         self.commit_many(unit.batch, entries)
         self.maybe_finalize(unit.batch)
         return len(entries)
 
-    def _chunk_units(self, batch_id: str, c: Chunk) -> list[LinesUnit]:
+    def _error_entries(
+        self,
+        batch_id: str,
+        input_key: str,
+        first: int,
+        start: int,
+        end: int,
+        only: list[int] | None,
+        code: str,
+        message: str,
+    ) -> list[tuple[int, str, dict[str, Any], int, int]]:
+        """Error lines for the uncommitted lines of bytes ``[start, end)`` (just ``only``, when given)."""
+        wanted = set(only) if only is not None else None
+        data = self.storage.read_range(input_key, start, end)
+        rows = [(i, line) for i, line in iter_range(data, first) if wanted is None or i in wanted]
+        done = self.committed(batch_id, [i for i, _ in rows])
+        info = ErrorInfo(code=code, message=message)
         return [
-            LinesUnit(model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=lines)
-            for model, lines in c.models.items()
+            (i, "err", error_line(custom_id_of(line) or f"line-{i + 1}", info), 0, 0)
+            for i, line in rows
+            if i not in done
         ]
 
     def bump_deliveries(self, batch_id: str, lines: Sequence[int]) -> list[int]:
@@ -486,18 +494,10 @@ class BatchStore:
 
     def close_out(self, batch_id: str, code: str, message: str) -> None:
         """Commit every remaining line as an error (``batch_cancelled`` / ``batch_expired``)."""
-        raw = self.raw(batch_id)
-        key = self.files.key(raw["input_file_id"])
+        key = self.files.key(self.raw(batch_id)["input_file_id"])
         entries = []
         for c in self.chunks(batch_id):
-            data = self.storage.read_range(key, c.start, c.end)
-            rows = list(iter_range(data, c.first))
-            done = self.committed(batch_id, [i for i, _ in rows])
-            for idx, line in rows:
-                if idx in done:
-                    continue
-                cid = custom_id_of(line) or f"line-{idx + 1}"
-                entries.append((idx, "err", error_line(cid, ErrorInfo(code=code, message=message)), 0, 0))
+            entries += self._error_entries(batch_id, key, c.first, c.start, c.end, None, code, message)
         for start in range(0, len(entries), 1000):
             self.commit_many(batch_id, entries[start : start + 1000])
 

@@ -27,9 +27,8 @@ from typing import Any, cast
 import redis
 
 from queueformer.batches import OPEN_BATCHES, BatchStore, batch_key
-from queueformer.broker import RUN_TASK, JobsUnit, LinesUnit
+from queueformer.broker import RUN_TASK, JobsUnit, LinesUnit, job_units
 from queueformer.errors import WorkerLost
-from queueformer.jobs import Task
 from queueformer.state import OPEN_JOBS, PREFIX, JobStore
 
 log = logging.getLogger(__name__)
@@ -306,12 +305,12 @@ class Reconciler:
         Work can fail before it counts a delivery (its model cannot load, its input file is gone) and be
         acknowledged: sending it again forever would be a loop, so the audit ends it instead.
         """
+        keys = [f"job:{j}" for j in job_ids] + unit_keys
         p = self.r.pipeline(transaction=False)
-        for key in [f"job:{j}" for j in job_ids] + unit_keys:
+        for key in keys:
             p.hincrby(RESENDS, key, 1)
         p.expire(RESENDS, 7 * 24 * 3600)
-        counts = [int(n) for n in p.execute()[:-1]]
-        times = dict(zip([f"job:{j}" for j in job_ids] + unit_keys, counts, strict=True))
+        times = dict(zip(keys, (int(n) for n in p.execute()[:-1]), strict=True))
         lost = WorkerLost(f"no worker finished this after it was sent again {self.max_resends} times")
         groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
         for job_id in job_ids:
@@ -322,16 +321,13 @@ class Reconciler:
             rec = work.jobs[job_id]
             groups[(rec["model"], rec["queue"], rec.get("task", ""))].append(job_id)
             report.resent_jobs.append(job_id)
-        for (model, queue, task), ids in groups.items():
-            fine_tune = task == Task.FINE_TUNE.value
-            step = 1 if fine_tune else JOBS_PER_MESSAGE
-            for start in range(0, len(ids), step):
-                self.send(JobsUnit(model=model, ids=ids[start : start + step], task=task if fine_tune else None), queue)
+        for unit, queue in job_units(groups, JOBS_PER_MESSAGE):
+            self.send(unit, queue)
         for key in unit_keys:
-            unit, queue = work.units[key]
+            lines, queue = work.units[key]
             if times[key] > self.max_resends:
-                self.batches.close_unit(unit, lost.code, lost.message)
+                self.batches.close_unit(lines, lost.code, lost.message)
                 report.ended_units.append(key)
             else:
-                self.send(unit, queue)
+                self.send(lines, queue)
                 report.resent_units.append(key)

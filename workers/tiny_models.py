@@ -19,11 +19,13 @@ import logging
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -136,10 +138,9 @@ def wordpiece_vocab(
     (ties broken in hash order), which made every fresh build of the tiny BERT models a different model.
     Ties are broken by the word itself, so the same corpus always gives the same ids.
     """
-    counts: dict[str, int] = {}
-    for text in texts:
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
-            counts[word] = counts.get(word, 0) + 1
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
     chars = sorted({c for word in counts for c in word})
     tokens = [*specials, *chars, *(f"##{c}" for c in chars)]
     seen = set(tokens)
@@ -346,8 +347,6 @@ COMPLETE = ".complete"
 
 def recipe() -> str:
     """What a build depends on: this module, the shipped data and the libraries that train and save."""
-    import tokenizers
-
     h = hashlib.sha256(Path(__file__).read_bytes())
     for name in ("corpus.txt", "sentiment.tsv", "en_de.tsv"):
         h.update(_data(name).encode())
