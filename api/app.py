@@ -17,7 +17,7 @@ from api.routes import batches, files, fine_tuning, health, jobs, models
 from api.services import Services
 from api.upkeep import Upkeep
 from queueformer import __version__
-from queueformer.settings import Settings, get_settings
+from queueformer.contract.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.services import Services
-from queueformer.errors import Unauthorized
-from queueformer.tenants import DEFAULT_TENANT
+from queueformer.contract.errors import Unauthorized
+from queueformer.server.tenants import DEFAULT_TENANT
 
 
 def get_services(request: Request) -> Services:

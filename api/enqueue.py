@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from typing import cast
 
 from api.services import Services
-from queueformer.broker import job_units, publish
-from queueformer.errors import BrokerUnavailable, QuotaExceeded
-from queueformer.jobs import AnyJob, FineTuneJob, estimate_tokens
-from queueformer.state import new_id, tenant_tokens_key
+from queueformer.contract.errors import BrokerUnavailable, QuotaExceeded
+from queueformer.contract.ids import new_id
+from queueformer.contract.jobs import AnyJob, FineTuneJob, estimate_tokens
+from queueformer.contract.units import job_units
+from queueformer.server import keys
+from queueformer.server.broker import publish
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class Enqueuer:
         self.chunk = chunk
 
     def check_quota(self, tenant: str, tokens: int) -> None:
-        current = int(cast(str | None, self.s.redis.get(tenant_tokens_key(tenant))) or 0)
+        current = int(cast(str | None, self.s.redis.get(keys.tenant_tokens(tenant))) or 0)
         cap = self.s.settings.quota.max_enqueued_tokens
         if current + tokens > cap:
             raise QuotaExceeded(

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from queueformer.errors import BrokerUnavailable, QueueformerError
+from queueformer.contract.errors import BrokerUnavailable, QueueformerError
 
 log = logging.getLogger(__name__)
 

@@ -10,17 +10,18 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
-from queueformer import limits
-from queueformer.batches import BatchStore
-from queueformer.broker import make_celery
-from queueformer.files import FileStore
-from queueformer.fleet import Fleet
-from queueformer.overlay import ModelOverlay
-from queueformer.registry import Registry
-from queueformer.settings import Settings
-from queueformer.state import JobStore, connect
-from queueformer.storage import Storage
-from queueformer.tenants import ApiKeys
+from queueformer.contract import limits
+from queueformer.contract.registry import Registry
+from queueformer.contract.settings import Settings
+from queueformer.server.batches import BatchStore
+from queueformer.server.broker import make_celery
+from queueformer.server.connection import connect
+from queueformer.server.files import FileStore
+from queueformer.server.fleet import Fleet
+from queueformer.server.jobs import JobStore
+from queueformer.server.overlay import ModelOverlay
+from queueformer.server.storage import Storage
+from queueformer.server.tenants import ApiKeys
 
 
 @dataclass

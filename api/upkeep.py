@@ -1,7 +1,7 @@
 """Background upkeep of the API process: audits of open work against the broker.
 
 A thread, not a Celery beat: the API is the one process that is always up and already publishes.
-Every replica runs one; a Redis lock lets one audit at a time (see ``queueformer.reconcile``).
+Every replica runs one; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import redis
 
 from api import metrics
 from api.services import Services
-from queueformer.broker import JobsUnit, LinesUnit, publish
-from queueformer.reconcile import Audit, Reconciler
+from queueformer.contract.units import JobsUnit, LinesUnit
+from queueformer.server.broker import publish
+from queueformer.server.reconcile import Audit, Reconciler
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ def manager(model: Any, ids: list[list[int]]) -> float:
 
 
 def engine(served: Any, prompts: list[str]) -> float:
-    from queueformer.jobs import GenerateJob
+    from queueformer.contract.jobs import GenerateJob
     from workers.engine.item import WorkItem
 
     jobs = [GenerateJob(model="b", prompt=p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in prompts]
@@ -168,7 +168,7 @@ def run(quick: bool = False, full: bool = False, rounds: int = ROUNDS) -> dict[s
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from queueformer.registry import Registry
+    from queueformer.contract.registry import Registry
     from workers.holder import serve
 
     transformers.logging.set_verbosity_error()
@@ -294,8 +294,8 @@ def static_key(dtype: str, batch: int, n: int, cache: str) -> str:
 @contextmanager
 def cluster_for(registry_path: Path, model_dir: Path, dtypes: list[str]) -> Iterator[str]:
     """A cluster (embedded Valkey, API, one worker of 16 slots serving ``dtypes``); yields the API's URL."""
-    from queueformer.cluster import Cluster
-    from queueformer.settings import load_settings
+    from queueformer.contract.settings import load_settings
+    from queueformer.server.cluster import Cluster
 
     settings = load_settings(
         registry=str(registry_path),
@@ -314,7 +314,7 @@ def announced_chunk(url: str, model: str, max_batch_size: int, timeout: float = 
     """Wait until the worker announces its measured rate; the lines per message the API will then use."""
     from api.routes.batches import lines_per_chunk
     from queueformer.client import Client
-    from queueformer.settings import WorkerSettings
+    from queueformer.contract.settings import WorkerSettings
 
     deadline = time.monotonic() + timeout
     with Client(url) as qf:

@@ -17,8 +17,8 @@ from bench.models import distilbert, mixed_prompts
 def run(quick: bool = False) -> dict[str, Any]:
     import transformers
 
-    from queueformer.jobs import ClassifyJob, FillMaskJob
-    from queueformer.registry import ModelEntry
+    from queueformer.contract.jobs import ClassifyJob, FillMaskJob
+    from queueformer.contract.registry import ModelEntry
     from workers.engine.item import WorkItem
     from workers.holder import serve
 

@@ -70,7 +70,7 @@ def bandwidth_gbs(size_mb: int = 4096, repeats: int = 10) -> float:
 
 
 def entry(path: Path, quant: str, max_batch: int) -> Any:
-    from queueformer.registry import ModelEntry
+    from queueformer.contract.registry import ModelEntry
 
     return ModelEntry(
         name=f"llama-1b-{quant}",
@@ -107,8 +107,8 @@ def fine_tune(path: Path, steps: int) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from queueformer.jobs import FineTuneJob
-    from queueformer.registry import Registry
+    from queueformer.contract.jobs import FineTuneJob
+    from queueformer.contract.registry import Registry
     from workers.handlers.fine_tune import FineTuneHandler, Plan
     from workers.training.data import Blocks, pack
 

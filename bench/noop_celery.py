@@ -11,8 +11,8 @@ import os
 import redis
 from celery import Celery
 
-from queueformer.broker import celery_config
-from queueformer.settings import load_settings
+from queueformer.contract.settings import load_settings
+from queueformer.server.broker import celery_config
 
 URL = os.environ.get("QUEUEFORMER_REDIS_URL", "redis://127.0.0.1:6379/0")
 app = Celery("bench-noop", broker=URL, set_as_current=False)

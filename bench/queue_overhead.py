@@ -72,7 +72,7 @@ def through_api(api: str, url: str, n: int) -> float:
     import redis
 
     from queueformer.client import Client
-    from queueformer.state import job_key
+    from queueformer.server import keys
 
     client = redis.Redis.from_url(url, decode_responses=True)
     with Client(api, timeout=120) as qf:
@@ -83,7 +83,7 @@ def through_api(api: str, url: str, n: int) -> float:
         def done() -> bool:
             p = client.pipeline(transaction=False)
             for job_id in ids:
-                p.hget(job_key(job_id), "state")
+                p.hget(keys.job(job_id), "state")
             return all(state == "succeeded" for state in p.execute())
 
         _wait(done, 300, interval=0.05)
@@ -134,8 +134,8 @@ def batch_intake(api: str, n: int) -> dict[str, float]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from queueformer.cluster import Cluster
-    from queueformer.settings import load_settings
+    from queueformer.contract.settings import load_settings
+    from queueformer.server.cluster import Cluster
 
     n = 500 if quick else 4000
     settings = load_settings(

@@ -32,8 +32,8 @@ def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
 def run(quick: bool = False) -> dict[str, Any]:
     import transformers
 
-    from queueformer.jobs import GenerateJob
-    from queueformer.registry import ModelEntry
+    from queueformer.contract.jobs import GenerateJob
+    from queueformer.contract.registry import ModelEntry
     from workers.engine.item import WorkItem
     from workers.holder import serve
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from queueformer.errors import ErrorInfo, QueueformerError, error_from_info
+from queueformer.contract.errors import ErrorInfo, QueueformerError, error_from_info
 
 TERMINAL_JOB = ("succeeded", "failed", "cancelled")
 TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")

@@ -46,7 +46,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _local_redis_answers() and not os.environ.get("QUEUEFORMER_TEST_EMBEDDED"):
         yield "redis://127.0.0.1:6379"
         return
-    from queueformer.embedded import EmbeddedRedis
+    from queueformer.server.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"), port=free_port())
     server.start()

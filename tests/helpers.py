@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from queueformer.settings import Settings, load_settings
+from queueformer.contract.settings import Settings, load_settings
 
 
 def make_settings(redis_url: str, tmp_path: Path, models_dir: Path | None = None, **overrides: Any) -> Settings:

@@ -11,10 +11,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from queueformer.errors import ModelNotFound, WorkerFatal
-from queueformer.overlay import ModelOverlay
-from queueformer.registry import Registry
-from queueformer.storage import MANIFEST, Storage
+from queueformer.contract.errors import ModelNotFound, WorkerFatal
+from queueformer.contract.registry import Registry
+from queueformer.server.overlay import ModelOverlay
+from queueformer.server.storage import MANIFEST, Storage
 from workers.holder import Served, serve
 from workers.loading import load_adapter
 

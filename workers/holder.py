@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from queueformer.errors import ModelNotFound
-from queueformer.jobs import Task
-from queueformer.registry import ModelEntry
+from queueformer.contract.errors import ModelNotFound
+from queueformer.contract.jobs import Task
+from queueformer.contract.registry import ModelEntry
 from workers import metrics
 from workers.engine.batcher import BatchEngine
 from workers.engine.decode import DecodeEngine

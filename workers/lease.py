@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import redis
 
+from queueformer.server import keys
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,11 @@ class LeaseKeeper:
     """Re-scores in-flight delivery tags in kombu's ``unacked_index`` until their task returns."""
 
     def __init__(
-        self, client: redis.Redis, visibility_timeout_s: float, renew_s: float = 0.0, index_key: str = "unacked_index"
+        self,
+        client: redis.Redis,
+        visibility_timeout_s: float,
+        renew_s: float = 0.0,
+        index_key: str = keys.UNACKED_INDEX,
     ) -> None:
         self._r = client
         self._key = index_key

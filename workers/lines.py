@@ -13,10 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from queueformer.batches import BatchStore, custom_id_of, iter_range
-from queueformer.broker import LinesUnit
-from queueformer.errors import ErrorInfo, NotFound, QueueformerError, TransientError, WorkerLost
-from queueformer.openai_batch import LineError, error_line, error_line_for, output_line, parse_line, response_body
+from queueformer.contract.errors import ErrorInfo, NotFound, QueueformerError, TransientError, WorkerLost
+from queueformer.contract.openai_batch import (
+    LineError,
+    error_line,
+    error_line_for,
+    output_line,
+    parse_line,
+    response_body,
+)
+from queueformer.contract.units import LinesUnit
+from queueformer.server.batches import BatchStore, custom_id_of, iter_range
 from workers import metrics
 from workers.engine.item import WorkItem
 from workers.holder import Served

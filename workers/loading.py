@@ -25,9 +25,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from queueformer.errors import WorkerFatal
-from queueformer.jobs import Task
-from queueformer.registry import ModelEntry, Quantization
+from queueformer.contract.errors import WorkerFatal
+from queueformer.contract.jobs import Task
+from queueformer.contract.registry import ModelEntry, Quantization
 
 log = logging.getLogger(__name__)
 

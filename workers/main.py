@@ -20,17 +20,18 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutting_down
 
-from queueformer import limits
-from queueformer.batches import BatchStore
-from queueformer.broker import make_celery
-from queueformer.errors import WorkerFatal
-from queueformer.files import FileStore
-from queueformer.fleet import Fleet
-from queueformer.overlay import ModelOverlay
-from queueformer.registry import Registry
-from queueformer.settings import Settings, get_settings
-from queueformer.state import JobStore, connect
-from queueformer.storage import Storage
+from queueformer.contract import limits
+from queueformer.contract.errors import WorkerFatal
+from queueformer.contract.registry import Registry
+from queueformer.contract.settings import Settings, get_settings
+from queueformer.server.batches import BatchStore
+from queueformer.server.broker import make_celery
+from queueformer.server.connection import connect
+from queueformer.server.files import FileStore
+from queueformer.server.fleet import Fleet
+from queueformer.server.jobs import JobStore
+from queueformer.server.overlay import ModelOverlay
+from queueformer.server.storage import Storage
 from workers.fine_tuned import FineTunedModels
 from workers.handlers.fine_tune import FineTuneHandler
 from workers.health import Health

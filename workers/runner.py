@@ -16,8 +16,7 @@ import redis
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from queueformer.broker import JobsUnit, LinesUnit, WorkUnit
-from queueformer.errors import (
+from queueformer.contract.errors import (
     DeadlineExceeded,
     ErrorInfo,
     InternalError,
@@ -26,9 +25,10 @@ from queueformer.errors import (
     TransientError,
     WorkerLost,
 )
-from queueformer.jobs import Task, parse_job
-from queueformer.state import JobStore
-from queueformer.storage import Storage
+from queueformer.contract.jobs import Task, parse_job
+from queueformer.contract.units import JobsUnit, LinesUnit, WorkUnit
+from queueformer.server.jobs import JobStore
+from queueformer.server.storage import Storage
 from workers import metrics
 from workers.engine.item import WorkItem
 from workers.holder import ModelHolder, Served

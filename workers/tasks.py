@@ -10,8 +10,8 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
-from queueformer.broker import RUN_TASK
-from queueformer.errors import TransientError
+from queueformer.contract.errors import TransientError
+from queueformer.contract.units import RUN_TASK
 from workers import metrics
 from workers.lease import LeaseKeeper
 from workers.runner import Runner

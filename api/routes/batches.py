@@ -16,12 +16,14 @@ from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep, TenantDep
 from api.services import Services
-from queueformer.batches import TooManyLines, scan_file, to_openai
-from queueformer.broker import LinesUnit, publish
-from queueformer.errors import BrokerUnavailable, InvalidInput, NotFound, PayloadTooLarge, QuotaExceeded
-from queueformer.jobs import AnyJob, check_fits
-from queueformer.openai_batch import ENDPOINTS, BatchCreate
-from queueformer.state import new_id, tenant_tokens_key
+from queueformer.contract.errors import BrokerUnavailable, InvalidInput, NotFound, PayloadTooLarge, QuotaExceeded
+from queueformer.contract.ids import new_id
+from queueformer.contract.jobs import AnyJob, check_fits
+from queueformer.contract.openai_batch import ENDPOINTS, BatchCreate
+from queueformer.contract.units import LinesUnit
+from queueformer.server import keys
+from queueformer.server.batches import TooManyLines, scan_file, to_openai
+from queueformer.server.broker import publish
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -77,7 +79,7 @@ def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) ->
         raise PayloadTooLarge(f"{exc}; the limit is {exc.limit} lines per batch", param="input_file_id") from None
     entries = [registry.get(m, tenant=tenant) for m in scan.models]
     if scan.tokens:
-        enqueued = int(services.redis.get(tenant_tokens_key(tenant)) or 0)
+        enqueued = int(services.redis.get(keys.tenant_tokens(tenant)) or 0)
         if enqueued + scan.tokens > quota.max_enqueued_tokens:
             raise QuotaExceeded(
                 f"the batch holds about {scan.tokens} tokens and {enqueued} are enqueued; "

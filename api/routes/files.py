@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import ServicesDep, TenantDep
-from queueformer.files import FileObject
+from queueformer.server.files import FileObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

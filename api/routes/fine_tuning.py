@@ -3,7 +3,7 @@
 Requests take OpenAI's fields (``model``, ``training_file``, ``hyperparameters`` with ``n_epochs``,
 ``batch_size``, ``learning_rate_multiplier``, ``suffix``, ``seed``, ``method``) plus queueformer's:
 ``method`` may also be ``full``, ``lora`` or ``qlora``, and ``hyperparameters`` takes every knob of
-:class:`queueformer.jobs.Hyperparameters` (``max_steps``, ``learning_rate``, ``block_size``,
+:class:`queueformer.contract.jobs.Hyperparameters` (``max_steps``, ``learning_rate``, ``block_size``,
 ``checkpoint_steps``, ``eval_split``, LoRA rank...). The job is an ordinary queueformer job: its id
 works under ``/v1/jobs`` too.
 """
@@ -19,12 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
 from api.services import Services
-from queueformer.checkpoints import Checkpoints
-from queueformer.errors import InvalidInput, NotFound
-from queueformer.jobs import FineTuneJob, FineTuneMethod, Hyperparameters, ModelName, valid_object_id
-from queueformer.overlay import fine_tuned_name
-from queueformer.records import JobState
-from queueformer.state import events_key, record_from_raw
+from queueformer.contract.errors import InvalidInput, NotFound
+from queueformer.contract.ids import valid_object_id
+from queueformer.contract.jobs import FineTuneJob, FineTuneMethod, Hyperparameters, ModelName
+from queueformer.contract.records import JobState
+from queueformer.server import keys
+from queueformer.server.checkpoints import Checkpoints
+from queueformer.server.jobs import record_from_raw
+from queueformer.server.overlay import fine_tuned_name
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -188,7 +190,7 @@ def events(
     top = f"({after.removeprefix('ftevent-')}" if after else "+"
     raw = cast(
         list[tuple[str, dict[str, str]]],
-        services.redis.xrevrange(events_key(fine_tuning_job_id), max=top, min="-", count=limit + 1),
+        services.redis.xrevrange(keys.events(fine_tuning_job_id), max=top, min="-", count=limit + 1),
     )
     data = [_event(eid, fields) for eid, fields in raw[:limit]]
     return {"object": "list", "data": data, "has_more": len(raw) > limit}

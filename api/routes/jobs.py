@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
 from api.services import Services
-from queueformer.errors import Conflict, NotFound
-from queueformer.jobs import AnyJob, GenerateJob, JobSpec, check_fits, valid_object_id
-from queueformer.records import TERMINAL, JobRecord, JobState
-from queueformer.state import PREFIX, events_key
+from queueformer.contract.errors import Conflict, NotFound
+from queueformer.contract.ids import valid_object_id
+from queueformer.contract.jobs import AnyJob, GenerateJob, JobSpec, check_fits
+from queueformer.contract.records import TERMINAL, JobRecord, JobState
+from queueformer.server import keys
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -50,7 +51,7 @@ def _accepted(job_id: str) -> JobAccepted:
 
 def _idempotent(services: Services, tenant: str, key: str, body: bytes) -> tuple[str, list[str] | None]:
     """Claim ``key`` for this body; returns (redis key, job ids already created for it, if any)."""
-    rkey = f"{PREFIX}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+    rkey = keys.idempotency(tenant, hashlib.sha256(key.encode()).hexdigest())
     digest = hashlib.sha256(body).hexdigest()
     if services.redis.set(rkey, json.dumps({"body": digest, "ids": None}), nx=True, ex=IDEMPOTENCY_TTL_S):
         return rkey, None
@@ -192,10 +193,10 @@ async def _event_stream(services: Services, job_id: str, after: str) -> AsyncIte
     client: Any = aioredis.Redis.from_url(services.settings.redis(), decode_responses=True)
     try:
         while True:
-            res = await client.xread({events_key(job_id): after}, count=500, block=15_000)
+            res = await client.xread({keys.events(job_id): after}, count=500, block=15_000)
             if not res:
                 yield b": keep-alive\n\n"
-                state = await client.hget(f"{PREFIX}:job:{job_id}", "state")
+                state = await client.hget(keys.job(job_id), "state")
                 if state is None or state in TERMINAL:
                     return
                 continue

@@ -13,8 +13,8 @@ from types import FrameType
 
 from queueformer import bulk
 from queueformer.client import Client
-from queueformer.cluster import Cluster
-from queueformer.settings import Settings, load_settings
+from queueformer.contract.settings import Settings, load_settings
+from queueformer.server.cluster import Cluster
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -57,7 +57,7 @@ def run_up(args: argparse.Namespace) -> int:
     settings = load_settings()
     registry_queues: list[list[str]] | None = None
     if args.worker_per_queue:
-        from queueformer.registry import Registry
+        from queueformer.contract.registry import Registry
 
         registry_queues = [[q] for q in sorted(Registry.load(settings.registry).queues())]
     cluster = Cluster(settings, api_port=args.port, flower_port=args.flower_port or None, worker_groups=registry_queues)
@@ -135,8 +135,8 @@ def run_api(args: argparse.Namespace) -> int:
 
 
 def create_key(args: argparse.Namespace) -> int:
-    from queueformer.state import connect
-    from queueformer.tenants import ApiKeys
+    from queueformer.server.connection import connect
+    from queueformer.server.tenants import ApiKeys
 
     key = ApiKeys(connect(load_settings().redis())).create(args.tenant)
     sys.stdout.write(key + "\n")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from queueformer.cli.common import add_connection, client
-from queueformer.settings import load_settings
+from queueformer.contract.settings import load_settings
 
 
 def add(sub: argparse._SubParsersAction) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from queueformer.cluster import Cluster
-from queueformer.embedded import EmbeddedRedis
+from queueformer.server.cluster import Cluster
+from queueformer.server.embedded import EmbeddedRedis
 from tests.conftest import free_port
 from tests.helpers import make_settings
 

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from queueformer.client import Client
-from queueformer.cluster import Cluster
-from queueformer.embedded import EmbeddedRedis
+from queueformer.server.cluster import Cluster
+from queueformer.server.embedded import EmbeddedRedis
 from tests.chaos.test_worker_kills import batch_lines
 from tests.helpers import eventually, jsonl
 

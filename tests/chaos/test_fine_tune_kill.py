@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from queueformer.client import Client
-from queueformer.cluster import Cluster
+from queueformer.server.cluster import Cluster
 from tests.helpers import eventually, jsonl
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."

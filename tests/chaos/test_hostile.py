@@ -13,10 +13,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from queueformer.broker import RUN_TASK, make_celery
 from queueformer.client import Client
-from queueformer.cluster import Cluster
-from queueformer.registry import Registry
+from queueformer.contract.registry import Registry
+from queueformer.contract.units import RUN_TASK
+from queueformer.server.broker import make_celery
+from queueformer.server.cluster import Cluster
 from tests.helpers import eventually, jsonl, make_settings
 
 GEN = {"task": "generate", "model": "tiny-gpt2", "prompt": "hello"}

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import redis
 
-from queueformer.cluster import Cluster
-from queueformer.state import job_key
-from queueformer.storage import Storage
+from queueformer.server import keys
+from queueformer.server.cluster import Cluster
+from queueformer.server.storage import Storage
 from tests.helpers import eventually
 
 CLIENTS, PER_CLIENT = 50, 400
@@ -68,7 +68,7 @@ def test_twenty_thousand_jobs_from_fifty_clients_none_lost(chaos_cluster: tuple[
     def states() -> dict[str, int] | None:
         p = r.pipeline(transaction=False)
         for job_id in ids:
-            p.hget(job_key(job_id), "state")
+            p.hget(keys.job(job_id), "state")
         counts: dict[str, int] = {}
         for s in p.execute():
             counts[str(s)] = counts.get(str(s), 0) + 1
@@ -79,7 +79,7 @@ def test_twenty_thousand_jobs_from_fifty_clients_none_lost(chaos_cluster: tuple[
     assert counts == {"succeeded": CLIENTS * PER_CLIENT}  # lost = 0
     p = r.pipeline(transaction=False)
     for job_id in ids:
-        p.hget(job_key(job_id), "attempts")
+        p.hget(keys.job(job_id), "attempts")
     duplicated = sum(int(attempts) > 1 for attempts in p.execute())
     assert duplicated == 0  # each job ran once
     storage = Storage(cluster.settings.resolved_storage_url)

@@ -10,8 +10,8 @@ import httpx
 import redis
 
 from queueformer.client import Client
-from queueformer.cluster import Cluster
-from queueformer.reconcile import unit_of
+from queueformer.server.cluster import Cluster
+from queueformer.server.reconcile import unit_of
 from tests.chaos.test_worker_kills import batch_lines
 from tests.helpers import jsonl
 

@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from queueformer.client import Client
-from queueformer.cluster import Cluster
+from queueformer.server.cluster import Cluster
 from tests.helpers import eventually, jsonl
 
 

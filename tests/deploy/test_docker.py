@@ -184,7 +184,7 @@ def test_compose_services_and_their_wiring(docker_compose: Path) -> None:
     assert worker["environment"]["HF_HOME"] == "/models/cache"
     args = worker["command"]
     queues = args[args.index("--queues") + 1 : args.index("--health-port")]
-    from queueformer.registry import Registry
+    from queueformer.contract.registry import Registry
 
     assert set(queues) == set(Registry.load("tiny").queues())
     assert worker["stop_grace_period"] == "10m0s"

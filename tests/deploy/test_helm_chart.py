@@ -364,7 +364,7 @@ def test_inconsistent_values_fail_with_a_message(helm: Path, args: list[str], me
 
 
 def test_registry_configmap_is_a_valid_registry_serving_every_set(gpu_manifests: list[Manifest]) -> None:
-    from queueformer.registry import Registry
+    from queueformer.contract.registry import Registry
 
     text = named(gpu_manifests, "ConfigMap", f"{FULL}-registry")["data"]["registry.yaml"]
     registry = Registry.from_yaml(text, origin="rendered registry")
@@ -384,7 +384,7 @@ def test_registry_configmap_is_a_valid_registry_serving_every_set(gpu_manifests:
 
 
 def test_default_set_serves_queues_of_the_bundled_registry(default_manifests: list[Manifest]) -> None:
-    from queueformer.registry import Registry
+    from queueformer.contract.registry import Registry
 
     config = named(default_manifests, "ConfigMap", FULL)["data"]
     assert config["QUEUEFORMER_REGISTRY"] == "tiny"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from queueformer.jobs import GenerateJob
-from queueformer.registry import ModelEntry
+from queueformer.contract.jobs import GenerateJob
+from queueformer.contract.registry import ModelEntry
 from tests.model.conftest import reference
 from workers.engine.item import WorkItem
 from workers.holder import serve

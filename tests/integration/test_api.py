@@ -10,7 +10,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from queueformer.tenants import ApiKeys
+from queueformer.server.tenants import ApiKeys
 from tests.helpers import jsonl, make_settings
 
 GEN = {"task": "generate", "model": "tiny-gpt2", "prompt": "The weather today", "max_new_tokens": 8}

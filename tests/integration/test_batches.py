@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from queueformer.batches import BatchStore, scan_file
-from queueformer.errors import ErrorInfo, ModelNotFound
-from queueformer.files import FileStore
-from queueformer.openai_batch import LineError, error_line, output_line
-from queueformer.registry import Registry
-from queueformer.state import new_id
-from queueformer.storage import Storage
+from queueformer.contract.errors import ErrorInfo, ModelNotFound
+from queueformer.contract.ids import new_id
+from queueformer.contract.openai_batch import LineError, error_line, output_line
+from queueformer.contract.registry import Registry
+from queueformer.server.batches import BatchStore, scan_file
+from queueformer.server.files import FileStore
+from queueformer.server.storage import Storage
 from tests.helpers import jsonl
 
 

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from queueformer.client import Client
-from queueformer.cluster import Cluster
-from queueformer.storage import Storage
+from queueformer.server.cluster import Cluster
+from queueformer.server.storage import Storage
 from tests.conftest import free_port
 from tests.helpers import eventually, jsonl, make_settings
 

@@ -14,9 +14,10 @@ from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
-from queueformer.broker import JobsUnit, make_celery, publish
-from queueformer.registry import Registry
-from queueformer.state import connect
+from queueformer.contract.registry import Registry
+from queueformer.contract.units import JobsUnit
+from queueformer.server.broker import make_celery, publish
+from queueformer.server.connection import connect
 from tests.helpers import eventually, make_settings
 from workers.lease import LeaseKeeper
 from workers.tasks import register

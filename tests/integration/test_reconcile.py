@@ -12,16 +12,19 @@ import pytest
 import redis
 from redis.client import NEVER_DECODE
 
-from queueformer.batches import BatchStore, Bitmap, scan_file
-from queueformer.broker import JobsUnit, LinesUnit, make_celery, publish
-from queueformer.errors import ErrorInfo
-from queueformer.files import FileStore
-from queueformer.jobs import parse_job
-from queueformer.openai_batch import output_line
-from queueformer.reconcile import SUSPECTS, UNACKED, Reconciler, unit_key, unit_of
-from queueformer.registry import Registry
-from queueformer.state import OPEN_JOBS, JobStore, new_id
-from queueformer.storage import Storage
+from queueformer.contract.errors import ErrorInfo
+from queueformer.contract.ids import new_id
+from queueformer.contract.jobs import parse_job
+from queueformer.contract.openai_batch import output_line
+from queueformer.contract.registry import Registry
+from queueformer.contract.units import JobsUnit, LinesUnit
+from queueformer.server import keys
+from queueformer.server.batches import BatchStore, Bitmap, scan_file
+from queueformer.server.broker import make_celery, publish
+from queueformer.server.files import FileStore
+from queueformer.server.jobs import JobStore
+from queueformer.server.reconcile import Reconciler, unit_key, unit_of
+from queueformer.server.storage import Storage
 from tests.helpers import jsonl, make_settings
 
 QUEUE = "tiny-gpt2"
@@ -83,7 +86,7 @@ class Env:
     def hold_unacked(self) -> dict[str, Any]:
         """Pop a message and record it as kombu does for a delivery a live worker is running."""
         payload = self.take()
-        self.r.hset(UNACKED, payload["properties"]["delivery_tag"], json.dumps([payload, QUEUE, QUEUE]))
+        self.r.hset(keys.UNACKED, payload["properties"]["delivery_tag"], json.dumps([payload, QUEUE, QUEUE]))
         return payload
 
     def queued_units(self) -> list[dict[str, Any]]:
@@ -102,14 +105,14 @@ def test_a_lost_job_message_is_sent_again_after_a_second_sighting(env: Env) -> N
     rec = env.reconciler(confirm_s=10)
 
     first = rec.audit(now=1e10)
-    assert first.suspects == 3 and first.resent_jobs == [] and env.r.hlen(SUSPECTS) == 3
+    assert first.suspects == 3 and first.resent_jobs == [] and env.r.hlen(keys.RECONCILE_SUSPECTS) == 3
     too_soon = rec.audit(now=1e10 + 5)
     assert too_soon.resent_jobs == []
     second = rec.audit(now=1e10 + 10)
     assert sorted(second.resent_jobs) == sorted(ids)
     assert [sorted(u["ids"]) for u in env.queued_units()] == [sorted(ids)]
     # the message is back: later audits leave it alone and forget the suspicion
-    assert rec.audit(now=1e10 + 20).suspects == 0 and env.r.hlen(SUSPECTS) == 0
+    assert rec.audit(now=1e10 + 20).suspects == 0 and env.r.hlen(keys.RECONCILE_SUSPECTS) == 0
 
 
 def test_queued_and_unacknowledged_messages_are_never_sent_again(env: Env) -> None:
@@ -128,7 +131,7 @@ def test_a_suspect_that_reappears_is_not_sent(env: Env) -> None:
     payload = env.take()  # inside a consumer, between its pop and its unacked record
     rec = env.reconciler()
     assert rec.audit(now=1e10).suspects == 1
-    env.r.hset(UNACKED, payload["properties"]["delivery_tag"], json.dumps([payload, QUEUE, QUEUE]))
+    env.r.hset(keys.UNACKED, payload["properties"]["delivery_tag"], json.dumps([payload, QUEUE, QUEUE]))
     assert rec.audit(now=1e10 + 60).resent_jobs == []
     assert env.sent == []
 
@@ -138,11 +141,11 @@ def test_finished_jobs_leave_the_open_index_and_young_ones_wait(env: Env) -> Non
     env.take()
     env.jobs.start_many([done])
     env.jobs.succeed(done, "file:///r.json")
-    assert env.r.zscore(OPEN_JOBS, done) is None
+    assert env.r.zscore(keys.OPEN_JOBS, done) is None
     rec = env.reconciler(after_s=3600)
     assert rec.audit().checked_jobs == 0  # `young` was created just now
     env.jobs.fail(young, ErrorInfo(code="x", message="y"))
-    assert env.r.zcard(OPEN_JOBS) == 0
+    assert env.r.zcard(keys.OPEN_JOBS) == 0
 
 
 def test_lost_batch_chunks_are_sent_again_and_finished_ones_are_not(env: Env) -> None:

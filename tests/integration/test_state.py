@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import redis
 
-from queueformer.errors import ErrorInfo, NotFound
-from queueformer.jobs import parse_job
-from queueformer.records import JobState
-from queueformer.state import JobStore, job_key, new_id, tenant_tokens_key
+from queueformer.contract.errors import ErrorInfo, NotFound
+from queueformer.contract.ids import new_id
+from queueformer.contract.jobs import parse_job
+from queueformer.contract.records import JobState
+from queueformer.server import keys
+from queueformer.server.jobs import JobStore
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def test_lifecycle_and_tenant_isolation(store: JobStore) -> None:
     assert store.succeed(job_id, "file:///r.json")
     record = store.get(job_id)
     assert record.state == JobState.SUCCEEDED and record.result_uri == "file:///r.json" and record.attempts == 1
-    assert 0 < store.r.ttl(job_key(job_id)) <= 60
+    assert 0 < store.r.ttl(keys.job(job_id)) <= 60
     assert [e[1] for e in store.read_events(job_id)] == ["state", "state", "state"]
 
 
@@ -57,11 +59,11 @@ def test_redelivery_counts_attempts(store: JobStore) -> None:
 
 def test_quota_is_released_when_a_job_ends(store: JobStore) -> None:
     a, b = create(store, tokens=30), create(store, tokens=12)
-    assert int(store.r.get(tenant_tokens_key("t1"))) == 42
+    assert int(store.r.get(keys.tenant_tokens("t1"))) == 42
     store.fail(a, ErrorInfo(code="invalid_input", message="bad"))
     store.start(b)
     store.succeed(b, "file:///x")
-    assert int(store.r.get(tenant_tokens_key("t1"))) == 0
+    assert int(store.r.get(keys.tenant_tokens("t1"))) == 0
 
 
 def test_cancel_queued_at_once_and_flag_running(store: JobStore) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from queueformer.errors import NotFound
-from queueformer.storage import Storage
+from queueformer.contract.errors import NotFound
+from queueformer.server.storage import Storage
 from tests.conftest import free_port
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import transformers
 
-from queueformer.registry import ModelEntry, Registry
+from queueformer.contract.registry import ModelEntry, Registry
 from workers.loading import AUTO_CLASSES, load_kwargs
 
 FAMILIES = {

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from queueformer.errors import Cancelled, DeadlineExceeded, OutOfMemory
-from queueformer.jobs import ClassifyJob, GenerateJob
-from queueformer.registry import ModelEntry
+from queueformer.contract.errors import Cancelled, DeadlineExceeded, OutOfMemory
+from queueformer.contract.jobs import ClassifyJob, GenerateJob
+from queueformer.contract.registry import ModelEntry
 from workers.engine.item import WorkItem
 from workers.holder import Served, serve
 

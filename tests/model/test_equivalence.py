@@ -18,8 +18,8 @@ import torch
 from transformers import pipeline
 
 from queueformer.client import Client
-from queueformer.cluster import Cluster
-from queueformer.registry import Registry
+from queueformer.contract.registry import Registry
+from queueformer.server.cluster import Cluster
 from tests.conftest import free_port
 from tests.helpers import make_settings
 from tests.model.conftest import DECODER_VARIANTS, QUANTS, reference

@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from queueformer.broker import JobsUnit
-from queueformer.errors import TransientError
-from queueformer.jobs import FineTuneJob, GenerateJob
-from queueformer.overlay import ModelOverlay
-from queueformer.registry import Registry
-from queueformer.state import JobStore, job_key
-from queueformer.storage import Storage
+from queueformer.contract.errors import TransientError
+from queueformer.contract.jobs import FineTuneJob, GenerateJob
+from queueformer.contract.registry import Registry
+from queueformer.contract.units import JobsUnit
+from queueformer.server import keys
+from queueformer.server.jobs import JobStore
+from queueformer.server.overlay import ModelOverlay
+from queueformer.server.storage import Storage
 from workers.fine_tuned import FineTunedModels
 from workers.handlers.fine_tune import FineTuneHandler
 from workers.training.runner import TrainingRunner
@@ -163,7 +164,7 @@ def test_a_drained_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupt
 
 def test_cancel_stops_at_the_next_step_and_keeps_a_checkpoint(env: Env) -> None:
     job = env.submit("lora", "job-cancelled001", max_steps=500)
-    env.jobs.r.hset(job_key(job), "cancel_requested", "1")  # as POST .../cancel does for a running job
+    env.jobs.r.hset(keys.job(job), "cancel_requested", "1")  # as POST .../cancel does for a running job
     record = env.run(job)
     assert record["state"] == "cancelled"
     error = json.loads(record["error"])

@@ -13,12 +13,12 @@ from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from queueformer.batches import BatchStore
-from queueformer.broker import make_celery
-from queueformer.files import FileStore
-from queueformer.registry import Registry
-from queueformer.state import JobStore
-from queueformer.storage import Storage
+from queueformer.contract.registry import Registry
+from queueformer.server.batches import BatchStore
+from queueformer.server.broker import make_celery
+from queueformer.server.files import FileStore
+from queueformer.server.jobs import JobStore
+from queueformer.server.storage import Storage
 from tests.helpers import eventually, make_settings
 from workers.holder import ModelHolder, Served, serve
 from workers.lease import LeaseKeeper

@@ -12,9 +12,9 @@ def test_importing_the_api_app_leaves_heavy_packages_out() -> None:
     code = (
         "import sys\n"
         "from api.app import create_app\n"
-        "from queueformer.settings import load_settings\n"
+        "from queueformer.contract.settings import load_settings\n"
         "app = create_app(load_settings(redis_url='redis://127.0.0.1:1/0'))\n"
-        "import queueformer.client, queueformer.cli, queueformer.batches, queueformer.bulk\n"
+        "import queueformer.client, queueformer.cli, queueformer.server.batches, queueformer.bulk\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from queueformer.limits import Limits
-from queueformer.settings import ApiSettings, Settings, TenantQuota, WorkerSettings
+from queueformer.contract.limits import Limits
+from queueformer.contract.settings import ApiSettings, Settings, TenantQuota, WorkerSettings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

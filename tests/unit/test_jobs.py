@@ -7,18 +7,11 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from queueformer import limits
-from queueformer.errors import InputTooLong
-from queueformer.jobs import (
-    ClassifyJob,
-    FineTuneJob,
-    GenerateJob,
-    check_fits,
-    estimate_tokens,
-    parse_job,
-    valid_object_id,
-)
-from queueformer.limits import Limits
+from queueformer.contract import limits
+from queueformer.contract.errors import InputTooLong
+from queueformer.contract.ids import valid_object_id
+from queueformer.contract.jobs import ClassifyJob, FineTuneJob, GenerateJob, check_fits, estimate_tokens, parse_job
+from queueformer.contract.limits import Limits
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,17 @@ import json
 
 import pytest
 
-from queueformer.errors import ErrorInfo, InputTooLong
-from queueformer.jobs import ClassifyJob, FillMaskJob, GenerateJob, TranslateJob
-from queueformer.openai_batch import LineError, error_line, error_line_for, output_line, parse_line, response_body
-from queueformer.records import GenerateResult, Generation, Usage
+from queueformer.contract.errors import ErrorInfo, InputTooLong
+from queueformer.contract.jobs import ClassifyJob, FillMaskJob, GenerateJob, TranslateJob
+from queueformer.contract.openai_batch import (
+    LineError,
+    error_line,
+    error_line_for,
+    output_line,
+    parse_line,
+    response_body,
+)
+from queueformer.contract.records import GenerateResult, Generation, Usage
 
 
 def line(url: str, body: dict, cid: str = "r1") -> bytes:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from queueformer.errors import ModelNotFound, TaskMismatch
-from queueformer.registry import Quantization, Registry
+from queueformer.contract.errors import ModelNotFound, TaskMismatch
+from queueformer.contract.registry import Quantization, Registry
 
 
 def test_bundled_registries_load() -> None:

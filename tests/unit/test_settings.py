@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from queueformer.settings import load_settings
+from queueformer.contract.settings import load_settings
 
 
 def test_prefix_and_nested_delimiter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_invalid_values_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 def test_importing_settings_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
-    import queueformer.settings as mod
+    import queueformer.contract.settings as mod
 
     monkeypatch.setenv("QUEUEFORMER_API__PORT", "not-a-port")
     importlib.reload(mod)  # would raise if settings were read at import

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from queueformer.errors import InvalidInput, NotFound
-from queueformer.storage import Storage
+from queueformer.contract.errors import InvalidInput, NotFound
+from queueformer.server.storage import Storage
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from queueformer.errors import OutOfMemory, TransientError
+from queueformer.contract.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
 from workers.handlers.base import Handler

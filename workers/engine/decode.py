@@ -35,7 +35,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from queueformer.errors import OutOfMemory, TransientError
+from queueformer.contract.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
 from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from queueformer.errors import Cancelled, DeadlineExceeded
+from queueformer.contract.errors import Cancelled, DeadlineExceeded
 
 
 def _never() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from queueformer.jobs import Task
+from queueformer.contract.jobs import Task
 from workers.handlers.base import Handler
 
 HANDLERS: dict[Task, str] = {

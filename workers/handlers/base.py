@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import torch
 from pydantic import BaseModel
 
-from queueformer.errors import InputTooLong
-from queueformer.jobs import AnyJob, Task
-from queueformer.registry import ModelEntry
+from queueformer.contract.errors import InputTooLong
+from queueformer.contract.jobs import AnyJob, Task
+from queueformer.contract.registry import ModelEntry
 from workers.loading import Loaded
 
 J = TypeVar("J", bound=AnyJob)

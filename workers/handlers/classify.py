@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from queueformer.jobs import ClassifyJob, Task
-from queueformer.records import ClassifyResult, LabelScore, Usage
+from queueformer.contract.jobs import ClassifyJob, Task
+from queueformer.contract.records import ClassifyResult, LabelScore, Usage
 from workers.engine.padding import pad_right, pad_token_id
 from workers.handlers.base import Handler
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from queueformer.jobs import EchoJob, Task
-from queueformer.records import EchoResult
+from queueformer.contract.jobs import EchoJob, Task
+from queueformer.contract.records import EchoResult
 from workers.handlers.base import Handler
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from queueformer.errors import NoMaskToken
-from queueformer.jobs import FillMaskJob, Task
-from queueformer.records import FillMaskResult, MaskCandidate, Usage
+from queueformer.contract.errors import NoMaskToken
+from queueformer.contract.jobs import FillMaskJob, Task
+from queueformer.contract.records import FillMaskResult, MaskCandidate, Usage
 from workers.engine.padding import pad_right, pad_token_id
 from workers.handlers.base import Handler
 

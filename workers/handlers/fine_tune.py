@@ -30,14 +30,14 @@ from transformers import (
     set_seed,
 )
 
-from queueformer.checkpoints import Checkpoints
-from queueformer.errors import Cancelled, DeadlineExceeded, TransientError, UnsupportedOnHardware
-from queueformer.jobs import FineTuneJob, FineTuneMethod
-from queueformer.overlay import ModelOverlay, fine_tuned_name
-from queueformer.records import FineTuneResult
-from queueformer.registry import ModelEntry, Quantization, Registry
-from queueformer.state import JobStore
-from queueformer.storage import Storage
+from queueformer.contract.errors import Cancelled, DeadlineExceeded, TransientError, UnsupportedOnHardware
+from queueformer.contract.jobs import FineTuneJob, FineTuneMethod
+from queueformer.contract.records import FineTuneResult
+from queueformer.contract.registry import ModelEntry, Quantization, Registry
+from queueformer.server.checkpoints import Checkpoints
+from queueformer.server.jobs import JobStore
+from queueformer.server.overlay import ModelOverlay, fine_tuned_name
+from queueformer.server.storage import Storage
 from workers.loading import load_kwargs
 from workers.training.callbacks import JobCallback
 from workers.training.data import Blocks, pack, read_texts, split

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from queueformer.errors import InputTooLong, InvalidInput, NoChatTemplate
-from queueformer.jobs import GenerateJob, Task
-from queueformer.records import GenerateResult, Generation, Usage
+from queueformer.contract.errors import InputTooLong, InvalidInput, NoChatTemplate
+from queueformer.contract.jobs import GenerateJob, Task
+from queueformer.contract.records import GenerateResult, Generation, Usage
 from workers.engine.decode import GenOutput, GenRequest
 from workers.handlers.base import Handler
 

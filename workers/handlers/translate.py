@@ -11,8 +11,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from queueformer.jobs import Task, TranslateJob
-from queueformer.records import TranslateResult, Translation, Usage
+from queueformer.contract.jobs import Task, TranslateJob
+from queueformer.contract.records import TranslateResult, Translation, Usage
 from workers.engine.padding import pad_right, pad_token_id
 from workers.handlers.base import Handler
 

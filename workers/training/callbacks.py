@@ -15,8 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from queueformer.checkpoints import Checkpoints
-from queueformer.state import JobStore
+from queueformer.server.checkpoints import Checkpoints
+from queueformer.server.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

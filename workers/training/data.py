@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from queueformer.errors import InvalidInput
-from queueformer.storage import Storage
+from queueformer.contract.errors import InvalidInput
+from queueformer.server.storage import Storage
 
 MAX_BAD_LINES_SHOWN = 5
 

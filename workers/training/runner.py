@@ -17,11 +17,12 @@ from typing import Any
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from queueformer.broker import JobsUnit
-from queueformer.errors import ErrorInfo, InternalError, QueueformerError, TransientError, WorkerLost
-from queueformer.jobs import FineTuneJob, parse_job
-from queueformer.state import PREFIX, JobStore
-from queueformer.storage import Storage
+from queueformer.contract.errors import ErrorInfo, InternalError, QueueformerError, TransientError, WorkerLost
+from queueformer.contract.jobs import FineTuneJob, parse_job
+from queueformer.contract.units import JobsUnit
+from queueformer.server import keys
+from queueformer.server.jobs import JobStore
+from queueformer.server.storage import Storage
 from workers import metrics
 from workers.handlers.fine_tune import FineTuneHandler
 
@@ -57,7 +58,7 @@ class TrainingRunner:
         # The device first: a lease taken while waiting for it would not be renewed and could lapse.
         with self._device:
             # Redelivery can hand the same job to two consumers; a lease in Redis lets only one train it.
-            lease = self.jobs.r.lock(f"{PREFIX}:fine-tune-lease:{job_id}", timeout=self.lease_s)
+            lease = self.jobs.r.lock(keys.fine_tune_lease(job_id), timeout=self.lease_s)
             if not lease.acquire(blocking=False):
                 log.info("fine-tune %s is running elsewhere; this delivery steps aside", job_id)
                 return 0

@@ -12,13 +12,9 @@ from typing import Any, cast
 
 import redis
 
-from queueformer.state import PREFIX
+from queueformer.server import keys
 
 TTL_S = 30
-
-
-def _key(worker_id: str) -> str:
-    return f"{PREFIX}:worker:{worker_id}"
 
 
 class Fleet:
@@ -28,16 +24,16 @@ class Fleet:
         self.r = client
 
     def announce(self, worker_id: str, info: dict[str, Any], ttl_s: int = TTL_S) -> None:
-        self.r.set(_key(worker_id), json.dumps({**info, "id": worker_id, "seen_at": time.time()}), ex=ttl_s)
+        self.r.set(keys.worker(worker_id), json.dumps({**info, "id": worker_id, "seen_at": time.time()}), ex=ttl_s)
 
     def leave(self, worker_id: str) -> None:
-        self.r.delete(_key(worker_id))
+        self.r.delete(keys.worker(worker_id))
 
     def members(self) -> list[dict[str, Any]]:
-        keys = list(self.r.scan_iter(match=_key("*"), count=500))
-        if not keys:
+        names = list(self.r.scan_iter(match=keys.WORKERS_PATTERN, count=500))
+        if not names:
             return []
-        values = cast(list[str | None], self.r.mget(keys))
+        values = cast(list[str | None], self.r.mget(names))
         return [json.loads(v) for v in values if v]
 
     def by_model(self) -> dict[str, list[dict[str, Any]]]:

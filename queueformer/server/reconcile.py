@@ -26,20 +26,15 @@ from typing import Any, cast
 
 import redis
 
-from queueformer.batches import OPEN_BATCHES, BatchStore, batch_key
-from queueformer.broker import RUN_TASK, JobsUnit, LinesUnit, job_units
-from queueformer.errors import WorkerLost
-from queueformer.state import OPEN_JOBS, PREFIX, JobStore
+from queueformer.contract.errors import WorkerLost
+from queueformer.contract.units import RUN_TASK, JobsUnit, LinesUnit, job_units
+from queueformer.server import keys
+from queueformer.server.batches import BatchStore
+from queueformer.server.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
-SUSPECTS = f"{PREFIX}:reconcile:suspects"
-LOCK = f"{PREFIX}:reconcile:lock"
-UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (tag -> [payload, exchange, key])
-PRIORITY_SEP = "\x06\x16"  # kombu names a queue's priority lists "<queue><sep><priority>"
-PRIORITY_STEPS = (0, 3, 6, 9)
 JOBS_PER_MESSAGE = 128
-RESENDS = f"{PREFIX}:reconcile:resent"  # key -> times sent again
 VALIDATING_STALE_S = 600  # validating a 50,000-line file takes about a second
 
 Send = Callable[[JobsUnit | LinesUnit, str], None]
@@ -123,7 +118,7 @@ class Reconciler:
 
     def audit(self, now: float | None = None) -> Audit:
         """One pass; several API replicas may call it, one of them audits at a time."""
-        lock = self.r.lock(LOCK, timeout=max(600.0, 4 * self.confirm_s))
+        lock = self.r.lock(keys.RECONCILE_LOCK, timeout=max(600.0, 4 * self.confirm_s))
         if not lock.acquire(blocking=False):
             return Audit(skipped="another process is auditing")
         try:
@@ -141,11 +136,11 @@ class Reconciler:
         work = self._stale(now, report)
         report.checked_jobs, report.checked_units = len(work.jobs), len(work.units)
         if not work.jobs and not work.units:
-            self.r.delete(SUSPECTS)
+            self.r.delete(keys.RECONCILE_SUSPECTS)
             return report
         listed = self._listed(work.queues)
         if listed is None:
-            self.r.delete(SUSPECTS)  # a later sighting must not pair with one this old
+            self.r.delete(keys.RECONCILE_SUSPECTS)  # a later sighting must not pair with one this old
             report.skipped = f"the broker holds more than {self.max_scan} messages; not scanned"
             return report
         present_jobs, present_units, report.scanned_messages = listed
@@ -174,7 +169,9 @@ class Reconciler:
 
     def _stale(self, now: float, report: Audit) -> _Open:
         work = _Open()
-        ids = cast(list[str], self.r.zrangebyscore(OPEN_JOBS, "-inf", now - self.after_s, start=0, num=self.max_jobs))
+        ids = cast(
+            list[str], self.r.zrangebyscore(keys.OPEN_JOBS, "-inf", now - self.after_s, start=0, num=self.max_jobs)
+        )
         gone = []
         for job_id, record in zip(ids, self.jobs.raw_many(ids), strict=True):
             if not record or record.get("state") not in ("queued", "running"):
@@ -182,7 +179,7 @@ class Reconciler:
             else:
                 work.jobs[job_id] = record
         if gone:
-            self.r.zrem(OPEN_JOBS, *gone)
+            self.r.zrem(keys.OPEN_JOBS, *gone)
         for batch_id, raw in self._open_batches():
             try:
                 if self._tend(batch_id, raw, now):
@@ -217,10 +214,10 @@ class Reconciler:
         return False
 
     def _open_batches(self) -> Iterable[tuple[str, dict[str, str]]]:
-        batch_ids = sorted(cast(set[str], self.r.smembers(OPEN_BATCHES)))
+        batch_ids = sorted(cast(set[str], self.r.smembers(keys.OPEN_BATCHES)))
         p = self.r.pipeline(transaction=False)
         for batch_id in batch_ids:
-            p.hgetall(batch_key(batch_id))
+            p.hgetall(keys.batch(batch_id))
         gone = []
         for batch_id, raw in zip(batch_ids, p.execute(), strict=True):
             if raw:
@@ -228,7 +225,7 @@ class Reconciler:
             else:
                 gone.append(batch_id)
         if gone:
-            self.r.srem(OPEN_BATCHES, *gone)
+            self.r.srem(keys.OPEN_BATCHES, *gone)
 
     def _still_open(self, job_ids: list[str]) -> list[str]:
         return [
@@ -246,11 +243,11 @@ class Reconciler:
 
     def _listed(self, queues: set[str]) -> tuple[set[str], set[str], int] | None:
         """Job ids and unit keys named by messages waiting in ``queues`` or delivered and unacknowledged."""
-        names = [q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}" for q in sorted(queues) for pri in PRIORITY_STEPS]
+        names = [name for q in sorted(queues) for name in keys.queue_lists(q)]
         p = self.r.pipeline(transaction=False)
         for name in names:
             p.llen(name)
-        p.hlen(UNACKED)
+        p.hlen(keys.UNACKED)
         if sum(int(n) for n in p.execute()) > self.max_scan:
             return None
         # Queues first, then unacknowledged: a message taken by a consumer between the two reads, or
@@ -260,7 +257,7 @@ class Reconciler:
             p.lrange(name, 0, -1)
         raws = [m for msgs in p.execute() for m in msgs]
         payloads = [self._load(m) for m in raws]
-        for entry in cast(list[str], self.r.hvals(UNACKED)):
+        for entry in cast(list[str], self.r.hvals(keys.UNACKED)):
             loaded = self._load(entry)
             payloads.append(loaded[0] if isinstance(loaded, list) and loaded else None)
         jobs: set[str] = set()
@@ -289,13 +286,13 @@ class Reconciler:
 
     def _confirm(self, suspects: list[str], now: float) -> set[str]:
         """Suspects also missing in an audit at least ``confirm_s`` earlier; the rest are remembered."""
-        before = cast(dict[str, str], self.r.hgetall(SUSPECTS))
+        before = cast(dict[str, str], self.r.hgetall(keys.RECONCILE_SUSPECTS))
         confirmed = {k for k in suspects if k in before and now - float(before[k]) >= self.confirm_s}
         keep: dict[Any, Any] = {k: before.get(k, repr(now)) for k in suspects if k not in confirmed}
         p = self.r.pipeline()
-        p.delete(SUSPECTS)
+        p.delete(keys.RECONCILE_SUSPECTS)
         if keep:
-            p.hset(SUSPECTS, mapping=keep)
+            p.hset(keys.RECONCILE_SUSPECTS, mapping=keep)
         p.execute()
         return confirmed
 
@@ -305,12 +302,12 @@ class Reconciler:
         Work can fail before it counts a delivery (its model cannot load, its input file is gone) and be
         acknowledged: sending it again forever would be a loop, so the audit ends it instead.
         """
-        keys = [f"job:{j}" for j in job_ids] + unit_keys
+        suspects = [f"job:{j}" for j in job_ids] + unit_keys
         p = self.r.pipeline(transaction=False)
-        for key in keys:
-            p.hincrby(RESENDS, key, 1)
-        p.expire(RESENDS, 7 * 24 * 3600)
-        times = dict(zip(keys, (int(n) for n in p.execute()[:-1]), strict=True))
+        for key in suspects:
+            p.hincrby(keys.RECONCILE_RESENT, key, 1)
+        p.expire(keys.RECONCILE_RESENT, 7 * 24 * 3600)
+        times = dict(zip(suspects, (int(n) for n in p.execute()[:-1]), strict=True))
         lost = WorkerLost(f"no worker finished this after it was sent again {self.max_resends} times")
         groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
         for job_id in job_ids:

@@ -1,21 +1,20 @@
 """The job contract: one pydantic model per job type, joined in a union discriminated on ``task``.
 
 Field definitions carry hard caps (they appear in the OpenAPI schema); ``_limit`` validators add the
-operator's configurable caps from :mod:`queueformer.limits`, so a violation names its field. Generation
+operator's configurable caps from :mod:`queueformer.contract.limits`, so a violation names its field. Generation
 parameters left as ``None`` take the model's ``generation_config`` value, else transformers' default,
 exactly as ``model.generate`` would.
 """
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from queueformer import limits
-from queueformer.errors import InputTooLong
+from queueformer.contract import limits
+from queueformer.contract.errors import InputTooLong
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 _HARD_TEXT_CHARS = 1_000_000
@@ -237,14 +236,6 @@ def parse_job(data: Any) -> AnyJob:
     if isinstance(data, str | bytes):
         return JOB_ADAPTER.validate_json(data)
     return JOB_ADAPTER.validate_python(data)
-
-
-_ID_RE = re.compile(r"^[a-z]+[-_][A-Za-z0-9]{8,64}$")
-
-
-def valid_object_id(value: str) -> bool:
-    """Object ids (job-..., file-..., batch_...) hold letters and digits only, so they never escape a storage prefix."""
-    return bool(_ID_RE.fullmatch(value))
 
 
 def check_fits(spec: AnyJob, max_input_tokens: int | None, param: str = "max_new_tokens") -> None:

@@ -9,10 +9,10 @@ from typing import IO, Any, Literal, cast
 import redis
 from pydantic import BaseModel
 
-from queueformer.errors import InvalidInput, NotFound, PayloadTooLarge
-from queueformer.jobs import valid_object_id
-from queueformer.state import PREFIX, new_id
-from queueformer.storage import Storage
+from queueformer.contract.errors import InvalidInput, NotFound, PayloadTooLarge
+from queueformer.contract.ids import new_id, valid_object_id
+from queueformer.server import keys
+from queueformer.server.storage import Storage
 
 Purpose = Literal["batch", "fine-tune", "batch_output", "fine-tune-results"]
 UPLOAD_PURPOSES = ("batch", "fine-tune")
@@ -30,10 +30,6 @@ class FileObject(BaseModel):
     status: str = "processed"
     expires_at: int | None = None
     status_details: str | None = None
-
-
-def _key(file_id: str) -> str:
-    return f"{PREFIX}:file:{file_id}"
 
 
 class FileStore:
@@ -74,32 +70,32 @@ class FileStore:
             expires_at=expires_at,
         )
         p = self.r.pipeline()
-        p.hset(_key(file_id), mapping={"tenant": tenant, "object": obj.model_dump_json()})
-        p.zadd(f"{PREFIX}:files:{tenant}", {file_id: time.time()})
+        p.hset(keys.file(file_id), mapping={"tenant": tenant, "object": obj.model_dump_json()})
+        p.zadd(keys.tenant_files(tenant), {file_id: time.time()})
         p.execute()
         return obj
 
     def get(self, file_id: str, tenant: str | None) -> FileObject:
         if not valid_object_id(file_id):
             raise NotFound(f"file {file_id!r} not found", param="file_id")
-        data = cast(dict[str, str], self.r.hgetall(_key(file_id)))
+        data = cast(dict[str, str], self.r.hgetall(keys.file(file_id)))
         if not data or (tenant is not None and data.get("tenant") != tenant):
             raise NotFound(f"file {file_id!r} not found", param="file_id")
         return FileObject.model_validate_json(data["object"])
 
     def tenant_of(self, file_id: str) -> str | None:
-        return cast(str | None, self.r.hget(_key(file_id), "tenant"))
+        return cast(str | None, self.r.hget(keys.file(file_id), "tenant"))
 
     def page(
         self, tenant: str, purpose: str | None = None, limit: int = 100, after: str | None = None
     ) -> tuple[list[FileObject], bool]:
-        ids = cast(list[str], self.r.zrevrange(f"{PREFIX}:files:{tenant}", 0, -1))
+        ids = cast(list[str], self.r.zrevrange(keys.tenant_files(tenant), 0, -1))
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1 :]
         out: list[FileObject] = []
         p = self.r.pipeline(transaction=False)
         for file_id in ids:
-            p.hget(_key(file_id), "object")
+            p.hget(keys.file(file_id), "object")
         for raw in p.execute():
             if raw is None:
                 continue
@@ -114,8 +110,8 @@ class FileStore:
         self.get(file_id, tenant)
         self.storage.delete(self.storage.file_key(file_id))
         p = self.r.pipeline()
-        p.delete(_key(file_id))
-        p.zrem(f"{PREFIX}:files:{tenant}", file_id)
+        p.delete(keys.file(file_id))
+        p.zrem(keys.tenant_files(tenant), file_id)
         p.execute()
         return {"id": file_id, "object": "file", "deleted": True}
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import redis
 
-from queueformer.embedded import EmbeddedRedis
-from queueformer.fleet import Fleet
-from queueformer.registry import Registry
-from queueformer.settings import Settings
-from queueformer.state import connect
+from queueformer.contract.registry import Registry
+from queueformer.contract.settings import Settings
+from queueformer.server.connection import connect
+from queueformer.server.embedded import EmbeddedRedis
+from queueformer.server.fleet import Fleet
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from queueformer.errors import InvalidInput, NotFound, StorageUnavailable
-from queueformer.jobs import valid_object_id
+from queueformer.contract.errors import InvalidInput, NotFound, StorageUnavailable
+from queueformer.contract.ids import valid_object_id
 
 MANIFEST = "_COMPLETE"
 

@@ -10,36 +10,35 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
-from queueformer.errors import ErrorInfo, NotFound
-from queueformer.jobs import AnyJob, Task, parse_job
-from queueformer.records import JobRecord, JobState
-
-PREFIX = "qf"
+from queueformer.contract.errors import ErrorInfo, NotFound
+from queueformer.contract.jobs import AnyJob, Task, parse_job
+from queueformer.contract.records import JobRecord, JobState
+from queueformer.server import keys
 
 # Set fields and the new state only if the current state is one of the allowed ones (comma list), and
 # append the state event to the job's stream (KEYS[2]) in the same step. ARGV: allowed, new state,
-# record TTL ('0' while not terminal), event JSON, now, stream TTL, job id, then field/value pairs.
-# Reaching a terminal state starts the record's TTL, gives the job's estimated tokens back to its
-# tenant and takes the job off the open index.
+# record TTL ('0' while not terminal), event JSON, now, stream TTL, job id, the tenant-tokens key
+# template (keys.TENANT_TOKENS_TEMPLATE), then field/value pairs. Reaching a terminal state starts the
+# record's TTL, gives the job's estimated tokens back to its tenant and takes the job off the open
+# index (KEYS[3]).
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) == nil then return {0, cur} end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 9))
 if ARGV[3] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   local tenant = redis.call('HGET', KEYS[1], 'tenant')
   local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
   if tenant and tokens and tokens > 0 then
-    redis.call('DECRBY', 'qf:tenant:' .. tenant .. ':tokens', tokens)
+    redis.call('DECRBY', string.format(ARGV[8], tenant), tokens)
   end
-  redis.call('ZREM', 'qf:open-jobs', ARGV[7])
+  redis.call('ZREM', KEYS[3], ARGV[7])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', ARGV[4], 'at', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -58,41 +57,6 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', 5000, '*', 'type', 'state', 'data', d
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {1, attempts}
 """
-
-
-def tenant_tokens_key(tenant: str) -> str:
-    return f"{PREFIX}:tenant:{tenant}:tokens"
-
-
-def connect(url: str) -> redis.Redis:
-    """A client with timeouts: a broker that vanishes must surface as an error, not hang a request."""
-    client = redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
-    )
-    return client
-
-
-def new_id(prefix: str) -> str:
-    sep = "_" if prefix == "batch" else "-"
-    return f"{prefix}{sep}{uuid.uuid4().hex}"
-
-
-# Every job not yet in a terminal state, scored by creation time: what the reconciler checks against
-# the broker (queueformer.reconcile).
-OPEN_JOBS = f"{PREFIX}:open-jobs"  # not under jobs:, where each tenant has its index
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"
-
-
-def events_key(object_id: str) -> str:
-    return f"{PREFIX}:events:{object_id}"
 
 
 class JobStore:
@@ -133,13 +97,13 @@ class JobStore:
             }
             if spec.timeout_s:
                 fields["deadline"] = repr(now + spec.timeout_s)
-            p.hset(job_key(job_id), mapping=fields)
-            p.zadd(f"{PREFIX}:jobs:{tenant}", {job_id: now})
-            p.zadd(OPEN_JOBS, {job_id: now})
+            p.hset(keys.job(job_id), mapping=fields)
+            p.zadd(keys.tenant_jobs(tenant), {job_id: now})
+            p.zadd(keys.OPEN_JOBS, {job_id: now})
             if spec.task == Task.FINE_TUNE.value:
-                p.zadd(f"{PREFIX}:fine-tunes:{tenant}", {job_id: now})
+                p.zadd(keys.tenant_fine_tunes(tenant), {job_id: now})
             if fields["tokens"] != "0":
-                p.incrby(tenant_tokens_key(tenant), int(fields["tokens"]))
+                p.incrby(keys.tenant_tokens(tenant), int(fields["tokens"]))
             self._event(p, job_id, "state", {"state": JobState.QUEUED.value})
         if pipe is None:
             p.execute()
@@ -148,7 +112,7 @@ class JobStore:
     # --- reads ------------------------------------------------------------------------------
 
     def raw(self, job_id: str) -> dict[str, str]:
-        data = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
+        data = cast(dict[str, str], self.r.hgetall(keys.job(job_id)))
         if not data:
             raise NotFound(f"job {job_id!r} not found", param="job_id")
         return data
@@ -156,7 +120,7 @@ class JobStore:
     def raw_many(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
         p = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            p.hgetall(job_key(job_id))
+            p.hgetall(keys.job(job_id))
         return cast(list[dict[str, str]], p.execute())
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
@@ -177,7 +141,9 @@ class JobStore:
         self, tenant: str, limit: int = 20, before: float | None = None, index: str = "jobs"
     ) -> list[dict[str, str]]:
         top = f"({before}" if before is not None else "+inf"
-        ids = cast(list[str], self.r.zrevrangebyscore(f"{PREFIX}:{index}:{tenant}", top, "-inf", start=0, num=limit))
+        ids = cast(
+            list[str], self.r.zrevrangebyscore(keys.tenant_index(index, tenant), top, "-inf", start=0, num=limit)
+        )
         return [d for d in self.raw_many(ids) if d]
 
     # --- transitions --------------------------------------------------------------------------
@@ -201,8 +167,19 @@ class JobStore:
         ttl = str(self.ttl) if to.terminal else "0"
         data = json.dumps({"state": to.value, **(event or {})})
         allowed_csv = ",".join(s.value for s in allowed)
-        args = [allowed_csv, to.value, ttl, data, repr(time.time()), str(self.ttl), job_id, *flat]
-        result = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args, client=pipe)
+        args = [
+            allowed_csv,
+            to.value,
+            ttl,
+            data,
+            repr(time.time()),
+            str(self.ttl),
+            job_id,
+            keys.TENANT_TOKENS_TEMPLATE,
+            *flat,
+        ]
+        names = [keys.job(job_id), keys.events(job_id), keys.OPEN_JOBS]
+        result = self._transition(keys=names, args=args, client=pipe)
         if pipe is not None:
             return True, ""
         ok, before = result
@@ -213,14 +190,14 @@ class JobStore:
         p = self.r.pipeline(transaction=False)
         now = repr(time.time())
         for job_id in job_ids:
-            self._start(keys=[job_key(job_id), events_key(job_id)], args=[now, str(self.ttl)], client=p)
+            self._start(keys=[keys.job(job_id), keys.events(job_id)], args=[now, str(self.ttl)], client=p)
         return [int(attempts) if started else 0 for started, attempts in p.execute()]
 
     def release(self, job_id: str) -> None:
         """Hand a running job back to the queue after a graceful stop: its attempt does not count."""
         ok, _ = self.transition(job_id, [JobState.RUNNING], JobState.QUEUED, event={"released": True})
         if ok:
-            self.r.hincrby(job_key(job_id), "attempts", -1)
+            self.r.hincrby(keys.job(job_id), "attempts", -1)
 
     def start(self, job_id: str) -> tuple[bool, dict[str, str]]:
         """Mark one job running (also when redelivered while running); False when it must be skipped."""
@@ -264,19 +241,19 @@ class JobStore:
         if ok:
             return JobState.CANCELLED
         if before == JobState.RUNNING.value:
-            self.r.hset(job_key(job_id), "cancel_requested", "1")
+            self.r.hset(keys.job(job_id), "cancel_requested", "1")
             self.emit(job_id, "cancel_requested", {})
         return JobState(before) if before else JobState.CANCELLED
 
     def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
         p = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            p.hget(job_key(job_id), "cancel_requested")
+            p.hget(keys.job(job_id), "cancel_requested")
         return {j for j, flag in zip(job_ids, p.execute(), strict=True) if flag}
 
     def set_progress(self, job_id: str, progress: Mapping[str, Any]) -> None:
         p = self.r.pipeline(transaction=False)
-        p.hset(job_key(job_id), "progress", json.dumps(progress))
+        p.hset(keys.job(job_id), "progress", json.dumps(progress))
         self._event(p, job_id, "progress", dict(progress))
         p.execute()
 
@@ -288,7 +265,7 @@ class JobStore:
         p.execute()
 
     def _event(self, p: redis.client.Pipeline, object_id: str, kind: str, data: Mapping[str, Any]) -> None:
-        key = events_key(object_id)
+        key = keys.events(object_id)
         p.xadd(key, {"type": kind, "data": json.dumps(data), "at": repr(time.time())}, maxlen=5000, approximate=True)
         p.expire(key, self.ttl)
 
@@ -296,7 +273,7 @@ class JobStore:
         self, object_id: str, after: str = "0-0", block_ms: int | None = None
     ) -> list[tuple[str, str, Any]]:
         """Events after ``after`` as (event id, type, data); blocks up to ``block_ms`` for new ones."""
-        res = self.r.xread({events_key(object_id): after}, count=500, block=block_ms)
+        res = self.r.xread({keys.events(object_id): after}, count=500, block=block_ms)
         out: list[tuple[str, str, Any]] = []
         for _key, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], res or []):
             for eid, f in entries:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from queueformer.errors import ErrorInfo
+from queueformer.contract.errors import ErrorInfo
 
 
 class JobState(StrEnum):

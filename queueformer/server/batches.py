@@ -20,21 +20,20 @@ from typing import Any, cast
 import redis
 from redis.client import NEVER_DECODE
 
-from queueformer import webhooks
-from queueformer.broker import LinesUnit
-from queueformer.errors import Conflict, ErrorInfo, NotFound, QueueformerError
-from queueformer.files import FileStore
-from queueformer.jobs import AnyJob, estimate_tokens, valid_object_id
-from queueformer.openai_batch import LineError, error_line, parse_line
-from queueformer.state import PREFIX, events_key, tenant_tokens_key
-from queueformer.storage import Storage
+from queueformer.contract.errors import Conflict, ErrorInfo, NotFound, QueueformerError
+from queueformer.contract.ids import valid_object_id
+from queueformer.contract.jobs import AnyJob, estimate_tokens
+from queueformer.contract.openai_batch import LineError, error_line, parse_line
+from queueformer.contract.units import LinesUnit
+from queueformer.server import keys, webhooks
+from queueformer.server.files import FileStore
+from queueformer.server.storage import Storage
 
 log = logging.getLogger(__name__)
 
 _RAW = {NEVER_DECODE: True}
 WINDOW_S = 24 * 3600
 FINALIZE_STALE_S = 300
-OPEN_BATCHES = f"{PREFIX}:open-batches"  # every tenant's, for the audits of queueformer.reconcile
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 DONE = ("failed", "completed", "expired", "cancelled")
 
@@ -65,14 +64,6 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[3]) end
 return {1, cur}
 """
-
-
-def batch_key(batch_id: str) -> str:
-    return f"{PREFIX}:batch:{batch_id}"
-
-
-def _k(batch_id: str, part: str) -> str:
-    return f"{PREFIX}:batch:{batch_id}:{part}"
 
 
 @dataclass
@@ -249,20 +240,20 @@ class BatchStore:
             "webhook_url": body.get("webhook_url") or "",
         }
         p = self.r.pipeline()
-        p.hset(batch_key(batch_id), mapping=fields)
-        p.zadd(f"{PREFIX}:batches:{tenant}", {batch_id: now})
-        p.sadd(f"{PREFIX}:tenant:{tenant}:open_batches", batch_id)
-        p.sadd(OPEN_BATCHES, batch_id)
+        p.hset(keys.batch(batch_id), mapping=fields)
+        p.zadd(keys.tenant_batches(tenant), {batch_id: now})
+        p.sadd(keys.tenant_open_batches(tenant), batch_id)
+        p.sadd(keys.OPEN_BATCHES, batch_id)
         p.execute()
 
     def open_batches(self, tenant: str) -> int:
-        return int(self.r.scard(f"{PREFIX}:tenant:{tenant}:open_batches"))
+        return int(self.r.scard(keys.tenant_open_batches(tenant)))
 
     def start(self, batch_id: str, scan: Scan, chunks: list[Chunk], tenant: str) -> None:
         """Record what validation found and move to ``in_progress`` (or ``failed`` if nothing can run)."""
         p = self.r.pipeline()
         p.hset(
-            batch_key(batch_id),
+            keys.batch(batch_id),
             mapping={
                 "total": str(len(scan.lines)),
                 "model": scan.models[0] if len(scan.models) == 1 else "",
@@ -279,11 +270,11 @@ class BatchStore:
         )
         if chunks:
             p.rpush(
-                _k(batch_id, "chunks"),
+                keys.batch_part(batch_id, "chunks"),
                 *[json.dumps([c.index, c.first, c.start, c.end, c.models, c.last, c.count]) for c in chunks],
             )
         if scan.tokens:
-            p.incrby(tenant_tokens_key(tenant), scan.tokens)
+            p.incrby(keys.tenant_tokens(tenant), scan.tokens)
         p.execute()
         self.commit_many(
             batch_id,
@@ -310,7 +301,7 @@ class BatchStore:
         raw = self.raw(batch_id)
         errors = json.loads(raw.get("errors") or "[]")
         errors.insert(0, {"code": "invalid_file", "message": message, "param": "input_file_id", "line": None})
-        self.r.hset(batch_key(batch_id), "errors", json.dumps(errors))
+        self.r.hset(keys.batch(batch_id), "errors", json.dumps(errors))
         self.set_status(batch_id, ["validating"], "failed", "failed_at")
         if int(raw.get("failed", "0")):
             self._write_files(batch_id, raw)
@@ -321,7 +312,7 @@ class BatchStore:
         self._fail_validation(batch_id, message)
 
     def raw(self, batch_id: str) -> dict[str, str]:
-        data = cast(dict[str, str], self.r.hgetall(batch_key(batch_id)))
+        data = cast(dict[str, str], self.r.hgetall(keys.batch(batch_id)))
         if not data:
             raise NotFound(f"batch {batch_id!r} not found", param="batch_id")
         return data
@@ -335,17 +326,19 @@ class BatchStore:
         return data
 
     def page(self, tenant: str, after: str | None, limit: int) -> tuple[list[dict[str, str]], bool]:
-        ids = cast(list[str], self.r.zrevrange(f"{PREFIX}:batches:{tenant}", 0, -1))
+        ids = cast(list[str], self.r.zrevrange(keys.tenant_batches(tenant), 0, -1))
         if after is not None:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
         page = ids[: limit + 1]
         p = self.r.pipeline(transaction=False)
         for batch_id in page[:limit]:
-            p.hgetall(batch_key(batch_id))
+            p.hgetall(keys.batch(batch_id))
         return [d for d in p.execute() if d], len(page) > limit
 
     def chunks(self, batch_id: str) -> list[Chunk]:
-        return [Chunk(*json.loads(c)) for c in cast(list[str], self.r.lrange(_k(batch_id, "chunks"), 0, -1))]
+        return [
+            Chunk(*json.loads(c)) for c in cast(list[str], self.r.lrange(keys.batch_part(batch_id, "chunks"), 0, -1))
+        ]
 
     def units(self, batch_id: str, only: set[int] | None = None) -> list[LinesUnit]:
         """Work units, one per (chunk, model); with ``only``, just the units holding those lines."""
@@ -372,13 +365,13 @@ class BatchStore:
         return [idx for idx, _ in iter_range(self.storage.read_range(key, c.start, c.end), c.first)]
 
     def set_status(self, batch_id: str, allowed: Iterable[str], to: str, *stamps: str) -> bool:
-        ok, _ = self._status(keys=[batch_key(batch_id)], args=[",".join(allowed), to, str(int(time.time())), *stamps])
+        ok, _ = self._status(keys=[keys.batch(batch_id)], args=[",".join(allowed), to, str(int(time.time())), *stamps])
         if ok:
             self._event(batch_id, {"status": to})
         return bool(ok)
 
     def _event(self, batch_id: str, data: dict[str, Any]) -> None:
-        key = events_key(batch_id)
+        key = keys.events(batch_id)
         p = self.r.pipeline(transaction=False)
         p.xadd(
             key, {"type": "status", "data": json.dumps(data), "at": repr(time.time())}, maxlen=1000, approximate=True
@@ -392,12 +385,12 @@ class BatchStore:
         """Commit (line, 'out'|'err', line object, input tokens, output tokens) entries; returns what remains."""
         if not entries:
             return None
-        keys = [batch_key(batch_id), _k(batch_id, "out"), _k(batch_id, "err"), _k(batch_id, "done")]
+        names = [keys.batch(batch_id), *(keys.batch_part(batch_id, part) for part in ("out", "err", "done"))]
         now = str(int(time.time()))
         p = self.r.pipeline(transaction=False)
         for line, kind, obj, tin, tout in entries:
             self._commit(
-                keys=keys,
+                keys=names,
                 args=[line, kind, json.dumps(obj, ensure_ascii=False, separators=(",", ":")), tin, tout, now],
                 client=p,
             )
@@ -410,12 +403,12 @@ class BatchStore:
             return set()
         p = self.r.pipeline(transaction=False)
         for line in lines:
-            p.getbit(_k(batch_id, "done"), line)
+            p.getbit(keys.batch_part(batch_id, "done"), line)
         return {line for line, bit in zip(lines, p.execute(), strict=True) if bit}
 
     def open_units(self, batch_id: str) -> list[LinesUnit]:
         """The batch's work units that still have uncommitted lines: one read of its chunks and bitmap."""
-        done = Bitmap(cast(bytes, self.r.execute_command("GET", _k(batch_id, "done"), **_RAW) or b""))
+        done = Bitmap(cast(bytes, self.r.execute_command("GET", keys.batch_part(batch_id, "done"), **_RAW) or b""))
         out = []
         for c in self.chunks(batch_id):
             for unit in self._chunk_units(batch_id, c):
@@ -463,14 +456,14 @@ class BatchStore:
     def bump_deliveries(self, batch_id: str, lines: Sequence[int]) -> list[int]:
         p = self.r.pipeline(transaction=False)
         for line in lines:
-            p.hincrby(_k(batch_id, "tries"), str(line), 1)
+            p.hincrby(keys.batch_part(batch_id, "tries"), str(line), 1)
         return [int(x) for x in p.execute()]
 
     def stopped(self, batch_ids: Sequence[str]) -> set[str]:
         """Batches whose lines must stop running (cancelled, expired or otherwise over)."""
         p = self.r.pipeline(transaction=False)
         for batch_id in batch_ids:
-            p.hget(batch_key(batch_id), "status")
+            p.hget(keys.batch(batch_id), "status")
         return {b for b, st in zip(batch_ids, p.execute(), strict=True) if st is None or st in ("cancelling", *DONE)}
 
     def remaining(self, raw: dict[str, str]) -> int:
@@ -483,7 +476,7 @@ class BatchStore:
         prev = raw.get("prev_output_file_id") if not errors else None
         if prev:
             parts.append(self.storage.get_bytes(self.files.key(prev)))
-        hash_key = _k(batch_id, "err" if errors else "out")
+        hash_key = keys.batch_part(batch_id, "err" if errors else "out")
         values = cast(dict[str, str], self.r.hgetall(hash_key))
         if not values and not errors and raw.get("output_file_id"):
             return self.storage.get_bytes(self.files.key(raw["output_file_id"]))
@@ -517,7 +510,7 @@ class BatchStore:
         self.close_out(
             batch_id, "batch_expired", "This request could not be executed before the completion window expired."
         )
-        self.r.hset(batch_key(batch_id), "expiring", "1")
+        self.r.hset(keys.batch(batch_id), "expiring", "1")
         self.maybe_finalize(batch_id)
         return True
 
@@ -567,23 +560,23 @@ class BatchStore:
                 tenant, f"{batch_id}_error.jsonl", "batch_output", errs
             ).id
         p = self.r.pipeline()
-        p.hset(batch_key(batch_id), mapping=fields)
-        p.hdel(batch_key(batch_id), "prev_output_file_id")
+        p.hset(keys.batch(batch_id), mapping=fields)
+        p.hdel(keys.batch(batch_id), "prev_output_file_id")
         # The output now lives in its file; the done bitmap keeps commits exactly-once from here on.
-        p.delete(_k(batch_id, "out"))
+        p.delete(keys.batch_part(batch_id, "out"))
         p.execute()
 
     def _close(self, batch_id: str, raw: dict[str, str]) -> None:
         p = self.r.pipeline()
         tokens = int(raw.get("tokens") or 0)
         if tokens:
-            p.decrby(tenant_tokens_key(raw["tenant"]), tokens)
-            p.hset(batch_key(batch_id), "tokens", "0")
-        p.srem(f"{PREFIX}:tenant:{raw['tenant']}:open_batches", batch_id)
-        p.srem(OPEN_BATCHES, batch_id)
-        p.hdel(batch_key(batch_id), "expiring")
+            p.decrby(keys.tenant_tokens(raw["tenant"]), tokens)
+            p.hset(keys.batch(batch_id), "tokens", "0")
+        p.srem(keys.tenant_open_batches(raw["tenant"]), batch_id)
+        p.srem(keys.OPEN_BATCHES, batch_id)
+        p.hdel(keys.batch(batch_id), "expiring")
         for part in ("", ":err", ":done", ":tries", ":chunks"):
-            p.expire(f"{batch_key(batch_id)}{part}", self.ttl)
+            p.expire(f"{keys.batch(batch_id)}{part}", self.ttl)
         p.execute()
 
     def retry(self, batch_id: str, codes: set[str] | None) -> list[int]:
@@ -591,7 +584,7 @@ class BatchStore:
         raw = self.raw(batch_id)
         if raw.get("status") not in ("completed", "expired", "cancelled"):
             raise Conflict(f"batch {batch_id} is {raw.get('status')}; only a finished batch can be retried")
-        errs = cast(dict[str, str], self.r.hgetall(_k(batch_id, "err")))
+        errs = cast(dict[str, str], self.r.hgetall(keys.batch_part(batch_id, "err")))
         picked = []
         for key, obj in errs.items():
             data = json.loads(obj)
@@ -606,13 +599,13 @@ class BatchStore:
             return []
         p = self.r.pipeline()
         for line in picked:
-            p.hdel(_k(batch_id, "err"), str(line))
-            p.setbit(_k(batch_id, "done"), line, 0)
-            p.hdel(_k(batch_id, "tries"), str(line))
+            p.hdel(keys.batch_part(batch_id, "err"), str(line))
+            p.setbit(keys.batch_part(batch_id, "done"), line, 0)
+            p.hdel(keys.batch_part(batch_id, "tries"), str(line))
         now = int(time.time())
-        p.hincrby(batch_key(batch_id), "failed", -len(picked))
+        p.hincrby(keys.batch(batch_id), "failed", -len(picked))
         p.hset(
-            batch_key(batch_id),
+            keys.batch(batch_id),
             mapping={
                 "prev_output_file_id": raw.get("output_file_id", ""),
                 "expires_at": str(now + WINDOW_S),
@@ -621,7 +614,7 @@ class BatchStore:
             },
         )
         p.hdel(
-            batch_key(batch_id),
+            keys.batch(batch_id),
             "output_file_id",
             "error_file_id",
             "completed_at",
@@ -630,8 +623,8 @@ class BatchStore:
             "cancelling_at",
             "finalizing_at",
         )
-        p.sadd(f"{PREFIX}:tenant:{raw['tenant']}:open_batches", batch_id)
-        p.sadd(OPEN_BATCHES, batch_id)
+        p.sadd(keys.tenant_open_batches(raw["tenant"]), batch_id)
+        p.sadd(keys.OPEN_BATCHES, batch_id)
         p.execute()
         self._event(batch_id, {"status": "in_progress", "retried_lines": len(picked)})
         return sorted(picked)

@@ -3,7 +3,7 @@
 A YAML file (its path comes from settings) maps each served name to its task, where its weights come
 from (a hub id or a local directory), its queue and how workers load it (quantization, dtype,
 device_map). Only registered names are accepted: the registry is the allowlist. Models produced by
-fine-tune jobs are added at run time to an overlay kept in Redis (see :mod:`queueformer.state`).
+fine-tune jobs are added at run time to an overlay kept in Redis (see :mod:`queueformer.server.overlay`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from queueformer.errors import ModelNotFound, TaskMismatch
-from queueformer.jobs import MODEL_NAME_PATTERN, Task
+from queueformer.contract.errors import ModelNotFound, TaskMismatch
+from queueformer.contract.jobs import MODEL_NAME_PATTERN, Task
 
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 

@@ -11,10 +11,8 @@ from typing import cast
 
 import redis
 
-from queueformer.registry import ModelEntry
-from queueformer.state import PREFIX
-
-KEY = f"{PREFIX}:models"
+from queueformer.contract.registry import ModelEntry
+from queueformer.server import keys
 
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -29,15 +27,15 @@ class ModelOverlay:
         self.r = client
 
     def add(self, entry: ModelEntry) -> None:
-        self.r.hset(KEY, entry.name, entry.model_dump_json())
+        self.r.hset(keys.MODELS, entry.name, entry.model_dump_json())
 
     def get(self, name: str) -> ModelEntry | None:
-        raw = cast(str | None, self.r.hget(KEY, name))
+        raw = cast(str | None, self.r.hget(keys.MODELS, name))
         return ModelEntry.model_validate_json(raw) if raw else None
 
     def entries(self) -> dict[str, ModelEntry]:
-        raw = cast(dict[str, str], self.r.hgetall(KEY))
+        raw = cast(dict[str, str], self.r.hgetall(keys.MODELS))
         return {name: ModelEntry.model_validate_json(body) for name, body in raw.items()}
 
     def remove(self, name: str) -> None:
-        self.r.hdel(KEY, name)
+        self.r.hdel(keys.MODELS, name)

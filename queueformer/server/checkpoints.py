@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from queueformer.storage import Storage
+from queueformer.server.storage import Storage
 
 log = logging.getLogger(__name__)
 

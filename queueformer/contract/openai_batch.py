@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from queueformer.errors import ErrorInfo, QueueformerError
-from queueformer.jobs import (
+from queueformer.contract.errors import ErrorInfo, QueueformerError
+from queueformer.contract.jobs import (
     AnyJob,
     ClassifyJob,
     EchoJob,
@@ -35,13 +35,7 @@ from queueformer.jobs import (
     TranslateJob,
     parse_job,
 )
-from queueformer.records import (
-    ClassifyResult,
-    EchoResult,
-    FillMaskResult,
-    GenerateResult,
-    TranslateResult,
-)
+from queueformer.contract.records import ClassifyResult, EchoResult, FillMaskResult, GenerateResult, TranslateResult
 
 ENDPOINTS = (
     "/v1/completions",

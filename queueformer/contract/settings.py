@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NestedSecretsSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from queueformer.limits import Limits
+from queueformer.contract.limits import Limits
 
 
 class ApiSettings(BaseModel):
@@ -37,7 +37,7 @@ class ApiSettings(BaseModel):
     reconcile_interval_s: float = Field(
         30.0,
         ge=0,
-        description="Seconds between audits of open work against the broker (queueformer.reconcile); 0 turns "
+        description="Seconds between audits of open work against the broker (queueformer.server.reconcile); 0 turns "
         "them off. Work no message holds in two audits this far apart is sent again.",
     )
     reconcile_after_s: float = Field(

@@ -13,7 +13,7 @@ from typing import cast
 
 import redis
 
-from queueformer.state import PREFIX
+from queueformer.server import keys
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_TENANT = "default"
@@ -44,8 +44,8 @@ class ApiKeys:
         key = "qf-" + secrets.token_urlsafe(32)
         h = hash_key(key)
         p = self.r.pipeline()
-        p.set(f"{PREFIX}:apikey:{h}", tenant)
-        p.sadd(f"{PREFIX}:tenant:{tenant}:keys", h)
+        p.set(keys.api_key(h), tenant)
+        p.sadd(keys.tenant_keys(tenant), h)
         p.execute()
         return key
 
@@ -53,15 +53,15 @@ class ApiKeys:
         h = hash_key(key)
         if h in self._static:
             return self._static[h]
-        return cast(str | None, self.r.get(f"{PREFIX}:apikey:{h}"))
+        return cast(str | None, self.r.get(keys.api_key(h)))
 
     def revoke(self, key: str) -> bool:
         h = hash_key(key)
-        tenant = cast(str | None, self.r.get(f"{PREFIX}:apikey:{h}"))
+        tenant = cast(str | None, self.r.get(keys.api_key(h)))
         if tenant is None:
             return False
         p = self.r.pipeline()
-        p.delete(f"{PREFIX}:apikey:{h}")
-        p.srem(f"{PREFIX}:tenant:{tenant}:keys", h)
+        p.delete(keys.api_key(h))
+        p.srem(keys.tenant_keys(tenant), h)
         p.execute()
         return True
