@@ -16,7 +16,8 @@ from typing import cast
 from api.services import Services
 from queueformer.contract.errors import BrokerUnavailable, QuotaExceeded
 from queueformer.contract.ids import new_id
-from queueformer.contract.jobs import AnyJob, FineTuneJob, estimate_tokens
+from queueformer.contract.jobs import FineTuneJob
+from queueformer.contract.tasks import AnyJob, estimate_tokens
 from queueformer.contract.units import job_units
 from queueformer.server import keys
 from queueformer.server.broker import publish

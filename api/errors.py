@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from queueformer.contract.errors import BrokerUnavailable, QueueformerError
+from queueformer.contract.tasks import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts[1:] if len(parts) > 1 and parts[0] in _TASK_TAGS else parts)
 
 
-_TASK_TAGS = {"generate", "fill-mask", "translate", "classify", "fine-tune", "echo"}
+_TASK_TAGS = TASK_NAMES
 
 
 _HTTP_CODES = {

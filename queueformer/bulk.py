@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from queueformer.client import Client
-
-_TEXT_FIELD = {"generate": "prompt", "fill-mask": "text", "translate": "text", "classify": "text", "echo": "text"}
+from queueformer.contract.tasks import TASK_NAMES, spec_of
 
 
 @dataclass
@@ -56,8 +55,9 @@ def to_batch_lines(
             body = {**defaults, "task": obj.get("task", task), **{k: v for k, v in obj.items() if k != "custom_id"}}
             if model and "model" not in obj:
                 body["model"] = model
-            if "input" in body and _TEXT_FIELD.get(body["task"]) not in body:
-                body[_TEXT_FIELD[body["task"]]] = body.pop("input")
+            field = _text_field(body["task"])
+            if "input" in body and field is not None and field not in body:
+                body[field] = body.pop("input")
             line = {
                 "custom_id": str(obj.get("custom_id", f"line-{n}")),
                 "method": "POST",
@@ -68,6 +68,11 @@ def to_batch_lines(
             endpoint = line["url"]
         lines.append(line)
     return endpoint or "/v1/jobs", lines
+
+
+def _text_field(task: Any) -> str | None:
+    """The field a plain line's ``input`` fills for ``task`` (None for unknown tasks: the API names them)."""
+    return spec_of(task).text_field if task in TASK_NAMES else None
 
 
 def run(

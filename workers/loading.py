@@ -15,29 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-)
+import transformers
+from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from queueformer.contract.errors import WorkerFatal
 from queueformer.contract.jobs import Task
 from queueformer.contract.registry import ModelEntry, Quantization
+from queueformer.contract.tasks import spec_of
 
 log = logging.getLogger(__name__)
 
-AUTO_CLASSES: dict[Task, Any] = {
-    Task.GENERATE: AutoModelForCausalLM,
-    Task.FILL_MASK: AutoModelForMaskedLM,
-    Task.TRANSLATE: AutoModelForSeq2SeqLM,
-    Task.CLASSIFY: AutoModelForSequenceClassification,
-    Task.FINE_TUNE: AutoModelForCausalLM,
-}
+
+def auto_class(task: Task) -> Any:
+    """The transformers auto class the job-type table names for ``task`` (None: the task loads no model)."""
+    name = spec_of(task).auto_class
+    return getattr(transformers, name) if name else None
+
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,7 +108,7 @@ def _device_map(value: str | dict[str, int | str]) -> Any:
 
 def load(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None) -> Loaded:
     """Load ``entry``; any failure is ``WorkerFatal`` (a worker without its model must not consume)."""
-    auto = AUTO_CLASSES.get(entry.task)
+    auto = auto_class(entry.task)
     if auto is None:
         raise WorkerFatal(f"model {entry.name!r}: task {entry.task.value!r} has no model to load")
     source, kwargs = load_kwargs(entry, models_dir, offload_folder)

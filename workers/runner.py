@@ -25,7 +25,8 @@ from queueformer.contract.errors import (
     TransientError,
     WorkerLost,
 )
-from queueformer.contract.jobs import Task, parse_job
+from queueformer.contract.jobs import Task
+from queueformer.contract.tasks import parse_job
 from queueformer.contract.units import JobsUnit, LinesUnit, WorkUnit
 from queueformer.server.jobs import JobStore
 from queueformer.server.storage import Storage

@@ -18,8 +18,9 @@ from api.deps import ServicesDep, TenantDep
 from api.services import Services
 from queueformer.contract.errors import BrokerUnavailable, InvalidInput, NotFound, PayloadTooLarge, QuotaExceeded
 from queueformer.contract.ids import new_id
-from queueformer.contract.jobs import AnyJob, check_fits
+from queueformer.contract.jobs import check_fits
 from queueformer.contract.openai_batch import ENDPOINTS, BatchCreate
+from queueformer.contract.tasks import AnyJob
 from queueformer.contract.units import LinesUnit
 from queueformer.server import keys
 from queueformer.server.batches import TooManyLines, scan_file, to_openai

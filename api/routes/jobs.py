@@ -16,8 +16,9 @@ from api.enqueue import Enqueuer
 from api.services import Services
 from queueformer.contract.errors import Conflict, NotFound
 from queueformer.contract.ids import valid_object_id
-from queueformer.contract.jobs import AnyJob, GenerateJob, JobSpec, check_fits
+from queueformer.contract.jobs import GenerateJob, check_fits
 from queueformer.contract.records import TERMINAL, JobRecord, JobState
+from queueformer.contract.tasks import AnyJob, JobSpec
 from queueformer.server import keys
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

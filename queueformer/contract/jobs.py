@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from queueformer.contract import limits
 from queueformer.contract.errors import InputTooLong
@@ -65,9 +65,12 @@ Metadata = Annotated[
 StopString = Annotated[str, Field(min_length=1, max_length=1024), _limit("max_stop_chars")]
 
 
-class _JobBase(BaseModel):
+class JobBase(BaseModel):
+    """What every job type shares; each type adds its fields and its token estimate."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: str
     model: ModelName
     metadata: Metadata = Field(default_factory=dict)
     timeout_s: int | None = Field(
@@ -76,6 +79,10 @@ class _JobBase(BaseModel):
         le=7 * 24 * 3600,
         description="Seconds from submission after which the job fails (deadline_exceeded).",
     )
+
+    def estimated_tokens(self) -> int:
+        """A cheap token estimate for quotas (about 4 characters per token, plus tokens to generate)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no token estimate")
 
 
 class ChatTurn(BaseModel):
@@ -88,7 +95,7 @@ class ChatTurn(BaseModel):
     name: str | None = Field(None, max_length=64)
 
 
-class GenerateJob(_JobBase):
+class GenerateJob(JobBase):
     """Continue a prompt (or a chat, through the model's chat template) with a causal LM and the KV cache."""
 
     task: Literal["generate"] = "generate"
@@ -131,8 +138,12 @@ class GenerateJob(_JobBase):
             raise ValueError("num_return_sequences > 1 needs do_sample=true or num_beams >= num_return_sequences")
         return self
 
+    def estimated_tokens(self) -> int:
+        chars = len(self.prompt) + sum(len(m.content) for m in self.messages or [])
+        return chars // 4 + 1 + self.max_new_tokens * self.num_return_sequences
 
-class FillMaskJob(_JobBase):
+
+class FillMaskJob(JobBase):
     """Predict the masked tokens of a text (the fill-mask pipeline's output shape)."""
 
     task: Literal["fill-mask"] = "fill-mask"
@@ -140,8 +151,11 @@ class FillMaskJob(_JobBase):
     top_k: Annotated[int, Field(ge=1, le=100_000), _limit("max_top_k")] = 5
     truncate: bool = False
 
+    def estimated_tokens(self) -> int:
+        return len(self.text) // 4 + 1
 
-class TranslateJob(_JobBase):
+
+class TranslateJob(JobBase):
     """Translate a text with a seq2seq model's ``generate``."""
 
     task: Literal["translate"] = "translate"
@@ -150,8 +164,11 @@ class TranslateJob(_JobBase):
     num_beams: Annotated[int | None, Field(ge=1, le=64), _limit("max_num_beams")] = None
     truncate: bool = False
 
+    def estimated_tokens(self) -> int:
+        return len(self.text) // 4 + 1 + self.max_new_tokens
 
-class ClassifyJob(_JobBase):
+
+class ClassifyJob(JobBase):
     """Score one text or a list of texts against a sequence classifier's labels."""
 
     task: Literal["classify"] = "classify"
@@ -164,6 +181,9 @@ class ClassifyJob(_JobBase):
     @property
     def texts(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
+
+    def estimated_tokens(self) -> int:
+        return sum(len(t) for t in self.texts) // 4 + 1
 
 
 class FineTuneMethod(StrEnum):
@@ -204,7 +224,7 @@ class Hyperparameters(BaseModel):
         return value
 
 
-class FineTuneJob(_JobBase):
+class FineTuneJob(JobBase):
     """Train a registered base model on a JSONL file and register the result as a new servable model."""
 
     task: Literal["fine-tune"] = "fine-tune"
@@ -218,27 +238,22 @@ class FineTuneJob(_JobBase):
         None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Goes into the new model's name."
     )
 
+    def estimated_tokens(self) -> int:
+        # The enqueued-token quota meters inference; training is bounded by the training limits instead.
+        return 0
 
-class EchoJob(_JobBase):
+
+class EchoJob(JobBase):
     """Return the text unchanged: a canary that crosses the whole pipeline without touching a model."""
 
     task: Literal["echo"] = "echo"
     text: Text = ""
 
-
-AnyJob = GenerateJob | FillMaskJob | TranslateJob | ClassifyJob | FineTuneJob | EchoJob
-JobSpec = Annotated[AnyJob, Field(discriminator="task")]
-JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(JobSpec)
+    def estimated_tokens(self) -> int:
+        return len(self.text) // 4 + 1
 
 
-def parse_job(data: Any) -> AnyJob:
-    """Validate a job body (dict or JSON text); raises pydantic's ``ValidationError`` naming the field."""
-    if isinstance(data, str | bytes):
-        return JOB_ADAPTER.validate_json(data)
-    return JOB_ADAPTER.validate_python(data)
-
-
-def check_fits(spec: AnyJob, max_input_tokens: int | None, param: str = "max_new_tokens") -> None:
+def check_fits(spec: JobBase, max_input_tokens: int | None, param: str = "max_new_tokens") -> None:
     """Refuse, before it is queued, a job that can never fit its model's context window.
 
     A decoder's window holds the prompt and every new token, so ``max_new_tokens`` at or above the
@@ -252,17 +267,3 @@ def check_fits(spec: AnyJob, max_input_tokens: int | None, param: str = "max_new
             "prompt included",
             param=param,
         )
-
-
-def estimate_tokens(spec: AnyJob) -> int:
-    """A cheap token estimate for quotas: about 4 characters per token, plus the tokens to generate."""
-    if isinstance(spec, GenerateJob):
-        chars = len(spec.prompt) + sum(len(m.content) for m in spec.messages or [])
-        return chars // 4 + 1 + spec.max_new_tokens * spec.num_return_sequences
-    if isinstance(spec, TranslateJob):
-        return len(spec.text) // 4 + 1 + spec.max_new_tokens
-    if isinstance(spec, ClassifyJob):
-        return sum(len(t) for t in spec.texts) // 4 + 1
-    if isinstance(spec, FillMaskJob | EchoJob):
-        return len(spec.text) // 4 + 1
-    return 0

@@ -25,26 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from queueformer.contract.errors import ErrorInfo, QueueformerError
 from queueformer.contract.jobs import (
-    AnyJob,
     ClassifyJob,
     EchoJob,
     FillMaskJob,
-    FineTuneJob,
     GenerateJob,
+    JobBase,
     ModelName,
     TranslateJob,
-    parse_job,
 )
 from queueformer.contract.records import ClassifyResult, EchoResult, FillMaskResult, GenerateResult, TranslateResult
+from queueformer.contract.tasks import TASK_NAMES, batch_urls, parse_job, spec_of
 
-ENDPOINTS = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/fill-mask",
-    "/v1/translations",
-    "/v1/classifications",
-    "/v1/jobs",
-)
+ENDPOINTS = batch_urls()
 BATCH_STATUSES = (
     "validating",
     "failed",
@@ -159,7 +151,7 @@ def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def job_for(url: str, body: dict[str, Any]) -> AnyJob:
+def job_for(url: str, body: dict[str, Any]) -> JobBase:
     """The queueformer job an input line asks for; raises ``ValidationError`` or ``ValueError``."""
     if url == "/v1/completions":
         c = CompletionBody.model_validate(body)
@@ -181,13 +173,13 @@ def job_for(url: str, body: dict[str, Any]) -> AnyJob:
         return ClassifyJob(model=cl.model, text=cl.input, top_k=cl.top_k)
     if url == "/v1/jobs":
         job = parse_job(body)
-        if isinstance(job, FineTuneJob):
-            raise ValueError("fine-tune jobs are not batch lines; create them with POST /v1/fine_tuning/jobs")
+        if not spec_of(job.task).batch_line:
+            raise ValueError(f"{job.task} jobs are not batch lines; see the API reference for their own route")
         return job
     raise ValueError(f"url {url!r} is not supported; supported: {', '.join(ENDPOINTS)}")
 
 
-def parse_line(raw: bytes | str, endpoint: str) -> tuple[BatchLine, AnyJob]:
+def parse_line(raw: bytes | str, endpoint: str) -> tuple[BatchLine, JobBase]:
     """Validate one input line against the batch's endpoint; raises ``LineError``."""
     try:
         data = json.loads(raw)
@@ -235,11 +227,7 @@ def _first_param(exc: ValidationError, prefix: str = "") -> str | None:
     errs = exc.errors()
     if not errs:
         return None
-    loc = [
-        str(p)
-        for p in errs[0]["loc"]
-        if p not in ("generate", "fill-mask", "translate", "classify", "echo", "fine-tune")
-    ]
+    loc = [str(p) for p in errs[0]["loc"] if p not in TASK_NAMES]
     return ".".join([prefix, *loc] if prefix else loc) or None
 
 

@@ -131,6 +131,3 @@ class EchoResult(BaseModel):
     model: str
     text: str
     usage: Usage = Field(default_factory=Usage)
-
-
-AnyResult = GenerateResult | FillMaskResult | TranslateResult | ClassifyResult | FineTuneResult | EchoResult

@@ -22,8 +22,8 @@ from redis.client import NEVER_DECODE
 
 from queueformer.contract.errors import Conflict, ErrorInfo, NotFound, QueueformerError
 from queueformer.contract.ids import valid_object_id
-from queueformer.contract.jobs import AnyJob, estimate_tokens
 from queueformer.contract.openai_batch import LineError, error_line, parse_line
+from queueformer.contract.tasks import AnyJob, estimate_tokens
 from queueformer.contract.units import LinesUnit
 from queueformer.server import keys, webhooks
 from queueformer.server.files import FileStore

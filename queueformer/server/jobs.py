@@ -16,8 +16,9 @@ from typing import Any, cast
 import redis
 
 from queueformer.contract.errors import ErrorInfo, NotFound
-from queueformer.contract.jobs import AnyJob, Task, parse_job
+from queueformer.contract.jobs import Task
 from queueformer.contract.records import JobRecord, JobState
+from queueformer.contract.tasks import AnyJob, parse_job
 from queueformer.server import keys
 
 # Set fields and the new state only if the current state is one of the allowed ones (comma list), and

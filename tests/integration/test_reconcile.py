@@ -14,9 +14,9 @@ from redis.client import NEVER_DECODE
 
 from queueformer.contract.errors import ErrorInfo
 from queueformer.contract.ids import new_id
-from queueformer.contract.jobs import parse_job
 from queueformer.contract.openai_batch import output_line
 from queueformer.contract.registry import Registry
+from queueformer.contract.tasks import parse_job
 from queueformer.contract.units import JobsUnit, LinesUnit
 from queueformer.server import keys
 from queueformer.server.batches import BatchStore, Bitmap, scan_file

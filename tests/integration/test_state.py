@@ -7,8 +7,8 @@ import redis
 
 from queueformer.contract.errors import ErrorInfo, NotFound
 from queueformer.contract.ids import new_id
-from queueformer.contract.jobs import parse_job
 from queueformer.contract.records import JobState
+from queueformer.contract.tasks import parse_job
 from queueformer.server import keys
 from queueformer.server.jobs import JobStore
 

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from queueformer.contract.registry import ModelEntry, Registry
-from workers.loading import AUTO_CLASSES, load_kwargs
+from workers.loading import auto_class, load_kwargs
 
 FAMILIES = {
     "gen": ("generate", "tiny-gpt2"),
@@ -49,7 +49,7 @@ def reference(entry: ModelEntry, models_dir: Path) -> tuple[Any, Any]:
     """Plain transformers: the same from_pretrained call (same BitsAndBytesConfig), no queueformer code."""
     transformers.logging.set_verbosity_error()
     source, kwargs = load_kwargs(entry, models_dir)
-    model = AUTO_CLASSES[entry.task].from_pretrained(source, **kwargs)
+    model = auto_class(entry.task).from_pretrained(source, **kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
     return model.eval(), tokenizer
 

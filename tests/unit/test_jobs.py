@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from queueformer.contract import limits
 from queueformer.contract.errors import InputTooLong
 from queueformer.contract.ids import valid_object_id
-from queueformer.contract.jobs import ClassifyJob, FineTuneJob, GenerateJob, check_fits, estimate_tokens, parse_job
+from queueformer.contract.jobs import ClassifyJob, FineTuneJob, GenerateJob, check_fits
 from queueformer.contract.limits import Limits
+from queueformer.contract.tasks import estimate_tokens, parse_job
 
 
 @pytest.fixture(autouse=True)

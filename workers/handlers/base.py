@@ -3,7 +3,7 @@
 ``preprocess`` (tokenise, check lengths) and ``postprocess`` (decode, score, shape the result) run in
 the worker's task threads; ``forward`` runs in the model's engine thread on a *batch* of prepared
 items from many jobs, so each handler is written batch-first and an item's answer must not depend on
-what it was batched with. Adding a job type is one handler file plus one entry in ``HANDLERS``.
+what it was batched with. Adding a job type is one handler file plus its entry in ``queueformer.contract.tasks``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 from pydantic import BaseModel
 
 from queueformer.contract.errors import InputTooLong
-from queueformer.contract.jobs import AnyJob, Task
+from queueformer.contract.jobs import JobBase, Task
 from queueformer.contract.registry import ModelEntry
 from workers.loading import Loaded
 
-J = TypeVar("J", bound=AnyJob)
+J = TypeVar("J", bound=JobBase)
 P = TypeVar("P")
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
     PrinterCallback,
@@ -31,14 +30,14 @@ from transformers import (
 )
 
 from queueformer.contract.errors import Cancelled, DeadlineExceeded, TransientError, UnsupportedOnHardware
-from queueformer.contract.jobs import FineTuneJob, FineTuneMethod
+from queueformer.contract.jobs import FineTuneJob, FineTuneMethod, Task
 from queueformer.contract.records import FineTuneResult
 from queueformer.contract.registry import ModelEntry, Quantization, Registry
 from queueformer.server.checkpoints import Checkpoints
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay, fine_tuned_name
 from queueformer.server.storage import Storage
-from workers.loading import load_kwargs
+from workers.loading import auto_class, load_kwargs
 from workers.training.callbacks import JobCallback
 from workers.training.data import Blocks, pack, read_texts, split
 
@@ -73,7 +72,14 @@ class Run:
 
 
 class FineTuneHandler:
-    """Trains registered generate models on this worker's device."""
+    """Trains registered generate models on this worker's device.
+
+    The same three steps as every handler, but on one job at a time and for hours: ``preprocess``
+    (data, base model, resume point), ``forward`` (the Trainer run) and ``postprocess`` (upload and
+    register). It runs on the training runner, not an engine, so it is not a ``Handler`` subclass.
+    """
+
+    task = Task.FINE_TUNE
 
     def __init__(
         self,
@@ -198,7 +204,7 @@ class FineTuneHandler:
             )
             kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model = auto_class(Task.FINE_TUNE).from_pretrained(source, **kwargs)
         except Exception as exc:
             if method == FineTuneMethod.QLORA:
                 raise UnsupportedOnHardware(

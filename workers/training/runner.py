@@ -18,7 +18,8 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from queueformer.contract.errors import ErrorInfo, InternalError, QueueformerError, TransientError, WorkerLost
-from queueformer.contract.jobs import FineTuneJob, parse_job
+from queueformer.contract.jobs import FineTuneJob
+from queueformer.contract.tasks import parse_job
 from queueformer.contract.units import JobsUnit
 from queueformer.server import keys
 from queueformer.server.jobs import JobStore
