@@ -16,7 +16,7 @@ from api.middleware import BodyLimit, Observe
 from api.routes import batches, files, fine_tuning, health, jobs, models
 from api.services import Services
 from api.upkeep import Upkeep
-from queueformer import __version__
+from queueformer.contract import VERSION
 from queueformer.contract.settings import Settings, get_settings
 
 
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="queueformer",
-        version=__version__,
+        version=VERSION,
         summary="A job queue for Hugging Face transformer models: generate, fill-mask, translate, classify, fine-tune.",
         lifespan=lifespan,
     )

@@ -34,44 +34,56 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = (self.limit_for(scope["path"]) if self.limit_for else None) or self.limit
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = limit + 1
-                if declared > limit:
-                    await _too_large(send, limit)
-                    return
-        seen = 0
-        started = refused = False
-
-        async def guarded(message: Message) -> None:
-            nonlocal started
-            if refused:
-                return  # the 413 is out; whatever the app answers to the aborted read is dropped
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        async def counted() -> Message:
-            nonlocal seen, refused
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    # Answer now: the app may catch the error below (FastAPI turns any failure while
-                    # reading a JSON body into a 400), so the 413 must not depend on it propagating.
-                    if not started and not refused:
-                        await _too_large(send, limit)
-                        refused = True
-                    raise _BodyTooLarge
-            return message
-
+        if _declared_length(scope, limit) > limit:
+            await _too_large(send, limit)
+            return
+        guard = _Guard(receive, send, limit)
         try:
-            await self.app(scope, counted, guarded)
+            await self.app(scope, guard.receive, guard.send)
         except _BodyTooLarge:
-            if not started and not refused:
-                await _too_large(send, limit)
+            await guard.refuse()
+
+
+def _declared_length(scope: Scope, limit: int) -> int:
+    """The Content-Length header (an unparsable one counts as over the limit), or 0 when absent."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return limit + 1
+    return 0
+
+
+class _Guard:
+    """Counts body bytes as the app reads them and answers 413 the moment they pass the limit."""
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive, self._send, self.limit = receive, send, limit
+        self.seen = 0
+        self.started = self.refused = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                # Answer now: the app may catch the error below (FastAPI turns any failure while reading
+                # a JSON body into a 400), so the 413 must not depend on it propagating.
+                await self.refuse()
+                raise _BodyTooLarge
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.refused:
+            return  # the 413 is out; whatever the app answers to the aborted read is dropped
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+    async def refuse(self) -> None:
+        if not self.started and not self.refused:
+            self.refused = True
+            await _too_large(self._send, self.limit)
 
 
 class _BodyTooLarge(Exception):

@@ -13,7 +13,7 @@ from celery import Celery
 from queueformer.contract import limits
 from queueformer.contract.registry import Registry
 from queueformer.contract.settings import Settings
-from queueformer.server.batches import BatchStore
+from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
 from queueformer.server.files import FileStore
@@ -35,7 +35,7 @@ class Services:
     keys: ApiKeys
     fleet: Fleet
     files: FileStore
-    batches: BatchStore
+    batches: Batches
     overlay: ModelOverlay
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -59,7 +59,7 @@ class Services:
             keys=keys,
             fleet=Fleet(client),
             files=files,
-            batches=BatchStore(client, storage, files, webhook_secret=secret),
+            batches=Batches(client, storage, files, webhook_secret=secret),
             overlay=ModelOverlay(client),
         )
 

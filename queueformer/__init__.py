@@ -1,14 +1,15 @@
 """queueformer: a distributed job queue for Hugging Face transformer models.
 
-This package is the light shared contract (job schemas, settings, storage, registry, errors), the
-client SDK and the CLI. It never imports torch or transformers.
+``queueformer.contract`` is what every side agrees on, ``queueformer.server`` the stores the API and
+workers share; this package's own modules are the client SDK (``Client``, ``bulk``) and the CLI, which
+run on a base install (no Redis client, no torch).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from queueformer.contract import VERSION as __version__
 
 if TYPE_CHECKING:
     from queueformer.client import Client

@@ -23,16 +23,19 @@ from queueformer.contract.openai_batch import (
     response_body,
 )
 from queueformer.contract.units import LinesUnit
-from queueformer.server.batches import BatchStore, custom_id_of, iter_range
+from queueformer.server.batch_input import custom_id_of, iter_range
+from queueformer.server.batches import Batches
+from queueformer.server.ledger import Entry
+from queueformer.server.storage import Storage
 from workers import metrics
 from workers.engine.item import WorkItem
 from workers.holder import Served
-from workers.runner import Pending, Runner, commit_retry
+from workers.pending import Pending, commit_retry, outcome
+from workers.watch import CancelWatcher
 
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 16
-Entry = tuple[int, str, dict[str, Any], int, int]  # (line, "out" | "err", line object, input tokens, output tokens)
 
 
 @dataclass
@@ -43,11 +46,12 @@ class _Line:
 
 
 class LineRunner:
-    """Batch-chunk execution for a ``Runner``."""
+    """Runs batch chunks for a ``Runner``: the lines of one byte range, committed through the ledger."""
 
-    def __init__(self, runner: Runner, batches: BatchStore, max_deliveries: int) -> None:
-        self.runner = runner
+    def __init__(self, batches: Batches, storage: Storage, watcher: CancelWatcher, max_deliveries: int) -> None:
         self.batches = batches
+        self.storage = storage
+        self.watcher = watcher
         self.max_deliveries = max_deliveries
         self.throughput = Throughput()
 
@@ -66,17 +70,17 @@ class LineRunner:
         if self.batches.maybe_expire(unit.batch, raw):
             return {"expired": True}
 
-        data = self.runner.storage.read_range(self.runner.storage.file_key(raw["input_file_id"]), unit.start, unit.end)
+        data = self.storage.read_range(self.storage.file_key(raw["input_file_id"]), unit.start, unit.end)
         only = set(unit.only) if unit.only is not None else None
         rows = [(i, line) for i, line in iter_range(data, unit.first) if only is None or i in only]
-        done = self.batches.committed(unit.batch, [i for i, _ in rows])
+        done = self.batches.ledger.committed(unit.batch, [i for i, _ in rows])
         rows = [(i, line) for i, line in rows if i not in done]
         if not rows:
             self.batches.maybe_finalize(unit.batch)
             return {"lines": 0}
-        deliveries = self.batches.bump_deliveries(unit.batch, [i for i, _ in rows])
+        deliveries = self.batches.ledger.bump_deliveries(unit.batch, [i for i, _ in rows])
 
-        flag = self.runner.watcher.watch(unit.batch)
+        flag = self.watcher.watch(unit.batch)
         try:
             deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
             immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
@@ -90,7 +94,7 @@ class LineRunner:
             if pending:
                 remaining = self._commit(unit.batch, pending)
         finally:
-            self.runner.watcher.unwatch([unit.batch])
+            self.watcher.unwatch([unit.batch])
         self.throughput.add(served.entry.name, len(lines))
         if not remaining:
             self.batches.maybe_finalize(unit.batch)
@@ -98,7 +102,7 @@ class LineRunner:
 
     @commit_retry
     def _commit(self, batch_id: str, entries: list[Entry]) -> int | None:
-        return self.batches.commit_many(batch_id, entries)
+        return self.batches.ledger.commit_many(batch_id, entries)
 
     def _submit(
         self,
@@ -136,7 +140,7 @@ class LineRunner:
         return immediate, lines
 
     def _entry(self, served: Served, endpoint: str, ln: _Line) -> Entry:
-        result = self.runner.outcome(served, ln.pending)
+        result = outcome(served, ln.pending)
         task = served.entry.task.value
         if isinstance(result, TransientError):
             raise result  # the chunk runs again; committed lines are skipped

@@ -24,7 +24,7 @@ from queueformer.contract import limits
 from queueformer.contract.errors import WorkerFatal
 from queueformer.contract.registry import Registry
 from queueformer.contract.settings import Settings, get_settings
-from queueformer.server.batches import BatchStore
+from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
 from queueformer.server.files import FileStore
@@ -104,6 +104,82 @@ def training_runner(
     return TrainingRunner(handler, jobs, storage, settings.worker.max_deliveries, settings.visibility_timeout_s)
 
 
+def build_runner(
+    settings: Settings,
+    registry: Registry,
+    queues: list[str],
+    client: redis.Redis,
+    storage: Storage,
+    jobs: JobStore,
+    holder: ModelHolder,
+    overlay: ModelOverlay,
+) -> Runner:
+    """The runner with everything it needs, wired at construction."""
+    files = FileStore(client, storage)
+    secret = settings.api.webhook_secret.get_secret_value() if settings.api.webhook_secret else None
+    batches = Batches(client, storage, files, webhook_secret=secret)
+
+    def stop_flags(keys: list[str]) -> set[str]:
+        job_ids = [k for k in keys if k.startswith("job-")]
+        batch_ids = [k for k in keys if k.startswith("batch_")]
+        return (jobs.cancel_requested(job_ids) if job_ids else set()) | (
+            batches.stopped(batch_ids) if batch_ids else set()
+        )
+
+    watcher = CancelWatcher(stop_flags)
+    training = (
+        training_runner(settings, registry, storage, jobs, overlay) if registry.fine_tune.queue in queues else None
+    )
+    return Runner(
+        holder,
+        jobs,
+        storage,
+        max_deliveries=settings.worker.max_deliveries,
+        watcher=watcher,
+        lines=LineRunner(batches, storage, watcher, settings.worker.max_deliveries),
+        training=training,
+    )
+
+
+class Announcer:
+    """Announces this worker to the fleet every 10 s: its models, their measured rates, readiness."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        worker_id: str,
+        info: dict[str, Any],
+        holder: ModelHolder,
+        health: Health,
+        lines: LineRunner | None,
+    ) -> None:
+        self.fleet, self.worker_id, self.info = fleet, worker_id, info
+        self.holder, self.health, self.lines = holder, health, lines
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.fleet.leave(self.worker_id)
+
+    def _loop(self) -> None:
+        while True:
+            models = self.holder.describe()
+            rates = self.lines.throughput.rates if self.lines is not None else {}
+            for model, rate in rates.items():
+                models[model]["lines_per_s"] = round(rate, 2)
+            state = {"models": models, "ready": self.health.ready, "healthy": self.health.alive}
+            try:
+                self.fleet.announce(self.worker_id, {**self.info, **state})
+            except redis.RedisError:
+                log.warning("could not announce to the fleet; Redis is away", exc_info=True)
+            if self._stop.wait(10):
+                return
+
+
 def default_concurrency(settings: Settings, registry: Registry, queues: list[str]) -> int:
     # A fine-tune holds the device for its whole run: a training-only worker takes one message at a time.
     return 1 if queues == [registry.fine_tune.queue] else settings.worker.concurrency
@@ -145,42 +221,12 @@ def run_worker(
         log.info("health and metrics on :%d", health.serve("0.0.0.0", port))
 
     lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
-    files = FileStore(client, storage)
-    secret = settings.api.webhook_secret.get_secret_value() if settings.api.webhook_secret else None
-    batches = BatchStore(client, storage, files, webhook_secret=secret)
-
-    def stop_flags(keys: list[str]) -> set[str]:
-        job_ids = [k for k in keys if k.startswith("job-")]
-        batch_ids = [k for k in keys if k.startswith("batch_")]
-        return (jobs.cancel_requested(job_ids) if job_ids else set()) | (
-            batches.stopped(batch_ids) if batch_ids else set()
-        )
-
-    runner = Runner(
-        holder, jobs, storage, max_deliveries=settings.worker.max_deliveries, watcher=CancelWatcher(stop_flags)
-    )
-    runner.lines = LineRunner(runner, batches, settings.worker.max_deliveries)
-    if registry.fine_tune.queue in queues:
-        runner.training = training_runner(settings, registry, storage, jobs, overlay)
+    runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay)
     app = make_celery(settings, registry)
     register(app, runner, lease)
-
-    stop_announcing = threading.Event()
-
     slots = concurrency or default_concurrency(settings, registry, queues)
-
-    def announce() -> None:
-        info: dict[str, Any] = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots}
-        while True:
-            models = holder.describe()
-            for model, rate in runner.lines.throughput.rates.items():
-                models[model]["lines_per_s"] = round(rate, 2)
-            try:
-                fleet.announce(worker_id, {**info, "models": models, "ready": health.ready, "healthy": health.alive})
-            except redis.RedisError:
-                log.warning("could not announce to the fleet; Redis is away", exc_info=True)
-            if stop_announcing.wait(10):
-                return
+    info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots}
+    announcer = Announcer(fleet, worker_id, info, holder, health, runner.lines)
 
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
@@ -193,7 +239,7 @@ def run_worker(
         if runner.training is not None:
             runner.training.draining.set()  # a running fine-tune checkpoints and re-queues itself
 
-    threading.Thread(target=announce, name="fleet", daemon=True).start()
+    announcer.start()
     worker = app.Worker(
         hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
         queues=queues,
@@ -207,8 +253,7 @@ def run_worker(
     try:
         worker.start()
     finally:
-        stop_announcing.set()
-        fleet.leave(worker_id)
+        announcer.stop()
         runner.stop()
         lease.stop()
         holder.stop()

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from queueformer.contract.errors import (
     DeadlineExceeded,
     ErrorInfo,
-    InternalError,
     InvalidInput,
     QueueformerError,
     TransientError,
@@ -33,30 +29,16 @@ from queueformer.server.storage import Storage
 from workers import metrics
 from workers.engine.item import WorkItem
 from workers.holder import ModelHolder, Served
+from workers.pending import Pending, commit_retry, outcome
 from workers.watch import CancelWatcher, TokenPublisher
+
+if TYPE_CHECKING:
+    from workers.lines import LineRunner
+    from workers.training.runner import TrainingRunner
 
 log = logging.getLogger(__name__)
 
 _UNIT: TypeAdapter[JobsUnit | LinesUnit] = TypeAdapter(WorkUnit)
-
-# Storage and Redis outages during a commit are waited out in place (a Redis restart takes seconds),
-# so finished work is recorded rather than recomputed; past two minutes the unit is retried instead.
-commit_retry = retry(
-    retry=retry_if_exception_type((TransientError, redis.ConnectionError, redis.TimeoutError)),
-    wait=wait_exponential(multiplier=0.2, max=10),
-    stop=stop_after_delay(120),
-    reraise=True,
-)
-
-
-@dataclass
-class Pending:
-    """An item handed to an engine, with what its commit needs."""
-
-    key: str
-    prepared: Any
-    item: WorkItem
-    started: float
 
 
 class Runner:
@@ -71,15 +53,17 @@ class Runner:
         max_deliveries: int = 3,
         watcher: CancelWatcher | None = None,
         tokens: TokenPublisher | None = None,
+        lines: LineRunner | None = None,
+        training: TrainingRunner | None = None,
     ) -> None:
         self.holder = holder
         self.jobs = jobs
         self.storage = storage
         self.max_deliveries = max_deliveries
         self.watcher = watcher or CancelWatcher(lambda keys: jobs.cancel_requested(keys))
-        self.tokens = tokens or TokenPublisher(self._publish_tokens)
-        self.lines: Any = None  # set by workers.lines when batch support is wired in
-        self.training: Any = None  # a workers.training.runner.TrainingRunner on fine-tune workers
+        self.tokens = tokens or TokenPublisher(jobs.publish_tokens)
+        self.lines = lines  # batch chunks; None on a worker that takes no batch lines
+        self.training = training  # fine-tunes; only on workers of the fine-tune queue
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -138,7 +122,7 @@ class Runner:
                 if done and not p.item.future.done():
                     self._commit(served, done)  # don't hold finished jobs back while this one runs
                     done = []
-                result = self.outcome(served, p)
+                result = outcome(served, p)
                 if isinstance(result, TransientError):
                     raise result  # not the job's fault: the unit runs again and skips what is committed
                 done.append((p.key, result.info() if isinstance(result, QueueformerError) else result))
@@ -175,21 +159,6 @@ class Runner:
         served.engine.submit(item)
         return Pending(job_id, prepared, item, time.perf_counter())
 
-    def outcome(self, served: Served, p: Pending) -> BaseModel | QueueformerError:
-        """Wait for an item and turn it into a result, or the error it ended with."""
-        try:
-            # Engines fail every pending future if they die, so this cannot hang.
-            raw = p.item.future.result()
-            result = served.handler.postprocess(p.prepared, raw)
-        except QueueformerError as exc:
-            return exc
-        except Exception as exc:
-            log.exception("item %s failed", p.key)
-            return InternalError(f"{type(exc).__name__}: {exc}")
-        finally:
-            metrics.RUN.labels(served.entry.name).observe(time.perf_counter() - p.started)
-        return result
-
     @commit_retry
     def _commit(self, served: Served, done: list[tuple[str, BaseModel | ErrorInfo]]) -> None:
         """Results to storage first, then every record in one round trip: no job succeeds without its result."""
@@ -204,16 +173,10 @@ class Runner:
         ]
         task = served.entry.task.value
         self.tokens.flush()  # streamed tokens land before the terminal state that ends a reader's stream
-        for (_, outcome), changed in zip(outcomes, self.jobs.finish_many(outcomes), strict=True):
+        for (_, ended), changed in zip(outcomes, self.jobs.finish_many(outcomes), strict=True):
             if changed:
-                code = outcome.code if isinstance(outcome, ErrorInfo) else "succeeded"
+                code = ended.code if isinstance(ended, ErrorInfo) else "succeeded"
                 metrics.JOBS.labels(served.entry.name, task, code).inc()
-
-    def _publish_tokens(self, batch: list[tuple[str, int, str]]) -> None:
-        p = self.jobs.r.pipeline(transaction=False)
-        for job_id, index, text in batch:
-            self.jobs._event(p, job_id, "token", {"index": index, "text": text})
-        p.execute()
 
     def stop(self) -> None:
         self.watcher.stop()

@@ -7,7 +7,6 @@ chunks of the input file, sized from the model's measured throughput.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -16,14 +15,12 @@ from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep, TenantDep
 from api.services import Services
-from queueformer.contract.errors import BrokerUnavailable, InvalidInput, NotFound, PayloadTooLarge, QuotaExceeded
-from queueformer.contract.ids import new_id
+from queueformer.contract.errors import NotFound
 from queueformer.contract.jobs import check_fits
-from queueformer.contract.openai_batch import ENDPOINTS, BatchCreate
+from queueformer.contract.openai_batch import BatchCreate
 from queueformer.contract.tasks import AnyJob
 from queueformer.contract.units import LinesUnit
-from queueformer.server import keys
-from queueformer.server.batches import TooManyLines, scan_file, to_openai
+from queueformer.server.batches import to_openai
 from queueformer.server.broker import publish
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -53,18 +50,6 @@ def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
 
 @router.post("", summary="Create a batch from an uploaded JSONL file")
 def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
-    if body.endpoint not in ENDPOINTS:
-        raise InvalidInput(
-            f"endpoint {body.endpoint!r} is not supported; supported: {', '.join(ENDPOINTS)}", param="endpoint"
-        )
-    file = services.files.get(body.input_file_id, tenant)
-    if file.purpose != "batch":
-        raise InvalidInput(
-            f"file {file.id} has purpose {file.purpose!r}; batches need purpose 'batch'", param="input_file_id"
-        )
-    quota = services.settings.quota
-    if services.batches.open_batches(tenant) >= quota.max_open_batches:
-        raise QuotaExceeded(f"tenant has {quota.max_open_batches} open batches; wait for one to finish")
     registry = services.registry()
 
     def registered(job: AnyJob) -> None:
@@ -72,35 +57,14 @@ def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) ->
         registry.queue_for(entry, job.task)
         check_fits(job, entry.max_input_tokens, "body.max_new_tokens")
 
-    try:
-        scan = scan_file(
-            services.storage, services.files.key(file.id), body.endpoint, quota.max_lines_per_batch, registered
-        )
-    except TooManyLines as exc:
-        raise PayloadTooLarge(f"{exc}; the limit is {exc.limit} lines per batch", param="input_file_id") from None
-    entries = [registry.get(m, tenant=tenant) for m in scan.models]
-    if scan.tokens:
-        enqueued = int(services.redis.get(keys.tenant_tokens(tenant)) or 0)
-        if enqueued + scan.tokens > quota.max_enqueued_tokens:
-            raise QuotaExceeded(
-                f"the batch holds about {scan.tokens} tokens and {enqueued} are enqueued; "
-                f"the limit is {quota.max_enqueued_tokens}",
-                details={"enqueued_tokens": enqueued, "limit": quota.max_enqueued_tokens},
-            )
-    batch_id = new_id("batch")
-    size = min((chunk_size(services, e.name, e.max_batch_size) for e in entries), default=MIN_CHUNK)
-    chunks = scan.chunks(size)
-    services.batches.create(batch_id, tenant, body.model_dump())
-    services.batches.start(batch_id, scan, chunks, tenant)
-    if services.batches.raw(batch_id)["status"] == "in_progress":
-        try:
-            _publish(services, services.batches.units(batch_id), tenant)
-        except Exception as exc:
-            services.batches.set_status(batch_id, ["in_progress"], "cancelling", "cancelling_at")
-            services.batches.close_out(batch_id, "broker_unavailable", "the batch could not be enqueued")
-            services.batches.maybe_finalize(batch_id)
-            raise BrokerUnavailable(f"could not enqueue batch {batch_id}: {exc}") from exc
-    return to_openai(services.batches.raw(batch_id))
+    def size(models: list[str]) -> int:
+        entries = [registry.get(m, tenant=tenant) for m in models]
+        return min((chunk_size(services, e.name, e.max_batch_size) for e in entries), default=MIN_CHUNK)
+
+    raw = services.batches.create(
+        body, tenant, services.settings.quota, registered, size, lambda units: _publish(services, units, tenant)
+    )
+    return to_openai(raw)
 
 
 def _publish(services: Services, units: list[LinesUnit], tenant: str) -> None:
@@ -113,12 +77,9 @@ def _publish(services: Services, units: list[LinesUnit], tenant: str) -> None:
 
 def _current(services: Services, batch_id: str, tenant: str) -> dict[str, Any]:
     raw = services.batches.get_raw(batch_id, tenant)
-    # Lazy upkeep: expire a batch past its window; finish one whose finalizer died.
-    if raw["status"] == "in_progress" and time.time() > int(raw.get("expires_at", "0")):
-        services.batches.maybe_expire(batch_id, raw)
-    elif raw["status"] in ("in_progress", "finalizing") and services.batches.remaining(raw) == 0:
-        services.batches.maybe_finalize(batch_id)
-    return to_openai(services.batches.raw(batch_id))
+    if services.batches.refresh(batch_id, raw):
+        raw = services.batches.raw(batch_id)
+    return to_openai(raw)
 
 
 @router.get("/{batch_id}", summary="A batch, with status, request counts and file ids")
@@ -171,8 +132,8 @@ def retry_batch(
     batch_id: str, services: ServicesDep, tenant: TenantDep, body: RetryRequest | None = None
 ) -> dict[str, Any]:
     services.batches.get_raw(batch_id, tenant)
-    lines = services.batches.retry(batch_id, set(body.codes) if body and body.codes else None)
+    codes = set(body.codes) if body and body.codes else None
+    lines = services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant))
     if not lines:
         raise NotFound("no failed lines match; nothing to retry", param="codes")
-    _publish(services, services.batches.units(batch_id, only=set(lines)), tenant)
     return to_openai(services.batches.raw(batch_id))

@@ -1,12 +1,14 @@
 """The ``queueformer`` command line: run a cluster, submit work, follow it, fetch results.
 
-Commands that need torch (``worker``, ``models build-tiny``, ``demo``) import the worker side only
-when they run, so the CLI itself stays as light as the contract.
+The CLI stands on the contract and the SDK alone, so a base install (no Redis client, no torch) runs
+it. Commands that run the server side import it when they run (``up``, ``keys``); commands that need
+torch (``worker``, ``models build-tiny``) run the worker side as its own program.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from queueformer.cli import batch, cluster, jobs, models
@@ -25,10 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "worker":
-        # Hand the rest to the worker's own parser (it owns its flags and imports torch).
-        from workers.main import main as worker_main
-
-        return worker_main(argv[1:])
+        # The worker owns its flags and imports torch: this process becomes it.
+        os.execv(sys.executable, [sys.executable, "-m", "workers.main", *argv[1:]])
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -12,9 +12,9 @@ from pathlib import Path
 from types import FrameType
 
 from queueformer import bulk
+from queueformer.cli.models import build_tiny_models
 from queueformer.client import Client
 from queueformer.contract.settings import Settings, load_settings
-from queueformer.server.cluster import Cluster
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -54,7 +54,10 @@ def _free_port() -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from queueformer.server.cluster import Cluster
+
     settings = load_settings()
+    ensure_tiny_models(settings)
     registry_queues: list[list[str]] | None = None
     if args.worker_per_queue:
         from queueformer.contract.registry import Registry
@@ -88,18 +91,17 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def ensure_tiny_models(settings: Settings) -> None:
+    """With the bundled tiny registry, build whatever tiny model is missing (once; later runs skip)."""
     if settings.registry != "tiny":
         return
-    from workers.tiny_models import build_all  # needs torch
-
-    started = time.perf_counter()
-    report = build_all(settings.resolved_models_dir)
-    built = [name for name, r in report.items() if not r.get("skipped")]
-    if built:
-        sys.stdout.write(f"built tiny models {', '.join(built)} in {time.perf_counter() - started:.1f}s\n")
+    code = build_tiny_models(settings.resolved_models_dir)
+    if code != 0:
+        raise SystemExit(f"building the tiny models into {settings.resolved_models_dir} failed (exit code {code})")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from queueformer.server.cluster import Cluster
+
     settings = load_settings()
     ensure_tiny_models(settings)
     out = args.output or settings.data_dir / "demo-output.jsonl"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +24,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def build_tiny(args: argparse.Namespace) -> int:
-    from workers.tiny_models import build_all  # needs torch: imported only for this command
-
     root = Path(args.dir) if args.dir else load_settings().resolved_models_dir
-    report = build_all(root, force=args.force)
-    sys.stdout.write(json.dumps({"dir": str(root), "models": report}, indent=2) + "\n")
-    return 0
+    return build_tiny_models(root, force=args.force)
+
+
+def build_tiny_models(root: Path, force: bool = False) -> int:
+    """Build the tiny models under ``root`` with the worker side (torch), in its own process."""
+    cmd = [sys.executable, "-m", "workers.build_tiny", str(root), *(["--force"] if force else [])]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def list_models(args: argparse.Namespace) -> int:

@@ -5,3 +5,5 @@ the OpenAI batch line formats and the broker's message units. Importable with th
 alone (pydantic, pydantic-settings, PyYAML): the SDK, the CLI, the API and the workers all build on it,
 and it imports none of them.
 """
+
+VERSION = "0.1.0"

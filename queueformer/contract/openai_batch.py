@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,16 +38,30 @@ from queueformer.contract.records import ClassifyResult, EchoResult, FillMaskRes
 from queueformer.contract.tasks import TASK_NAMES, batch_urls, parse_job, spec_of
 
 ENDPOINTS = batch_urls()
-BATCH_STATUSES = (
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
-)
+
+
+class BatchStatus(StrEnum):
+    """OpenAI's eight batch statuses; :mod:`queueformer.server.batches` holds the moves between them."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+    @property
+    def retryable(self) -> bool:
+        """A finished batch whose failed lines may run again (a batch that failed validation never ran)."""
+        return self in (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
 CUSTOM_ID_MAX = 512
 
 
@@ -359,6 +374,7 @@ class BatchCreate(BaseModel):
 __all__ = [
     "BatchCreate",
     "BatchLine",
+    "BatchStatus",
     "EchoJob",
     "LineError",
     "error_line",

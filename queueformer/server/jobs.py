@@ -260,6 +260,13 @@ class JobStore:
 
     # --- events -------------------------------------------------------------------------------
 
+    def publish_tokens(self, batch: Sequence[tuple[str, int, str]]) -> None:
+        """Append streamed token deltas ``(job id, sequence index, text)`` to their jobs' streams."""
+        p = self.r.pipeline(transaction=False)
+        for job_id, index, text in batch:
+            self._event(p, job_id, "token", {"index": index, "text": text})
+        p.execute()
+
     def emit(self, object_id: str, kind: str, data: Mapping[str, Any]) -> None:
         p = self.r.pipeline(transaction=False)
         self._event(p, object_id, kind, data)

@@ -29,13 +29,12 @@ import redis
 from queueformer.contract.errors import WorkerLost
 from queueformer.contract.units import RUN_TASK, JobsUnit, LinesUnit, job_units
 from queueformer.server import keys
-from queueformer.server.batches import BatchStore
+from queueformer.server.batches import Batches
 from queueformer.server.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
 JOBS_PER_MESSAGE = 128
-VALIDATING_STALE_S = 600  # validating a 50,000-line file takes about a second
 
 Send = Callable[[JobsUnit | LinesUnit, str], None]
 QueueFor = Callable[[str, str], str]  # (model, tenant) -> queue
@@ -95,7 +94,7 @@ class Reconciler:
         self,
         client: redis.Redis,
         jobs: JobStore,
-        batches: BatchStore,
+        batches: Batches,
         queue_for: QueueFor,
         send: Send,
         *,
@@ -182,7 +181,7 @@ class Reconciler:
             self.r.zrem(keys.OPEN_JOBS, *gone)
         for batch_id, raw in self._open_batches():
             try:
-                if self._tend(batch_id, raw, now):
+                if self.batches.tend(batch_id, raw, now, self.after_s):
                     report.tended_batches.append(batch_id)
                     continue
                 if raw.get("status") != "in_progress":
@@ -190,28 +189,11 @@ class Reconciler:
                 last = max(int(raw.get(f) or 0) for f in ("progress_at", "in_progress_at", "created_at"))
                 if now - last < self.after_s:
                     continue
-                for unit in self.batches.open_units(batch_id):
+                for unit in self.batches.ledger.open_units(batch_id):
                     work.units[unit_key(unit)] = (unit, self.queue_for(unit.model, raw["tenant"]))
             except Exception:  # one broken batch (its input file deleted, its model gone) must not stop the rest
                 log.exception("audit of batch %s failed", batch_id)
         return work
-
-    def _tend(self, batch_id: str, raw: dict[str, str], now: float) -> bool:
-        """Move on a batch whose mover died: a finalizer, a cancel or a validation cut short."""
-        status = raw.get("status")
-        since = {"validating": "created_at", "cancelling": "cancelling_at"}.get(status or "")
-        if since is not None and now - int(raw.get(since) or now) > max(self.after_s, VALIDATING_STALE_S):
-            if status == "validating":
-                self.batches.fail_validation(batch_id, "validation was interrupted; create the batch again")
-            else:
-                self.batches.close_out(batch_id, "batch_cancelled", "the batch was cancelled before this request ran")
-                self.batches.maybe_finalize(batch_id)
-            return True
-        if status == "in_progress" and now > int(raw.get("expires_at") or now + 1):
-            return self.batches.maybe_expire(batch_id, raw)
-        if status in ("in_progress", "finalizing") and self.batches.remaining(raw) == 0:
-            return self.batches.maybe_finalize(batch_id)
-        return False
 
     def _open_batches(self) -> Iterable[tuple[str, dict[str, str]]]:
         batch_ids = sorted(cast(set[str], self.r.smembers(keys.OPEN_BATCHES)))
@@ -236,7 +218,7 @@ class Reconciler:
 
     def _still_unfinished(self, keys: list[str], work: _Open) -> list[str]:
         batches = {work.units[k][0].batch for k in keys}
-        left = {unit_key(u) for b in sorted(batches) for u in self.batches.open_units(b)}
+        left = {unit_key(u) for b in sorted(batches) for u in self.batches.ledger.open_units(b)}
         return [k for k in keys if k in left]
 
     # --- what the broker holds ----------------------------------------------------------------------

@@ -10,21 +10,22 @@ import pytest
 import redis
 
 from queueformer.contract.errors import ErrorInfo, ModelNotFound
-from queueformer.contract.ids import new_id
-from queueformer.contract.openai_batch import LineError, error_line, output_line
+from queueformer.contract.openai_batch import BatchCreate, LineError, error_line, output_line
 from queueformer.contract.registry import Registry
-from queueformer.server.batches import BatchStore, scan_file
+from queueformer.contract.settings import TenantQuota
+from queueformer.contract.units import LinesUnit
+from queueformer.server.batches import Batches
 from queueformer.server.files import FileStore
 from queueformer.server.storage import Storage
 from tests.helpers import jsonl
 
 
 @pytest.fixture
-def env(redis_url: str, tmp_path: Path) -> tuple[BatchStore, FileStore, Storage]:
+def env(redis_url: str, tmp_path: Path) -> tuple[Batches, FileStore, Storage]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     storage = Storage(f"file://{tmp_path}")
     files = FileStore(client, storage)
-    return BatchStore(client, storage, files), files, storage
+    return Batches(client, storage, files), files, storage
 
 
 def lines(n: int, model: str = "tiny-gpt2") -> list[dict]:
@@ -44,21 +45,21 @@ def check(job) -> None:  # type: ignore[no-untyped-def]
     reg.get(job.model, job.task)
 
 
-def new_batch(store: BatchStore, files: FileStore, storage: Storage, data: bytes, chunk: int = 4) -> tuple[str, object]:
+def new_batch(store: Batches, files: FileStore, data: bytes, chunk: int = 4) -> tuple[str, list[LinesUnit]]:
+    """Create a batch through the lifecycle; returns its id and the units it published."""
     f = files.create_bytes("t1", "in.jsonl", "batch", data)
-    scan = scan_file(storage, files.key(f.id), "/v1/jobs", 1000, check)
-    batch_id = new_id("batch")
-    store.create(batch_id, "t1", {"endpoint": "/v1/jobs", "input_file_id": f.id})
-    store.start(batch_id, scan, scan.chunks(chunk), "t1")
-    return batch_id, scan
+    sent: list[LinesUnit] = []
+    body = BatchCreate(input_file_id=f.id, endpoint="/v1/jobs")
+    raw = store.create(body, "t1", TenantQuota(), check, lambda models: chunk, sent.extend)
+    return raw["id"], sent
 
 
-def test_validation_reports_bad_lines_with_numbers(env: tuple[BatchStore, FileStore, Storage]) -> None:
-    store, files, storage = env
+def test_validation_reports_bad_lines_with_numbers(env: tuple[Batches, FileStore, Storage]) -> None:
+    store, files, _storage = env
     rows = lines(3)
     unknown = {**lines(1, model="nope")[0], "custom_id": "unknown-model"}
     data = jsonl(rows[:2]) + b"\n" + b"{oops\n" + jsonl([rows[0]]) + jsonl([unknown]) + jsonl([rows[2]])
-    batch_id, _scan = new_batch(store, files, storage, data)
+    batch_id, _units = new_batch(store, files, data)
     raw = store.raw(batch_id)
     assert raw["status"] == "in_progress" and raw["total"] == "6" and raw["failed"] == "3"
     errors = json.loads(raw["errors"])
@@ -69,16 +70,16 @@ def test_validation_reports_bad_lines_with_numbers(env: tuple[BatchStore, FileSt
     ]
     assert "tiny-gpt2" in errors[2]["message"]  # unknown models list the registered names
     # blank line 3 is skipped, not counted; the bad lines are committed to the error file already
-    assert sorted(store.committed(batch_id, [0, 1, 3, 4, 5, 6])) == [3, 4, 5]
+    assert sorted(store.ledger.committed(batch_id, [0, 1, 3, 4, 5, 6])) == [3, 4, 5]
 
 
-def test_every_line_commits_once_even_when_racing(env: tuple[BatchStore, FileStore, Storage]) -> None:
+def test_every_line_commits_once_even_when_racing(env: tuple[Batches, FileStore, Storage]) -> None:
     store, files, storage = env
-    batch_id, _ = new_batch(store, files, storage, jsonl(lines(40)))
+    batch_id, _ = new_batch(store, files, jsonl(lines(40)))
 
     def worker() -> None:
         for i in range(40):
-            store.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {"i": i}), 1, 2)])
+            store.ledger.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {"i": i}), 1, 2)])
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
@@ -94,14 +95,17 @@ def test_every_line_commits_once_even_when_racing(env: tuple[BatchStore, FileSto
     out = [json.loads(x) for x in storage.get_bytes(files.key(raw["output_file_id"])).splitlines()]
     assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(40))
     # late duplicates after finalization change nothing
-    assert store.commit_many(batch_id, [(3, "err", error_line("r3", ErrorInfo(code="x", message="y")), 0, 0)]) is None
+    assert (
+        store.ledger.commit_many(batch_id, [(3, "err", error_line("r3", ErrorInfo(code="x", message="y")), 0, 0)])
+        is None
+    )
     assert store.raw(batch_id)["failed"] == "0"
 
 
-def test_cancel_closes_remaining_lines_and_keeps_finished_ones(env: tuple[BatchStore, FileStore, Storage]) -> None:
+def test_cancel_closes_remaining_lines_and_keeps_finished_ones(env: tuple[Batches, FileStore, Storage]) -> None:
     store, files, storage = env
-    batch_id, _ = new_batch(store, files, storage, jsonl(lines(10)))
-    store.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in range(3)])
+    batch_id, _ = new_batch(store, files, jsonl(lines(10)))
+    store.ledger.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in range(3)])
     store.cancel(batch_id)
     raw = store.raw(batch_id)
     assert raw["status"] == "cancelled" and (raw["completed"], raw["failed"]) == ("3", "7")
@@ -110,17 +114,18 @@ def test_cancel_closes_remaining_lines_and_keeps_finished_ones(env: tuple[BatchS
     assert len(storage.get_bytes(files.key(raw["output_file_id"])).splitlines()) == 3
 
 
-def test_retry_reruns_only_failed_lines_and_keeps_earlier_output(env: tuple[BatchStore, FileStore, Storage]) -> None:
+def test_retry_reruns_only_failed_lines_and_keeps_earlier_output(env: tuple[Batches, FileStore, Storage]) -> None:
     store, files, storage = env
-    batch_id, _ = new_batch(store, files, storage, jsonl(lines(6)), chunk=2)
-    store.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {"run": 1}), 0, 0) for i in range(4)])
+    batch_id, _ = new_batch(store, files, jsonl(lines(6)), chunk=2)
+    store.ledger.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {"run": 1}), 0, 0) for i in range(4)])
     lost = ErrorInfo(code="worker_lost", message="died")
-    store.commit_many(batch_id, [(i, "err", error_line(f"r{i}", lost), 0, 0) for i in (4, 5)])
+    store.ledger.commit_many(batch_id, [(i, "err", error_line(f"r{i}", lost), 0, 0) for i in (4, 5)])
     store.maybe_finalize(batch_id)
-    assert store.retry(batch_id, None) == [4, 5]
-    units = store.units(batch_id, only={4, 5})
+    retried: list[LinesUnit] = []
+    assert store.retry(batch_id, None, retried.extend) == [4, 5]
+    units = retried
     assert [(u.chunk, u.only) for u in units] == [(2, [4, 5])]
-    store.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {"run": 2}), 0, 0) for i in (4, 5)])
+    store.ledger.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {"run": 2}), 0, 0) for i in (4, 5)])
     assert store.maybe_finalize(batch_id)
     raw = store.raw(batch_id)
     assert raw["status"] == "completed" and (raw["completed"], raw["failed"]) == ("6", "0")
@@ -128,18 +133,17 @@ def test_retry_reruns_only_failed_lines_and_keeps_earlier_output(env: tuple[Batc
     assert sorted(o["custom_id"] for o in out) == [f"r{i}" for i in range(6)]
 
 
-def test_mixed_models_split_into_units_per_model(env: tuple[BatchStore, FileStore, Storage]) -> None:
-    store, files, storage = env
+def test_mixed_models_split_into_units_per_model(env: tuple[Batches, FileStore, Storage]) -> None:
+    store, files, _storage = env
     classify = {"task": "classify", "model": "tiny-sentiment", "text": "x"}
     rows = [*lines(2), {"custom_id": "c", "method": "POST", "url": "/v1/jobs", "body": classify}]
-    batch_id, _ = new_batch(store, files, storage, jsonl(rows), chunk=10)
-    units = store.units(batch_id)
+    _batch_id, units = new_batch(store, files, jsonl(rows), chunk=10)
     assert sorted((u.model, tuple(u.only or ())) for u in units) == [("tiny-gpt2", (0, 1)), ("tiny-sentiment", (2,))]
 
 
-def test_an_all_bad_file_fails_validation(env: tuple[BatchStore, FileStore, Storage]) -> None:
-    store, files, storage = env
-    batch_id, _ = new_batch(store, files, storage, b"{bad\n[]\n")
+def test_an_all_bad_file_fails_validation(env: tuple[Batches, FileStore, Storage]) -> None:
+    store, files, _storage = env
+    batch_id, _ = new_batch(store, files, b"{bad\n[]\n")
     raw = store.raw(batch_id)
     assert raw["status"] == "failed" and raw["failed_at"] and raw["error_file_id"]
     with pytest.raises(LineError):

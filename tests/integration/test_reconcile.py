@@ -14,15 +14,17 @@ from redis.client import NEVER_DECODE
 
 from queueformer.contract.errors import ErrorInfo
 from queueformer.contract.ids import new_id
-from queueformer.contract.openai_batch import output_line
+from queueformer.contract.openai_batch import BatchCreate, output_line
 from queueformer.contract.registry import Registry
+from queueformer.contract.settings import TenantQuota
 from queueformer.contract.tasks import parse_job
 from queueformer.contract.units import JobsUnit, LinesUnit
 from queueformer.server import keys
-from queueformer.server.batches import BatchStore, Bitmap, scan_file
+from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery, publish
 from queueformer.server.files import FileStore
 from queueformer.server.jobs import JobStore
+from queueformer.server.ledger import Bitmap
 from queueformer.server.reconcile import Reconciler, unit_key, unit_of
 from queueformer.server.storage import Storage
 from tests.helpers import jsonl, make_settings
@@ -39,7 +41,7 @@ class Env:
         self.storage = Storage(f"file://{tmp_path / 'storage'}")
         self.files = FileStore(self.r, self.storage)
         self.jobs = JobStore(self.r)
-        self.batches = BatchStore(self.r, self.storage, self.files)
+        self.batches = Batches(self.r, self.storage, self.files)
         self.sent: list[tuple[JobsUnit | LinesUnit, str]] = []
 
     def reconciler(self, after_s: float = 0.0, confirm_s: float = 10.0) -> Reconciler:
@@ -69,13 +71,13 @@ class Env:
             for i in range(n)
         ]
         f = self.files.create_bytes("t1", "in.jsonl", "batch", jsonl(rows))
-        scan = scan_file(self.storage, self.files.key(f.id), "/v1/jobs", 1000)
-        batch_id = new_id("batch")
-        self.batches.create(batch_id, "t1", {"endpoint": "/v1/jobs", "input_file_id": f.id})
-        self.batches.start(batch_id, scan, scan.chunks(chunk), "t1")
-        for unit in self.batches.units(batch_id):
-            publish(self.celery, unit, QUEUE)
-        return batch_id
+        body = BatchCreate(input_file_id=f.id, endpoint="/v1/jobs")
+
+        def send(units: list[LinesUnit]) -> None:
+            for unit in units:
+                publish(self.celery, unit, QUEUE)
+
+        return self.batches.create(body, "t1", TenantQuota(), lambda job: None, lambda models: chunk, send)["id"]
 
     def take(self) -> dict[str, Any]:
         """Pop a message the way a consumer does, and never record it: the delivery a SIGKILL loses."""
@@ -153,7 +155,7 @@ def test_lost_batch_chunks_are_sent_again_and_finished_ones_are_not(env: Env) ->
     lost = [LinesUnit.model_validate(unit_of(env.take())) for _ in range(3)]
     assert sorted(u.chunk for u in lost) == [0, 1, 2]
     entries = [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in (0, 1, 2, 3, 4)]
-    env.batches.commit_many(batch_id, entries)  # chunk 0 done, chunk 1 started
+    env.batches.ledger.commit_many(batch_id, entries)  # chunk 0 done, chunk 1 started
     rec = env.reconciler()
     assert rec.audit(now=1e10).suspects == 2
     report = rec.audit(now=1e10 + 10)
@@ -164,7 +166,7 @@ def test_lost_batch_chunks_are_sent_again_and_finished_ones_are_not(env: Env) ->
 def test_a_progressing_batch_is_not_audited(env: Env) -> None:
     batch_id = env.batch(8, chunk=4)
     env.take()
-    env.batches.commit_many(batch_id, [(0, "out", output_line("r0", 200, {}), 0, 0)])
+    env.batches.ledger.commit_many(batch_id, [(0, "out", output_line("r0", 200, {}), 0, 0)])
     assert env.reconciler(after_s=3600).audit().checked_units == 0
 
 
@@ -223,7 +225,7 @@ def test_work_that_never_runs_ends_as_worker_lost_instead_of_looping(env: Env) -
 def test_batches_whose_mover_died_are_moved_on(env: Env) -> None:
     old = str(int(time.time()) - 3600)
     finished = env.batch(2, chunk=2)  # every line committed, but the finalizer died before finalizing
-    env.batches.commit_many(finished, [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in range(2)])
+    env.batches.ledger.commit_many(finished, [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in range(2)])
     env.r.hset(f"qf:batch:{finished}", mapping={"status": "finalizing", "finalizing_at": old})
     cancelling = env.batch(2, chunk=2)  # the API died inside the cancel
     env.r.hset(f"qf:batch:{cancelling}", mapping={"status": "cancelling", "cancelling_at": old})

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from queueformer.contract.registry import Registry
-from queueformer.server.batches import BatchStore
+from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.files import FileStore
 from queueformer.server.jobs import JobStore
@@ -25,6 +25,7 @@ from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
 from workers.runner import Runner
 from workers.tasks import register
+from workers.watch import CancelWatcher
 
 
 @pytest.fixture
@@ -36,8 +37,10 @@ def stack(redis_url: str, tiny_models: Path, tmp_path: Path) -> Iterator[tuple[T
     holder = ModelHolder()
     served = serve(registry.get("tiny-gpt2"), tiny_models)
     holder.add(served)
-    runner = Runner(holder, JobStore(client), storage)
-    runner.lines = LineRunner(runner, BatchStore(client, storage, FileStore(client, storage)), 3)
+    jobs = JobStore(client)
+    watcher = CancelWatcher(jobs.cancel_requested)
+    lines = LineRunner(Batches(client, storage, FileStore(client, storage)), storage, watcher, 3)
+    runner = Runner(holder, jobs, storage, watcher=watcher, lines=lines)
     app = make_celery(settings, registry)
     register(app, runner, LeaseKeeper(client, settings.visibility_timeout_s))
     with (
