@@ -91,15 +91,19 @@ def test_a_restart_on_the_same_data_dir_keeps_the_password(server: EmbeddedRedis
     assert EmbeddedRedis(tmp_path / "elsewhere").password != password
 
 
-def test_flower_reaches_the_broker_with_the_url_kept_off_its_command_line(tmp_path: Path) -> None:
-    """`queueformer up`'s Flower gets the URL through CELERY_BROKER_URL (not --broker, which `ps` shows)
-    and reads the broker with it: /api/queues/length answers only when the password is right."""
-    server = EmbeddedRedis(tmp_path / "valkey", port=free_port())
-    server.start()
-    cluster = Cluster(make_settings(server.url, tmp_path), api_port=free_port(), worker_groups=[])
-    cluster.flower_port = free_port()
+def test_a_cluster_on_its_embedded_server_serves_with_the_password(tmp_path: Path) -> None:
+    """`queueformer up` without QUEUEFORMER_REDIS_URL: the cluster starts its own server and hands the
+    password-carrying URL to the API (which answers /readyz only when Redis does) and to Flower, which
+    gets it through CELERY_BROKER_URL (not --broker, which `ps` shows) and reads the broker with it:
+    /api/queues/length answers only when the password is right."""
+    settings = make_settings("redis://unused", tmp_path).model_copy(update={"redis_url": None})
+    cluster = Cluster(settings, api_port=free_port(), flower_port=free_port(), worker_groups=[])
     try:
         cluster.start()
+        assert cluster.redis is not None
+        server = cluster.redis
+        assert cluster.redis_url == server.url and server.password in server.url
+        cluster.wait_ready(timeout=120, workers=0)
         flower = next(c for c in cluster.children if c.name == "flower")
         assert server.password not in " ".join(str(a) for a in flower.proc.args)
         assert cluster.flower_auth is not None
@@ -118,7 +122,8 @@ def test_flower_reaches_the_broker_with_the_url_kept_off_its_command_line(tmp_pa
         assert "active_queues" in response.json()
     finally:
         cluster.stop()
-        server.stop()
-    log = (cluster.log_dir / "flower.log").read_text()
-    assert "Connected to redis://:**@127.0.0.1" in log
-    assert server.password not in log
+    assert cluster.redis is None  # stopped with the cluster
+    logs = "".join(p.read_text() for p in cluster.log_dir.glob("*.log"))
+    assert "Connected to redis://:**@127.0.0.1" in logs
+    assert server.password not in logs
+    assert (settings.data_dir / "valkey" / PASSWORD_FILE).read_text().strip() == server.password
