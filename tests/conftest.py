@@ -51,7 +51,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"), port=free_port())
     server.start()
     try:
-        yield f"redis://127.0.0.1:{server.port}"
+        yield server.base_url  # carries the server's password
     finally:
         server.stop()
 

@@ -79,7 +79,7 @@ def run_up(args: argparse.Namespace) -> int:
         if cluster.flower_port:
             sys.stdout.write(f"Flower http://127.0.0.1:{cluster.flower_port} (basic auth {cluster.flower_auth})\n")
         if cluster.redis is not None:
-            sys.stdout.write(f"embedded Redis {cluster.redis.url} (AOF in {cluster.redis.data_dir})\n")
+            sys.stdout.write(f"embedded Redis {cluster.redis.display_url} (AOF in {cluster.redis.data_dir})\n")
         sys.stdout.write(f"logs in {cluster.log_dir}; Ctrl-C stops everything\n")
         while not stop:
             cluster.check_alive()

@@ -115,15 +115,15 @@ class Cluster:
         )
         if self.flower_port:
             self.flower_auth = self.flower_auth or f"admin:{secrets.token_urlsafe(12)}"
-            flower_env = {**env, "FLOWER_BASIC_AUTH": self.flower_auth}
+            # Celery reads its broker from CELERY_BROKER_URL: the URL (and its password) stays off the
+            # command line, where any local user could read it.
+            flower_env = {**env, "FLOWER_BASIC_AUTH": self.flower_auth, "CELERY_BROKER_URL": url}
             self._spawn(
                 "flower",
                 [
                     sys.executable,
                     "-m",
                     "celery",
-                    "--broker",
-                    url,
                     "flower",
                     f"--port={self.flower_port}",
                     "--address=127.0.0.1",

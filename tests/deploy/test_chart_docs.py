@@ -98,6 +98,12 @@ def test_deploy_docs_cover_the_quickstart() -> None:
         "docker compose -f docker/compose.yaml",
         "make-secrets.sh",
         "minReplicaCount: 0",
+        "networkPolicy.api.allowFrom",
+        "networkPolicy.monitoringFrom",
+        "egress.storage",
+        "does not cross the pod network",
+        "qf-queueformer-api -o jsonpath='{.data.bootstrap-keys}'",
+        "qf-queueformer-flower -o jsonpath='{.data.basic-auth}'",
     ):
         assert needle in text, needle
     assert "[deployment](docs/deploy.md)" in (ROOT / "README.md").read_text()

@@ -219,6 +219,35 @@ def test_compose_secrets_come_from_files_never_literals(docker_compose: Path) ->
             assert value is None or "redis://" not in value, (name, key)
 
 
+def test_compose_services_get_only_the_secrets_they_use(docker_compose: Path) -> None:
+    for extra in ([], ["--env-file", str(DOCKER / "s3.env")]):
+        services = compose_config(docker_compose, *extra)["services"]
+        mounted = {name: {s["source"] for s in service.get("secrets", [])} for name, service in services.items()}
+        s3 = {"aws_access_key_id", "aws_secret_access_key"}
+        expected = {
+            "redis": {"redis_password"},
+            "api": {"queueformer_redis_url", "queueformer_api__bootstrap_keys", "queueformer_api__webhook_secret"} | s3,
+            "worker": {"queueformer_redis_url"} | s3,
+            "flower": {"queueformer_redis_url", "flower_basic_auth"},
+            "models-init": set(),
+        }
+        if extra:
+            expected |= {"minio": s3, "minio-init": s3}
+        assert mounted == expected
+
+
+def test_compose_redis_requires_its_password_and_fsyncs_every_write(docker_compose: Path) -> None:
+    redis = compose_config(docker_compose)["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert '--requirepass "$$(cat /run/secrets/redis_password)"' in command  # $$: compose's escape
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    # The comment above the command says what it does.
+    text = COMPOSE.read_text()
+    comment = text[text.index("  redis:\n") : text.index("    command:", text.index("  redis:\n"))]
+    assert "--appendfsync always" in command
+    assert "every write" in comment and "every second" not in comment
+
+
 def test_compose_s3_profile_adds_minio_and_switches_storage(docker_compose: Path) -> None:
     services = compose_config(docker_compose, "--env-file", str(DOCKER / "s3.env"))["services"]
     assert {"minio", "minio-init"} <= set(services)

@@ -56,8 +56,9 @@ def queue_args(deployment: Manifest) -> list[str]:
     return list(args[start:end])
 
 
-def secret_data(manifests: list[Manifest]) -> dict[str, str]:
-    secret = named(manifests, "Secret", FULL)
+def secret_data(manifests: list[Manifest], component: str) -> dict[str, str]:
+    """The decoded data of the chart's own Secret for one consumer (`redis`, `api` or `flower`)."""
+    secret = named(manifests, "Secret", f"{FULL}-{component}")
     return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
 
 
@@ -94,7 +95,9 @@ def test_notes_render(helm: Path, tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         notes = next(yaml.safe_load_all(result.stdout))["data"]["notes"]
         assert "helm test qf -n queueformer" in notes
-        assert "bootstrap-keys" in notes and "flower-basic-auth" in notes
+        assert f"get secret {FULL}-api -o jsonpath='{{.data.bootstrap-keys}}'" in notes
+        assert f"get secret {FULL}-flower -o jsonpath='{{.data.basic-auth}}'" in notes
+        assert "NetworkPolicies" in notes
         assert f"{FULL}-worker-" in notes
 
 
@@ -106,6 +109,7 @@ def test_defaults_render_the_expected_objects(default_manifests: list[Manifest])
     assert kinds == [
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "PersistentVolumeClaim",
         "Pod",
         "PodDisruptionBudget",
@@ -171,7 +175,9 @@ def test_keda_scaled_object_per_enabled_set(gpu_manifests: list[Manifest]) -> No
     assert sorted(scaled) == sorted(f"{FULL}-worker-{s['name']}" for s in enabled)
     auth = of_kind(gpu_manifests, "TriggerAuthentication")
     assert len(auth) == 1
-    assert auth[0]["spec"]["secretTargetRef"] == [{"parameter": "password", "name": FULL, "key": "redis-password"}]
+    assert auth[0]["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": f"{FULL}-redis", "key": "redis-password"}
+    ]
     by_set = workers(gpu_manifests)
     for s in enabled:
         obj = scaled[f"{FULL}-worker-{s['name']}"]
@@ -232,23 +238,30 @@ def test_workers_drain_before_they_stop(default_manifests: list[Manifest], gpu_m
 def test_flower_requires_basic_auth_from_a_secret(default_manifests: list[Manifest], render: Render) -> None:
     flower = container(named(default_manifests, "Deployment", f"{FULL}-flower"))
     env = env_of(flower)
-    assert env["FLOWER_BASIC_AUTH"] == {"secretKeyRef": {"name": FULL, "key": "flower-basic-auth"}}
+    assert env["FLOWER_BASIC_AUTH"] == {"secretKeyRef": {"name": f"{FULL}-flower", "key": "basic-auth"}}
     assert "FLOWER_UNAUTHENTICATED_API" not in env
     assert not any("unauthenticated" in a for a in flower["args"])
     assert env["CELERY_BROKER_URL"] == "$(QUEUEFORMER_REDIS_URL)"  # the URL never reaches the command line
-    user, _, password = secret_data(default_manifests)["flower-basic-auth"].partition(":")
-    assert user == "admin" and re.fullmatch(r"[A-Za-z0-9]{24}", password)
+    flower_secret = secret_data(default_manifests, "flower")
+    user, _, password = flower_secret["basic-auth"].partition(":")
+    assert user == "admin" and re.fullmatch(r"[A-Za-z0-9]{24}", password) and flower_secret["password"] == password
 
     mine = render("--set", "flower.auth.existingSecret=flower-creds")
     env = env_of(container(named(mine, "Deployment", f"{FULL}-flower")))
     assert env["FLOWER_BASIC_AUTH"] == {"secretKeyRef": {"name": "flower-creds", "key": "basic-auth"}}
-    assert "flower-basic-auth" not in secret_data(mine)
+    assert not [m for m in of_kind(mine, "Secret") if m["metadata"]["name"] == f"{FULL}-flower"]
 
 
 def test_secrets_are_generated_never_defaulted(render: Render) -> None:
-    first, second = secret_data(render()), secret_data(render())
-    for key in ("redis-password", "bootstrap-keys", "webhook-secret", "flower-password"):
+    renders = render(), render()
+    first, second = (
+        {k: v for component in ("redis", "api", "flower") for k, v in secret_data(m, component).items()}
+        for m in renders
+    )
+    assert set(first) == {"redis-password", "bootstrap-keys", "webhook-secret", "password", "basic-auth"}
+    for key in first:
         assert first[key] and first[key] != second[key], key
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", first["redis-password"])
     keys = json.loads(first["bootstrap-keys"])
     assert len(keys) == 1 and re.fullmatch(r"admin:qf-[A-Za-z0-9]{40}", keys[0])
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -275,8 +288,15 @@ def test_checksum_annotations_roll_pods_on_config_and_secret_changes(render: Ren
     for name in (f"{FULL}-api", f"{FULL}-worker-tiny"):
         assert logged[name]["checksum/config"] != base[name]["checksum/config"]
         assert logged[name]["checksum/secret"] == base[name]["checksum/secret"]
-        assert keyed[name]["checksum/secret"] != base[name]["checksum/secret"]
         assert keyed[name]["checksum/config"] == base[name]["checksum/config"]
+    # New API keys roll the API, which reads them, and nothing else.
+    assert keyed[f"{FULL}-api"]["checksum/secret"] != base[f"{FULL}-api"]["checksum/secret"]
+    for name in (f"{FULL}-worker-tiny", f"{FULL}-flower"):
+        assert keyed[name]["checksum/secret"] == base[name]["checksum/secret"], name
+    # A Redis password given in values rolls every pod that connects to Redis.
+    repassed = checksums(render("--set", "redis.auth.password=0123456789abcdef"))
+    for name in (f"{FULL}-api", f"{FULL}-worker-tiny", f"{FULL}-flower"):
+        assert repassed[name]["checksum/secret"] != base[name]["checksum/secret"], name
     gpu = checksums(render("-f", str(GPU_VALUES)))
     gpu_changed = checksums(
         render("-f", str(GPU_VALUES), "--set", "workers.sets[0].models.mistral-7b-nf4.max_batch_size=8")
@@ -291,7 +311,7 @@ def test_in_cluster_redis_runs_with_aof_and_a_volume(default_manifests: list[Man
     sts = named(default_manifests, "StatefulSet", f"{FULL}-redis")
     valkey = container(sts)
     assert valkey["args"] == ["/etc/valkey/valkey.conf", "--requirepass", "$(REDIS_PASSWORD)"]
-    assert env_of(valkey)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": FULL, "key": "redis-password"}}
+    assert env_of(valkey)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": f"{FULL}-redis", "key": "redis-password"}}
     assert {"name": "data", "mountPath": "/data"} in valkey["volumeMounts"]
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
@@ -310,7 +330,7 @@ def test_external_redis_from_a_secret(render: Render) -> None:
         env = env_of(container(deployment))
         assert env["QUEUEFORMER_REDIS_URL"] == {"secretKeyRef": {"name": "my-redis", "key": "redis-url"}}
         assert "REDIS_PASSWORD" not in env
-    assert "redis-password" not in secret_data(manifests)
+    assert not [m for m in of_kind(manifests, "Secret") if m["metadata"]["name"] == f"{FULL}-redis"]
 
     keda = render(
         "-f",
@@ -446,7 +466,9 @@ def test_api_deployment_service_ingress_and_hpa(
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["args"][:3] == ["uvicorn", "api.app:create_app", "--factory"]
-    assert env_of(c)["QUEUEFORMER_API__BOOTSTRAP_KEYS"] == {"secretKeyRef": {"name": FULL, "key": "bootstrap-keys"}}
+    assert env_of(c)["QUEUEFORMER_API__BOOTSTRAP_KEYS"] == {
+        "secretKeyRef": {"name": f"{FULL}-api", "key": "bootstrap-keys"}
+    }
     assert named(default_manifests, "ConfigMap", FULL)["data"]["QUEUEFORMER_API__AUTH_REQUIRED"] == "true"
     assert api["spec"]["replicas"] == 1
     service = named(default_manifests, "Service", f"{FULL}-api")
@@ -492,7 +514,7 @@ def test_helm_test_hook_submits_an_echo_job(
         env = env_of(c)
         assert env["SUBMIT_ECHO"] == "1"
         assert env["API_URL"] == f"http://{FULL}-api:8000"
-        assert env["BOOTSTRAP_KEYS"] == {"secretKeyRef": {"name": FULL, "key": "bootstrap-keys"}}
+        assert env["BOOTSTRAP_KEYS"] == {"secretKeyRef": {"name": f"{FULL}-api", "key": "bootstrap-keys"}}
     no_echo = render("--set-json", 'workers.sets=[{"name":"gen","queues":["tiny-gpt2"]}]')
     env = env_of(container({"spec": {"template": {"spec": named(no_echo, "Pod", f"{FULL}-test-echo")["spec"]}}}))
     assert env["SUBMIT_ECHO"] == "0"

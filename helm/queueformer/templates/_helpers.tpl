@@ -108,6 +108,13 @@ A key the set gives replaces the default's key entirely (so `gpu: 0` or `enabled
 {{- toYaml $merged -}}
 {{- end -}}
 
+{{/* Does some worker set scale with KEDA? ("true" or "") */}}
+{{- define "queueformer.anyKeda" -}}
+{{- range .Values.workers.sets -}}
+{{- if (include "queueformer.workerSet" (dict "ctx" $ "set" .) | fromYaml).keda.enabled -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "queueformer.workerName" -}}
 {{- printf "%s-worker-%s" (include "queueformer.fullname" .ctx) .set.name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -160,9 +167,28 @@ Redis and secrets
 {{- printf "%s-redis" (include "queueformer.fullname" .) -}}
 {{- end -}}
 
+{{/*
+The chart's own Secrets, one per consumer, so that each pod references only what it uses:
+  <fullname>-redis   redis-password (in-cluster Valkey) or redis-url (externalRedis.url): every pod
+  <fullname>-api     bootstrap-keys, webhook-secret: the API (and the `helm test` pod's key) only
+  <fullname>-flower  basic-auth, password: Flower only
+Workers get the Redis URL, the S3 keys and the hub token; never the API keys or the webhook secret.
+*/}}
+{{- define "queueformer.redisSecretName" -}}
+{{- printf "%s-redis" (include "queueformer.fullname" .) -}}
+{{- end -}}
+
+{{- define "queueformer.apiSecretName" -}}
+{{- printf "%s-api" (include "queueformer.fullname" .) -}}
+{{- end -}}
+
+{{- define "queueformer.flowerOwnSecretName" -}}
+{{- printf "%s-flower" (include "queueformer.fullname" .) -}}
+{{- end -}}
+
 {{/* With an external Redis: the Secret (name, key) holding its URL. */}}
 {{- define "queueformer.redisUrlSecretName" -}}
-{{- .Values.externalRedis.existingSecret | default (include "queueformer.fullname" .) -}}
+{{- .Values.externalRedis.existingSecret | default (include "queueformer.redisSecretName" .) -}}
 {{- end -}}
 
 {{- define "queueformer.redisUrlSecretKey" -}}
@@ -174,7 +200,7 @@ redis-url
 {{- end -}}
 
 {{- define "queueformer.redisPasswordSecretName" -}}
-{{- .Values.redis.auth.existingSecret | default (include "queueformer.fullname" .) -}}
+{{- .Values.redis.auth.existingSecret | default (include "queueformer.redisSecretName" .) -}}
 {{- end -}}
 
 {{- define "queueformer.redisPasswordSecretKey" -}}
@@ -186,35 +212,64 @@ redis-password
 {{- end -}}
 
 {{- define "queueformer.authSecretName" -}}
-{{- .Values.auth.existingSecret | default (include "queueformer.fullname" .) -}}
+{{- .Values.auth.existingSecret | default (include "queueformer.apiSecretName" .) -}}
 {{- end -}}
 
 {{- define "queueformer.flowerSecretName" -}}
-{{- .Values.flower.auth.existingSecret | default (include "queueformer.fullname" .) -}}
+{{- .Values.flower.auth.existingSecret | default (include "queueformer.flowerOwnSecretName" .) -}}
 {{- end -}}
 
 {{- define "queueformer.flowerSecretKey" -}}
 {{- if .Values.flower.auth.existingSecret -}}
 {{- .Values.flower.auth.existingSecretKey -}}
 {{- else -}}
-flower-basic-auth
+basic-auth
 {{- end -}}
 {{- end -}}
 
 {{/*
-A checksum of every value that ends up in the chart's Secret. Generated passwords are not part of it:
-they are random only on the first install and reused afterwards, and hashing a fresh random value
-would restart every pod on the first upgrade.
+A value the cluster already holds, so that upgrades keep generated secrets:
+(dict "ctx" $ "secret" "<name>" "key" "<key>" "legacyKey" "<key>"). It reads the chart's Secret of
+that name, then the single `<fullname>` Secret that chart versions before the split used (under
+legacyKey), and returns "" when neither has it (a first install, or `helm template`).
 */}}
-{{- define "queueformer.secretChecksum" -}}
-{{- toJson (list .Values.auth .Values.redis.auth .Values.externalRedis .Values.flower.auth .Values.storage.s3 .Values.huggingface) | sha256sum -}}
+{{- define "queueformer.existingSecretValue" -}}
+{{- $data := (lookup "v1" "Secret" .ctx.Release.Namespace .secret).data | default dict -}}
+{{- if hasKey $data .key -}}
+{{- index $data .key | b64dec -}}
+{{- else -}}
+{{- $legacy := (lookup "v1" "Secret" .ctx.Release.Namespace (include "queueformer.fullname" .ctx)).data | default dict -}}
+{{- if hasKey $legacy .legacyKey -}}
+{{- index $legacy .legacyKey | b64dec -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
-{{/* Env vars with the secrets every queueformer process needs. */}}
-{{- define "queueformer.secretEnv" -}}
+{{/*
+A checksum of the values that end up in the Secrets one component reads: (dict "ctx" $ "component"
+"api"). Generated passwords are not part of it: they are random only on the first install and reused
+afterwards, and hashing a fresh random value would restart every pod on the first upgrade. A change
+to the API keys rolls the API, not the workers.
+*/}}
+{{- define "queueformer.secretChecksum" -}}
+{{- $v := .ctx.Values -}}
+{{- $parts := list $v.redis.auth $v.externalRedis -}}
+{{- if eq .component "api" -}}
+{{- $parts = concat $parts (list $v.auth $v.storage.s3) -}}
+{{- else if eq .component "worker" -}}
+{{- $parts = concat $parts (list $v.storage.s3 $v.huggingface) -}}
+{{- else if eq .component "flower" -}}
+{{- $parts = append $parts $v.flower.auth -}}
+{{- end -}}
+{{- toJson $parts | sha256sum -}}
+{{- end -}}
+
+{{/* Env: QUEUEFORMER_REDIS_URL, which every queueformer pod needs. */}}
+{{- define "queueformer.redisEnv" -}}
 {{- if .Values.redis.enabled -}}
 # The in-cluster Redis' URL is put together in the pod ($(REDIS_PASSWORD) expands the variable
-# above), so the password lives in one Secret key, generated or from redis.auth.existingSecret.
+# defined just before it), so the password lives in one Secret key, generated or from
+# redis.auth.existingSecret, and every URL carries it.
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
@@ -229,13 +284,11 @@ would restart every pod on the first upgrade.
       name: {{ include "queueformer.redisUrlSecretName" . }}
       key: {{ include "queueformer.redisUrlSecretKey" . }}
 {{- end }}
-- name: QUEUEFORMER_API__WEBHOOK_SECRET
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "queueformer.authSecretName" . }}
-      key: webhook-secret
-      optional: true
-{{- if .Values.storage.s3.existingSecret }}
+{{- end -}}
+
+{{/* Env: the S3 keys (API and workers), when storage.s3.existingSecret names them. */}}
+{{- define "queueformer.storageEnv" -}}
+{{- if .Values.storage.s3.existingSecret -}}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
@@ -281,10 +334,11 @@ Storage
 {{- end }}
 {{- end -}}
 
-{{/* Pod annotations every queueformer pod carries: config and secret checksums roll pods on change. */}}
+{{/* Pod annotations of the API and worker pods: config and secret checksums roll pods on change.
+(dict "ctx" $ "component" "api") */}}
 {{- define "queueformer.checksums" -}}
-checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-checksum/registry: {{ include (print .Template.BasePath "/registry-configmap.yaml") . | sha256sum }}
+checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
+checksum/registry: {{ include (print .ctx.Template.BasePath "/registry-configmap.yaml") .ctx | sha256sum }}
 checksum/secret: {{ include "queueformer.secretChecksum" . }}
 {{- end -}}
 
