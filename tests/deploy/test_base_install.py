@@ -8,7 +8,6 @@ server side (Redis client, Celery, fsspec) or of the workers (torch) came with i
 from __future__ import annotations
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from queueformer.cluster import Cluster
-from queueformer.embedded import PASSWORD_FILE, EmbeddedRedis
+from queueformer.server.cluster import Cluster
+from queueformer.server.embedded import PASSWORD_FILE, EmbeddedRedis
 from tests.conftest import free_port
 from tests.helpers import eventually, make_settings
 
@@ -60,7 +60,7 @@ def test_the_password_is_private_and_never_logged(
     # The server's own argv shows only its config file, not the password.
     cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
     assert server.password not in cmdline
-    with caplog.at_level(logging.INFO, logger="queueformer.embedded"):
+    with caplog.at_level(logging.INFO, logger="queueformer.server.embedded"):
         other = EmbeddedRedis(tmp_path / "other", port=free_port())
         other.start()
         other.stop()
