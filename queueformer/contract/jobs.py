@@ -28,6 +28,7 @@ class Task(StrEnum):
     TRANSLATE = "translate"
     CLASSIFY = "classify"
     FINE_TUNE = "fine-tune"
+    EMBED = "embed"
     ECHO = "echo"
 
 
@@ -184,6 +185,41 @@ class ClassifyJob(JobBase):
 
     def estimated_tokens(self) -> int:
         return sum(len(t) for t in self.texts) // 4 + 1
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=131_072)]
+
+
+class EmbedJob(JobBase):
+    """Embed texts (or token-id lists) as pooled hidden states of an encoder or decoder model."""
+
+    task: Literal["embed"] = "embed"
+    input: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
+    ) = Field(description="A text, a list of texts, or the model's own token ids (one list, or a list of lists).")
+    pooling: Literal["mean", "cls", "last"] = Field(
+        "mean", description="mean over the tokens, the first token ([CLS]), or the last token (decoder models)."
+    )
+    normalize: bool = Field(True, description="Scale each vector to unit length (after any dimensions cut).")
+    dimensions: int | None = Field(None, ge=1, le=65_536, description="Keep only the first N dimensions.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="How OpenAI-shaped responses carry vectors: JSON floats or base64 little-endian float32."
+    )
+    truncate: bool = False
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per vector: a text or a token-id list."""
+        value = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]
+        return list(value)  # type: ignore[arg-type]
+
+    def estimated_tokens(self) -> int:
+        return sum(len(x) // 4 + 1 if isinstance(x, str) else len(x) for x in self.inputs)
 
 
 class FineTuneMethod(StrEnum):

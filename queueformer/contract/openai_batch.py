@@ -16,7 +16,9 @@ accepted as extensions, as vLLM does.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
 from enum import StrEnum
@@ -28,13 +30,21 @@ from queueformer.contract.errors import ErrorInfo, QueueformerError
 from queueformer.contract.jobs import (
     ClassifyJob,
     EchoJob,
+    EmbedJob,
     FillMaskJob,
     GenerateJob,
     JobBase,
     ModelName,
     TranslateJob,
 )
-from queueformer.contract.records import ClassifyResult, EchoResult, FillMaskResult, GenerateResult, TranslateResult
+from queueformer.contract.records import (
+    ClassifyResult,
+    EchoResult,
+    EmbedResult,
+    FillMaskResult,
+    GenerateResult,
+    TranslateResult,
+)
 from queueformer.contract.tasks import TASK_NAMES, batch_urls, parse_job, spec_of
 
 ENDPOINTS = batch_urls()
@@ -162,6 +172,20 @@ class ClassificationBody(_Body):
     top_k: int | None = 1
 
 
+class EmbeddingsBody(_Body):
+    """OpenAI's embeddings request; ``pooling``, ``normalize`` and ``truncate`` are extensions."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    truncate: bool = False
+
+    def job(self) -> EmbedJob:
+        return EmbedJob(**self.model_dump(exclude={"user"}, exclude_none=True))
+
+
 def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -186,6 +210,8 @@ def job_for(url: str, body: dict[str, Any]) -> JobBase:
     if url == "/v1/classifications":
         cl = ClassificationBody.model_validate(body)
         return ClassifyJob(model=cl.model, text=cl.input, top_k=cl.top_k)
+    if url == "/v1/embeddings":
+        return EmbeddingsBody.model_validate(body).job()
     if url == "/v1/jobs":
         job = parse_job(body)
         if not spec_of(job.task).batch_line:
@@ -242,7 +268,9 @@ def _first_param(exc: ValidationError, prefix: str = "") -> str | None:
     errs = exc.errors()
     if not errs:
         return None
-    loc = [str(p) for p in errs[0]["loc"] if p not in TASK_NAMES]
+    loc = [str(p) for p in errs[0]["loc"]]
+    if len(loc) > 1 and loc[0] in TASK_NAMES:
+        loc = loc[1:]  # a discriminated union puts the tag first ("generate", "prompt"); the field is what callers want
     return ".".join([prefix, *loc] if prefix else loc) or None
 
 
@@ -349,9 +377,27 @@ def response_body(url: str, result: BaseModel, model: str) -> dict[str, Any]:
             "multi_label": result.multi_label,
             "usage": usage_obj,
         }
+    if url == "/v1/embeddings" and isinstance(result, EmbedResult):
+        return embeddings_list(result, model)
     if isinstance(result, EchoResult | BaseModel):
         return {"object": "job.result", "created": created, **result.model_dump(mode="json")}
     raise TypeError(f"no response shape for {url}")
+
+
+def embeddings_list(result: EmbedResult, model: str) -> dict[str, Any]:
+    """OpenAI's embedding list: floats, or base64 of little-endian float32 when the request asked for it."""
+
+    def encode(vector: list[float]) -> list[float] | str:
+        if result.encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.embeddings)],
+        "model": model,
+        "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
+    }
 
 
 class BatchCreate(BaseModel):

@@ -111,6 +111,16 @@ class ClassifyResult(BaseModel):
     usage: Usage
 
 
+class EmbedResult(BaseModel):
+    task: Literal["embed"] = "embed"
+    model: str
+    embeddings: list[list[float]] = Field(description="One vector per input, in input order.")
+    pooling: str
+    normalized: bool
+    encoding_format: Literal["float", "base64"] = "float"
+    usage: Usage
+
+
 class FineTuneResult(BaseModel):
     task: Literal["fine-tune"] = "fine-tune"
     model: str = Field(description="The base model.")

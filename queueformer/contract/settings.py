@@ -40,6 +40,9 @@ class ApiSettings(BaseModel):
         description="Seconds between audits of open work against the broker (queueformer.server.reconcile); 0 turns "
         "them off. Work no message holds in two audits this far apart is sent again.",
     )
+    sync_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="How long synchronous routes (/v1/embeddings) wait for their job; then 504."
+    )
     reconcile_after_s: float = Field(
         60.0, ge=0, description="How long open work must have made no progress before an audit looks for it."
     )

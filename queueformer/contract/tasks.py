@@ -25,6 +25,7 @@ from queueformer.contract import records
 from queueformer.contract.jobs import (
     ClassifyJob,
     EchoJob,
+    EmbedJob,
     FillMaskJob,
     FineTuneJob,
     GenerateJob,
@@ -91,6 +92,16 @@ TASKS: Mapping[Task, TaskSpec] = {
             tiny_model="tiny-sentiment",
             text_field="text",
             openai_url="/v1/classifications",
+        ),
+        TaskSpec(
+            Task.EMBED,
+            EmbedJob,
+            records.EmbedResult,
+            handler="workers.handlers.embed:EmbedHandler",
+            auto_class="AutoModel",
+            tiny_model="tiny-bert-embed",
+            text_field="input",
+            openai_url="/v1/embeddings",
         ),
         TaskSpec(
             Task.FINE_TUNE,

@@ -79,5 +79,6 @@ def _minimal(task: Task) -> dict[str, Any]:
         Task.TRANSLATE: {"text": "x"},
         Task.FILL_MASK: {"text": "x [MASK]"},
         Task.CLASSIFY: {"text": "x"},
+        Task.EMBED: {"input": "x"},
         Task.FINE_TUNE: {"training_file": "file-0123456789abcdef"},
     }.get(task, {})
