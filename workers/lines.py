@@ -20,7 +20,7 @@ from queueformer.openai_batch import LineError, error_line, error_line_for, outp
 from workers import metrics
 from workers.engine.item import WorkItem
 from workers.holder import Served
-from workers.runner import Pending, Runner, commit_retry
+from workers.runner import Pending, Runner, commit_retry, count_generated
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,15 @@ class LineRunner:
         try:
             deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
             immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
-            remaining = self._commit(unit.batch, immediate)
+            remaining = self._commit(unit.batch, immediate, served.entry.name)
             pending: list[Entry] = []
             for ln in lines:
                 pending.append(self._entry(served, raw["endpoint"], ln))
                 if len(pending) >= COMMIT_EVERY:
-                    remaining = self._commit(unit.batch, pending)
+                    remaining = self._commit(unit.batch, pending, served.entry.name)
                     pending = []
             if pending:
-                remaining = self._commit(unit.batch, pending)
+                remaining = self._commit(unit.batch, pending, served.entry.name)
         finally:
             self.runner.watcher.unwatch([unit.batch])
         self.throughput.add(served.entry.name, len(lines))
@@ -90,8 +90,11 @@ class LineRunner:
         return {"lines": len(rows), "ran": len(lines)}
 
     @commit_retry
-    def _commit(self, batch_id: str, entries: list[Entry]) -> int | None:
-        return self.batches.commit_many(batch_id, entries)
+    def _commit(self, batch_id: str, entries: list[Entry], model: str) -> int | None:
+        remaining = self.batches.commit_many(batch_id, entries)
+        # Lines were checked against the done bitmap before they ran, so these tokens are new work.
+        count_generated(self.batches.r, model, sum(e[4] for e in entries))
+        return remaining
 
     def _submit(
         self,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from queueformer.broker import JobsUnit, LinesUnit, WorkUnit
+from queueformer.dashboard_keys import generated_tokens
 from queueformer.errors import (
     DeadlineExceeded,
     ErrorInfo,
@@ -203,10 +204,14 @@ class Runner:
         ]
         task = served.entry.task.value
         self.tokens.flush()  # streamed tokens land before the terminal state that ends a reader's stream
-        for (_, outcome), changed in zip(outcomes, self.jobs.finish_many(outcomes), strict=True):
+        generated = 0
+        for (_, result), (_, outcome), changed in zip(done, outcomes, self.jobs.finish_many(outcomes), strict=True):
             if changed:
                 code = outcome.code if isinstance(outcome, ErrorInfo) else "succeeded"
                 metrics.JOBS.labels(served.entry.name, task, code).inc()
+                usage = getattr(result, "usage", None)
+                generated += usage.completion_tokens if usage is not None else 0
+        count_generated(self.jobs.r, served.entry.name, generated)
 
     def _publish_tokens(self, batch: list[tuple[str, int, str]]) -> None:
         p = self.jobs.r.pipeline(transaction=False)
@@ -217,3 +222,13 @@ class Runner:
     def stop(self) -> None:
         self.watcher.stop()
         self.tokens.flush_and_stop()
+
+
+def count_generated(client: redis.Redis, model: str, tokens: int) -> None:
+    """Add committed work to the model's central count of generated tokens (the dashboard's tokens/s).
+
+    A round trip of its own after the commit: only the commit's answer tells which results were new,
+    so a redelivered unit never counts its tokens twice.
+    """
+    if tokens > 0:
+        client.hincrby(generated_tokens(), model, tokens)
