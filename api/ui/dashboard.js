@@ -249,11 +249,12 @@
 
   // --- plots -----------------------------------------------------------------------------------
 
-  function niceMax(v) {
-    if (v <= 0) return 1;
-    const p = 10 ** Math.floor(Math.log10(v));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-    return 10 * p;
+  // The top of a 4-step axis whose steps are round numbers (1, 2, 2.5 or 5 times a power of ten).
+  function niceTop(v) {
+    const step = Math.max(v, 1e-9) / 4;
+    const p = 10 ** Math.floor(Math.log10(step));
+    const m = [1, 2, 2.5, 5, 10].find((k) => k * p >= step);
+    return Math.max(4 * m * p, 1);
   }
 
   // Draw series {name: [[t, v], ...]} between `since` and `until` as lines with a dot per sample.
@@ -267,7 +268,7 @@
     const active = names.filter((n) => series[n].some((p) => p[1] > 0));
     if (active.length) names = active; // idle series all sit on zero; show them only when nothing moves
     names.sort();
-    const top = niceMax(Math.max(0, ...names.flatMap((n) => series[n].map((p) => p[1]))));
+    const top = niceTop(Math.max(0, ...names.flatMap((n) => series[n].map((p) => p[1]))));
     const x = (t) => pad.l + ((t - since) / Math.max(1, until - since)) * (W - pad.l - pad.r);
     const y = (v) => H - pad.b - (v / top) * (H - pad.t - pad.b);
     const nodes = [];
