@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.middleware import BodyLimit, Observe
-from api.routes import batches, embeddings, files, fine_tuning, health, jobs, models
+from api.routes import batches, dashboard, embeddings, files, fine_tuning, health, jobs, models
 from api.services import Services
 from api.upkeep import Upkeep
 from queueformer.contract import VERSION
@@ -41,16 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for router in (
-        health.router,
-        models.router,
-        jobs.router,
-        embeddings.router,
-        files.router,
-        batches.router,
-        fine_tuning.router,
-    ):
-        app.include_router(router)
+    routers = (health, models, jobs, embeddings, files, batches, fine_tuning, dashboard)
+    for module in routers:
+        app.include_router(module.router)
 
     app.add_middleware(BodyLimit, limit=settings.api.max_body_bytes, limit_for=_upload_limit(settings))
     app.add_middleware(Observe)  # outermost: 413s from BodyLimit are counted too

@@ -1,7 +1,8 @@
-"""Background upkeep of the API process: audits of open work against the broker.
+"""Background upkeep of the API process: audits of open work against the broker, and the dashboard's samples.
 
-A thread, not a Celery beat: the API is the one process that is always up and already publishes.
-Every replica runs one; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``).
+Threads, not a Celery beat: the API is the one process that is always up and already publishes.
+Every replica runs them; Redis locks let one audit (see ``queueformer.server.reconcile``) and one sample
+(see ``api.history``) happen at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import redis
 
 from api import metrics
+from api.history import History
 from api.services import Services
 from queueformer.contract.units import JobsUnit, LinesUnit
 from queueformer.server.broker import publish
@@ -34,17 +36,36 @@ class Upkeep:
             after_s=settings.reconcile_after_s,
             confirm_s=self.interval_s,
         )
+        self.history = History(services.redis, settings.history_interval_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
+        self._sampler = threading.Thread(target=self._sample_loop, name="history", daemon=True)
 
     def start(self) -> None:
         if self.interval_s > 0:
             self._thread.start()
+        if self.history.interval_s > 0:
+            self._sampler.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._sampler):
+            if thread.is_alive():
+                thread.join(timeout=10)
+
+    def sample(self) -> bool:
+        return self.history.sample(sorted(self.services.registry().queues()))
+
+    def _sample_loop(self) -> None:
+        while True:  # first sample at once: the plots have a point as soon as the API is up
+            try:
+                self.sample()
+            except redis.RedisError as exc:
+                log.warning("dashboard sample skipped: Redis is away (%s)", exc)
+            except Exception:  # a bug here must not stop the next sample
+                log.exception("dashboard sample failed")
+            if self._stop.wait(self.history.interval_s):
+                return
 
     def audit(self) -> Audit:
         report = self.reconciler.audit()

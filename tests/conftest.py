@@ -16,7 +16,15 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKERS = {"unit": "unit", "integration": "redis", "model": "model", "gpu": "gpu", "chaos": "chaos", "deploy": "deploy"}
+MARKERS = {
+    "unit": "unit",
+    "integration": "redis",
+    "model": "model",
+    "gpu": "gpu",
+    "chaos": "chaos",
+    "deploy": "deploy",
+    "browser": "browser",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

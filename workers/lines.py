@@ -84,15 +84,15 @@ class LineRunner:
         try:
             deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
             immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
-            remaining = self._commit(unit.batch, immediate)
+            remaining = self._commit(unit.batch, immediate, served.entry.name)
             pending: list[Entry] = []
             for ln in lines:
                 pending.append(self._entry(served, raw["endpoint"], ln))
                 if len(pending) >= COMMIT_EVERY:
-                    remaining = self._commit(unit.batch, pending)
+                    remaining = self._commit(unit.batch, pending, served.entry.name)
                     pending = []
             if pending:
-                remaining = self._commit(unit.batch, pending)
+                remaining = self._commit(unit.batch, pending, served.entry.name)
         finally:
             self.watcher.unwatch([unit.batch])
         self.throughput.add(served.entry.name, len(lines))
@@ -101,8 +101,8 @@ class LineRunner:
         return {"lines": len(rows), "ran": len(lines)}
 
     @commit_retry
-    def _commit(self, batch_id: str, entries: list[Entry]) -> int | None:
-        return self.batches.ledger.commit_many(batch_id, entries)
+    def _commit(self, batch_id: str, entries: list[Entry], model: str) -> int | None:
+        return self.batches.ledger.commit_many(batch_id, entries, model)
 
     def _submit(
         self,

@@ -173,10 +173,14 @@ class Runner:
         ]
         task = served.entry.task.value
         self.tokens.flush()  # streamed tokens land before the terminal state that ends a reader's stream
-        for (_, ended), changed in zip(outcomes, self.jobs.finish_many(outcomes), strict=True):
+        generated = 0
+        for (_, result), (_, ended), changed in zip(done, outcomes, self.jobs.finish_many(outcomes), strict=True):
             if changed:
                 code = ended.code if isinstance(ended, ErrorInfo) else "succeeded"
                 metrics.JOBS.labels(served.entry.name, task, code).inc()
+                usage = getattr(result, "usage", None)
+                generated += usage.completion_tokens if usage is not None else 0
+        self.jobs.count_generated(served.entry.name, generated)
 
     def stop(self) -> None:
         self.watcher.stop()

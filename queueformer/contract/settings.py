@@ -46,6 +46,12 @@ class ApiSettings(BaseModel):
     reconcile_after_s: float = Field(
         60.0, ge=0, description="How long open work must have made no progress before an audit looks for it."
     )
+    history_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between samples of queue depths and generated tokens for the dashboard's last-hour "
+        "plots (one replica samples per interval); 0 turns sampling off.",
+    )
 
 
 class TenantQuota(BaseModel):

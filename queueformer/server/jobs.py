@@ -260,6 +260,15 @@ class JobStore:
 
     # --- events -------------------------------------------------------------------------------
 
+    def count_generated(self, model: str, tokens: int) -> None:
+        """Add newly committed work to the model's count of generated tokens (the dashboard's tokens/s).
+
+        Called with the tokens of the results whose commit changed their job (``finish_many``'s answer),
+        so a redelivered unit never counts twice.
+        """
+        if tokens > 0:
+            self.r.hincrby(keys.GENERATED_TOKENS, model, tokens)
+
     def publish_tokens(self, batch: Sequence[tuple[str, int, str]]) -> None:
         """Append streamed token deltas ``(job id, sequence index, text)`` to their jobs' streams."""
         p = self.r.pipeline(transaction=False)

@@ -128,6 +128,25 @@ def worker(worker_id: str) -> str:
 
 WORKERS_PATTERN = worker("*")
 
+# --- the dashboard's series ----------------------------------------------------------------------
+
+# Hash: model -> tokens generated for it so far (workers add at commit; the dashboard's tokens/s).
+GENERATED_TOKENS = f"{PREFIX}:generated-tokens"
+
+
+def queue_depth_series(queue: str) -> str:
+    """Sorted set of ``"<ms>:<depth>"`` samples of one queue's length, scored by sample time (one hour kept)."""
+    return f"{PREFIX}:series:queue-depth:{queue}"
+
+
+def tokens_series(model: str) -> str:
+    """Sorted set of ``"<ms>:<count>"`` samples of a model's ``GENERATED_TOKENS`` count, scored by time."""
+    return f"{PREFIX}:series:tokens:{model}"
+
+
+# Lock held for one sampling interval by the API replica that samples, so replicas do not double up.
+SERIES_SAMPLER = f"{PREFIX}:series:sampler"
+
 # --- reconciler -----------------------------------------------------------------------------------
 
 RECONCILE_SUSPECTS = f"{PREFIX}:reconcile:suspects"

@@ -29,8 +29,9 @@ _RAW = {NEVER_DECODE: True}
 
 Entry = tuple[int, str, dict[str, Any], int, int]  # (line, "out" | "err", line object, input tokens, output tokens)
 
-# KEYS: batch, out, err, done. ARGV: line, 'out'|'err', line JSON, input tokens, output tokens, now.
-# Returns the lines still remaining, -1 for a line already committed, -2 for a batch that is gone.
+# KEYS: batch, out, err, done, the generated-tokens counter. ARGV: line, 'out'|'err', line JSON, input
+# tokens, output tokens, now, model ('' counts nothing). Returns the lines still remaining, -1 for a line
+# already committed, -2 for a batch that is gone; only a first commit counts its tokens.
 _COMMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 if redis.call('GETBIT', KEYS[4], ARGV[1]) == 1 then return -1 end
@@ -43,7 +44,10 @@ else
   redis.call('HINCRBY', KEYS[1], 'failed', 1)
 end
 if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[4]) end
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5]) end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5])
+  if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[7], ARGV[5]) end
+end
 redis.call('HSET', KEYS[1], 'progress_at', ARGV[6])
 local b = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed')
 return tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
@@ -82,17 +86,22 @@ class Ledger:
 
     # --- commits ----------------------------------------------------------------------------------
 
-    def commit_many(self, batch_id: str, entries: Sequence[Entry]) -> int | None:
-        """Commit (line, 'out'|'err', line object, input tokens, output tokens) entries; returns what remains."""
+    def commit_many(self, batch_id: str, entries: Sequence[Entry], model: str = "") -> int | None:
+        """Commit (line, 'out'|'err', line object, input tokens, output tokens) entries; returns what remains.
+
+        With ``model``, the output tokens of lines committed here for the first time are added to its
+        count of generated tokens.
+        """
         if not entries:
             return None
-        names = [keys.batch(batch_id), *(keys.batch_part(batch_id, part) for part in ("out", "err", "done"))]
+        parts = (keys.batch_part(batch_id, part) for part in ("out", "err", "done"))
+        names = [keys.batch(batch_id), *parts, keys.GENERATED_TOKENS]
         now = str(int(time.time()))
         p = self.r.pipeline(transaction=False)
         for line, kind, obj, tin, tout in entries:
             self._commit(
                 keys=names,
-                args=[line, kind, json.dumps(obj, ensure_ascii=False, separators=(",", ":")), tin, tout, now],
+                args=[line, kind, json.dumps(obj, ensure_ascii=False, separators=(",", ":")), tin, tout, now, model],
                 client=p,
             )
         results = [int(x) for x in p.execute()]
