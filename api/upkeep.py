@@ -1,7 +1,9 @@
-"""Background upkeep of the API process: audits of open work against the broker.
+"""Background upkeep of the API process: audits of open work against the broker, and webhook deliveries.
 
-A thread, not a Celery beat: the API is the one process that is always up and already publishes.
-Every replica runs one; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``).
+Threads, not a Celery beat: the API is the one process that is always up and already publishes.
+Every replica runs both; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``),
+and each webhook attempt is claimed by one replica (see ``queueformer.server.webhooks``). Neither runs
+on a request's thread, so a slow receiver never holds a request.
 """
 
 from __future__ import annotations
@@ -36,15 +38,26 @@ class Upkeep:
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
+        self.webhook_concurrency = settings.webhook_concurrency
+        self._webhooks = threading.Thread(
+            target=services.webhooks.serve, args=(self.webhook_concurrency,), name="webhooks", daemon=True
+        )
 
     def start(self) -> None:
         if self.interval_s > 0:
             self._thread.start()
+        if self.webhook_concurrency > 0:
+            if self.services.webhooks.key is None:
+                log.warning("QUEUEFORMER_API__WEBHOOK_SECRET is not set: batch webhooks are sent unsigned")
+            self._webhooks.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self.services.webhooks.stop()
+        for thread in (self._thread, self._webhooks):
+            if thread.is_alive():
+                # An attempt in flight ends within webhook_timeout_s; one cut short is sent again later.
+                thread.join(timeout=self.services.settings.api.webhook_timeout_s + 5)
 
     def audit(self) -> Audit:
         report = self.reconciler.audit()
