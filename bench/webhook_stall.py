@@ -9,7 +9,8 @@ run from ``--tree``, so an older checkout can be measured with the same script) 
 * 45 such requests at once, and the other tenant's ``GET /v1/jobs/{id}`` latency meanwhile.
 
 The receiver is on 127.0.0.1, allowed through ``QUEUEFORMER_API__WEBHOOK_ALLOW`` (refused otherwise).
-Prints a table and writes ``bench/results/webhook_stall.json``.
+Prints a table and writes ``bench/results/webhook_stall.json`` (under ``--label``, default
+``current``). Redis is an embedded Valkey unless ``--redis-url`` names a database (flushed).
 """
 
 from __future__ import annotations
@@ -169,12 +170,21 @@ def run(tree: Path, redis_url: str, concurrent: int = 45) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.webhook_stall")
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to measure")
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("QUEUEFORMER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
-    )
+    parser.add_argument("--redis-url", help="a Redis database to use (it is flushed); default: an embedded Valkey")
     parser.add_argument("--label", default="current", help="key of this run in the results file")
     args = parser.parse_args(argv)
-    result = run(args.tree.resolve(), args.redis_url)
+    if args.redis_url:
+        result = run(args.tree.resolve(), args.redis_url)
+    else:
+        from queueformer.server.embedded import EmbeddedRedis
+
+        with tempfile.TemporaryDirectory() as tmp:
+            server = EmbeddedRedis(Path(tmp), port=_free_port())
+            server.start()
+            try:
+                result = run(args.tree.resolve(), server.url)
+            finally:
+                server.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "webhook_stall.json"
     saved = json.loads(path.read_text()) if path.exists() else {}

@@ -347,8 +347,9 @@ class Deliverer:
             data["retry_in_s"] = round(done.retry_in_s, 1)
         key = keys.events(batch_id)
         p = self.r.pipeline(transaction=False)
-        entry = {"type": "webhook", "data": json.dumps(data), "at": repr(time.time())}
-        p.xadd(key, entry, maxlen=1000, approximate=True)  # type: ignore[arg-type]
+        p.xadd(
+            key, {"type": "webhook", "data": json.dumps(data), "at": repr(time.time())}, maxlen=1000, approximate=True
+        )
         p.expire(key, self.config.keep_s, nx=True)  # a stream the batch's own events already keep keeps its TTL
         p.execute()
 
