@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API process: requests, submissions and the depth of every queue."""
+"""Prometheus metrics of the API process: requests, submissions, the depth of every queue, webhooks."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ RESENT = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+WEBHOOK_DELIVERIES = Counter(
+    "queueformer_webhook_deliveries_total",
+    "Batch webhook attempts by outcome: delivered, retrying (failed, tried again later), failed (dropped after its "
+    "last attempt), refused (an address the egress policy refuses; never sent).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+WEBHOOKS_PENDING = Gauge(
+    "queueformer_webhooks_pending", "Batch webhook events waiting for an attempt or in one.", registry=REGISTRY
+)
 WORKERS = Gauge("queueformer_live_workers", "Workers announcing themselves per model.", ["model"], registry=REGISTRY)
 
 
@@ -42,5 +52,6 @@ def refresh_queue_depths(services: Services) -> None:
         p.llen(q)
     for q, depth in zip(queues, p.execute(), strict=True):
         QUEUE_DEPTH.labels(q).set(depth)
+    WEBHOOKS_PENDING.set(services.webhooks.queue.pending())
     for model, workers in services.fleet.by_model().items():
         WORKERS.labels(model).set(len(workers))

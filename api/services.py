@@ -10,18 +10,21 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
+from api import metrics
 from queueformer.contract import limits
 from queueformer.contract.registry import Registry
 from queueformer.contract.settings import Settings
 from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
+from queueformer.server.egress import EgressPolicy
 from queueformer.server.files import FileStore
 from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
 from queueformer.server.tenants import ApiKeys
+from queueformer.server.webhooks import Deliverer, DeliveryConfig
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Services:
     files: FileStore
     batches: Batches
     overlay: ModelOverlay
+    webhooks: Deliverer
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -49,6 +53,13 @@ class Services:
         storage = Storage(settings.resolved_storage_url, settings.storage_options)
         files = FileStore(client, storage)
         secret = settings.api.webhook_secret.get_secret_value() if settings.api.webhook_secret else None
+        webhooks = Deliverer(
+            client,
+            secret,
+            EgressPolicy.from_allowlist(settings.api.webhook_allow),
+            DeliveryConfig.from_settings(settings.api, settings.event_ttl_s),
+            on_outcome=lambda done: metrics.WEBHOOK_DELIVERIES.labels(done.outcome).inc(),
+        )
         return cls(
             settings=settings,
             redis=client,
@@ -59,8 +70,9 @@ class Services:
             keys=keys,
             fleet=Fleet(client),
             files=files,
-            batches=Batches(client, storage, files, webhook_secret=secret),
+            batches=Batches(client, storage, files),
             overlay=ModelOverlay(client),
+            webhooks=webhooks,
         )
 
     def registry(self) -> Registry:

@@ -1,8 +1,10 @@
-"""Background upkeep of the API process: audits of open work against the broker, and the dashboard's samples.
+"""Background upkeep of the API process: audits of open work, webhook deliveries and the dashboard's samples.
 
 Threads, not a Celery beat: the API is the one process that is always up and already publishes.
-Every replica runs them; Redis locks let one audit (see ``queueformer.server.reconcile``) and one sample
-(see ``api.history``) happen at a time.
+Every replica runs them; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``),
+each webhook attempt is claimed by one replica (see ``queueformer.server.webhooks``) and one replica
+samples per interval (see ``api.history``). None runs on a request's thread, so a slow receiver never
+holds a request.
 """
 
 from __future__ import annotations
@@ -40,18 +42,28 @@ class Upkeep:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         self._sampler = threading.Thread(target=self._sample_loop, name="history", daemon=True)
+        self.webhook_concurrency = settings.webhook_concurrency
+        self._webhooks = threading.Thread(
+            target=services.webhooks.serve, args=(self.webhook_concurrency,), name="webhooks", daemon=True
+        )
 
     def start(self) -> None:
         if self.interval_s > 0:
             self._thread.start()
         if self.history.interval_s > 0:
             self._sampler.start()
+        if self.webhook_concurrency > 0:
+            if self.services.webhooks.key is None:
+                log.warning("QUEUEFORMER_API__WEBHOOK_SECRET is not set: batch webhooks are sent unsigned")
+            self._webhooks.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in (self._thread, self._sampler):
+        self.services.webhooks.stop()
+        for thread in (self._thread, self._sampler, self._webhooks):
             if thread.is_alive():
-                thread.join(timeout=10)
+                # A webhook attempt in flight ends within webhook_timeout_s; one cut short is sent again later.
+                thread.join(timeout=self.services.settings.api.webhook_timeout_s + 5)
 
     def sample(self) -> bool:
         return self.history.sample(sorted(self.services.registry().queues()))

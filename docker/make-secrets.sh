@@ -29,7 +29,8 @@ write redis_password "$(random 32)"
 # The URL must carry the same password as the server, so it is derived from the file, not generated.
 write queueformer_redis_url "redis://:$(cat "$dir/redis_password")@redis:6379/0"
 write queueformer_api__bootstrap_keys "[\"admin:qf-$(random 40)\"]"
-write queueformer_api__webhook_secret "$(random 40)"
+# Standard Webhooks form: whsec_ and the base64 of 32 random bytes (the key receivers verify with).
+write queueformer_api__webhook_secret "whsec_$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
 write flower_basic_auth "admin:$(random 24)"
 # MinIO's root credentials (profile s3), which the API and workers also use as their S3 keys.
 write aws_access_key_id "queueformer"

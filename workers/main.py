@@ -116,8 +116,8 @@ def build_runner(
 ) -> Runner:
     """The runner with everything it needs, wired at construction."""
     files = FileStore(client, storage)
-    secret = settings.api.webhook_secret.get_secret_value() if settings.api.webhook_secret else None
-    batches = Batches(client, storage, files, webhook_secret=secret)
+    # A batch this worker ends queues its webhook in Redis; the API sends it, so no secret is needed here.
+    batches = Batches(client, storage, files)
 
     def stop_flags(keys: list[str]) -> set[str]:
         job_ids = [k for k in keys if k.startswith("job-")]

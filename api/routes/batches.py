@@ -50,6 +50,9 @@ def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
 
 @router.post("", summary="Create a batch from an uploaded JSONL file")
 def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    if body.webhook_url:
+        # A literal private address or loopback name is refused now; names are checked when sent.
+        services.webhooks.policy.check_literal(body.webhook_url)
     registry = services.registry()
 
     def registered(job: AnyJob) -> None:

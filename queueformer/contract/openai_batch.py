@@ -23,8 +23,9 @@ import time
 import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from queueformer.contract.errors import ErrorInfo, QueueformerError
 from queueformer.contract.jobs import (
@@ -400,6 +401,34 @@ def embeddings_list(result: EmbedResult, model: str) -> dict[str, Any]:
     }
 
 
+WEBHOOK_URL_MAX = 2048
+
+
+def check_webhook_url(url: str) -> None:
+    """Refuse a ``webhook_url`` that is not a plain absolute http(s) URL (ValueError naming what is wrong).
+
+    Where it points is checked when the webhook is sent (``queueformer.server.egress``): names resolve
+    differently over time, so an address check here would prove nothing.
+    """
+    if len(url) > WEBHOOK_URL_MAX:
+        raise ValueError(f"the URL is longer than {WEBHOOK_URL_MAX} characters")
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError("the URL must be ASCII without spaces or control characters (percent-encode; IDNA hosts)")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError("the URL must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise ValueError("the URL must not carry credentials (user:password@); authenticate with the signature")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    try:
+        port = parts.port  # raises on a port out of range or not a number
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("the URL's port is not a number from 1 to 65535")
+
+
 class BatchCreate(BaseModel):
     """``POST /v1/batches`` body (``BatchCreateParams``) plus the ``webhook_url`` extension."""
 
@@ -413,8 +442,19 @@ class BatchCreate(BaseModel):
     )
     output_expires_after: dict[str, Any] | None = None
     webhook_url: str | None = Field(
-        None, max_length=2048, pattern=r"^https?://", description="Extension: called (signed) when the batch ends."
+        None,
+        max_length=WEBHOOK_URL_MAX,
+        description="Extension: an http(s) URL POSTed a signed Standard Webhooks event when the batch ends "
+        "(batch.completed, batch.failed, batch.expired, batch.cancelled). It must reach a public address unless the "
+        "operator allows it (checked when the webhook is sent) and must not carry credentials.",
     )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_webhook_url(value)
+        return value
 
 
 __all__ = [

@@ -8,7 +8,11 @@ keys) may instead be files named like the variable in ``QUEUEFORMER_SECRETS_DIR`
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +36,31 @@ class ApiSettings(BaseModel):
         default_factory=list,
         description="'tenant:key' pairs accepted at startup (hashed in memory). Prefer `queueformer keys create`.",
     )
-    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key that signs batch webhooks.")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signs batch webhooks (Standard Webhooks, HMAC-SHA256): 'whsec_<base64>', whose decoded bytes are "
+        "the key, or any other string, whose UTF-8 bytes are. Unset: webhooks go unsigned.",
+    )
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="Webhook receivers allowed although not public: CIDRs or addresses (10.0.0.0/8, fd00::/8) and "
+        "host names (hooks.internal, or *.internal for any name under it). Default: public addresses only.",
+    )
+    webhook_concurrency: int = Field(
+        4, ge=0, le=256, description="Webhook deliveries in flight at once in one API process; 0: this one sends none."
+    )
+    webhook_connect_timeout_s: float = Field(3.0, gt=0, le=60, description="Seconds to connect to a webhook receiver.")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Seconds one webhook attempt may take in all (connect, send, response headers)."
+    )
+    webhook_max_attempts: int = Field(100, ge=1, le=1000, description="Attempts per webhook before it is dropped.")
+    webhook_retry_for_s: float = Field(
+        72 * 3600.0, ge=0, description="Seconds after a batch ends during which its webhook is retried."
+    )
+    webhook_backoff_s: float = Field(
+        10.0, gt=0, description="Wait before the first retry; it doubles (with jitter) up to webhook_backoff_max_s."
+    )
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="Longest wait between two webhook attempts.")
     public_url: str | None = Field(None, description="Base URL clients reach the API at (for status links).")
     reconcile_interval_s: float = Field(
         30.0,
@@ -52,6 +80,51 @@ class ApiSettings(BaseModel):
         description="Seconds between samples of queue depths and generated tokens for the dashboard's last-hour "
         "plots (one replica samples per interval); 0 turns sampling off.",
     )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec_decodes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # an empty secret file or variable means "unset", as it did before
+        webhook_key(value.get_secret_value())
+        return value
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+                continue
+            except ValueError:
+                pass
+            if not _HOST_PATTERN.fullmatch(entry.lower()):
+                raise ValueError(f"{entry!r} is neither a CIDR, an address nor a host name (or *.domain)")
+        return value
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key a webhook secret stands for, read as Standard Webhooks libraries read it.
+
+    ``whsec_<base64>`` is the spec's form: the key is the decoded base64 (padding optional). Any other
+    string (what ``QUEUEFORMER_API__WEBHOOK_SECRET`` held before) is used as its UTF-8 bytes; a receiver
+    then verifies with ``whsec_`` followed by the base64 of those bytes.
+    """
+    if not secret.startswith(WHSEC_PREFIX):
+        return secret.encode()
+    part = secret.removeprefix(WHSEC_PREFIX)
+    if not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", part):
+        raise ValueError("a 'whsec_' webhook secret must be followed by standard base64")
+    try:
+        return base64.b64decode(part + "==")  # what the libraries do: padding may be left out
+    except binascii.Error as exc:
+        raise ValueError(f"the webhook secret's base64 does not decode: {exc}") from None
+
+
+WHSEC_PREFIX = "whsec_"
+
+# A host name, or "*." and a domain: what webhook_allow accepts besides networks.
+_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?")
 
 
 class TenantQuota(BaseModel):

@@ -11,7 +11,8 @@ A batch is created by validating its input file (:mod:`queueformer.server.batch_
 chunks of lines; workers commit each line exactly once through the ledger
 (:mod:`queueformer.server.ledger`). Whoever commits the last line — a worker, a cancel, an expiry, an
 API read or the reconciler's audit — finalizes: output and error files are written, the status moves on,
-the tenant's enqueued-token quota is released and the webhook is queued. A finalizer that dies is
+the tenant's enqueued-token quota is released; the move to the end status queues the webhook in
+the same step (:mod:`queueformer.server.webhooks` sends it). A finalizer that dies is
 replaced once its claim is stale, so no batch stays in ``finalizing``. Status moves are compare-and-set
 steps (a Lua script), checked against :data:`MOVES`.
 """
@@ -66,13 +67,29 @@ MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
 OPEN = tuple(s for s in S if not s.ended)
 STOPPED = (S.CANCELLING, *(s for s in S if s.ended))  # lines of these batches must stop running
 
-# Move status from one of ARGV[1] (comma list) to ARGV[2], stamping ARGV[3] = now into ARGV[4..].
+# Move status from one of ARGV[1] (comma list) to ARGV[2], stamping ARGV[3] = now into the ARGV[4]
+# fields that follow. A move that ends the batch also queues its webhook event in the same step when
+# the batch has a webhook_url: KEYS[2] the due set, KEYS[3] the event record, and after the stamps the
+# event's id, type and body (see queueformer.server.webhooks).
 _STATUS = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
 if string.find(',' .. ARGV[1] .. ',', ',' .. cur .. ',', 1, true) == nil then return {0, cur} end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[3]) end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do redis.call('HSET', KEYS[1], ARGV[i], ARGV[3]) end
+if #KEYS == 3 then
+  local url = redis.call('HGET', KEYS[1], 'webhook_url')
+  if url and url ~= '' then
+    local id = ARGV[5 + n]
+    local t = redis.call('TIME')
+    redis.call('HSET', KEYS[3], 'id', id, 'type', ARGV[6 + n], 'body', ARGV[7 + n], 'url', url,
+      'batch', redis.call('HGET', KEYS[1], 'id'), 'tenant', redis.call('HGET', KEYS[1], 'tenant'),
+      'created_at', t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'attempts', 0, 'status', 'pending')
+    redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000, id)
+    redis.call('HSET', KEYS[1], 'webhook_event', id)
+  end
+end
 return {1, cur}
 """
 
@@ -88,13 +105,11 @@ class Batches:
         storage: Storage,
         files: FileStore,
         ttl_s: int = 30 * 24 * 3600,
-        webhook_secret: str | None = None,
     ) -> None:
         self.r = client
         self.storage = storage
         self.files = files
         self.ttl = ttl_s
-        self.webhook_secret = webhook_secret
         self.ledger = Ledger(client, storage, files)
         self._status = client.register_script(_STATUS)
 
@@ -159,7 +174,13 @@ class Batches:
         if illegal:
             raise AssertionError(f"a batch never moves from {illegal} to {to}")
         csv = ",".join(s.value for s in allowed)
-        ok, _ = self._status(keys=[keys.batch(batch_id)], args=[csv, to.value, str(int(time.time())), *stamps])
+        names = [keys.batch(batch_id)]
+        args = [csv, to.value, str(int(time.time())), str(len(stamps)), *stamps]
+        event = webhooks.new_event(batch_id, to)
+        if event is not None:  # an end: its webhook is queued in the same step, if the batch has one
+            names += [keys.WEBHOOKS_DUE, keys.webhook(event[0])]
+            args += event
+        ok, _ = self._status(keys=names, args=args)
         if ok:
             self._event(batch_id, {"status": to.value})
         return bool(ok)
@@ -307,7 +328,6 @@ class Batches:
         if int(raw.get("failed", "0")):
             self._write_files(batch_id, raw)
         self._close(batch_id, raw)
-        self._notify(batch_id)
 
     # --- ending -------------------------------------------------------------------------------------
 
@@ -357,7 +377,6 @@ class Batches:
         else:
             self._move(batch_id, [S.FINALIZING], S.COMPLETED, "completed_at")
         self._close(batch_id, raw)
-        self._notify(batch_id)
         return True
 
     def refresh(self, batch_id: str, raw: dict[str, str]) -> bool:
@@ -390,11 +409,6 @@ class Batches:
         n = self.ledger.close_unit(unit, code, message)
         self.maybe_finalize(unit.batch)
         return n
-
-    def _notify(self, batch_id: str) -> None:
-        raw = self.raw(batch_id)
-        if raw.get("webhook_url"):
-            webhooks.deliver(raw["webhook_url"], {"id": batch_id, "status": raw["status"]}, self.webhook_secret)
 
     def _write_files(self, batch_id: str, raw: dict[str, str]) -> None:
         tenant = raw["tenant"]

@@ -104,6 +104,21 @@ def tenant_batches(tenant: str) -> str:
 # Every tenant's open batches, for the reconciler's audits.
 OPEN_BATCHES = f"{PREFIX}:open-batches"
 
+# --- webhooks -------------------------------------------------------------------------------------
+
+
+def webhook(event_id: str) -> str:
+    """Hash: a batch-end webhook event (receiver URL, body, attempts, outcome) until it is delivered or dropped."""
+    return f"{PREFIX}:webhook:{event_id}"
+
+
+# The same key with a Lua ``string.format`` hole for the event id: scripts that claim events by id.
+WEBHOOK_TEMPLATE = webhook("%s")
+# Sorted set: webhook events waiting for an attempt, by when the attempt is due (Redis time, seconds).
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+# Sorted set: webhook events an API process is sending, by when its claim lapses and another may send it.
+WEBHOOKS_CLAIMED = f"{PREFIX}:webhooks:claimed"
+
 # --- files, models, fleet -------------------------------------------------------------------------
 
 
