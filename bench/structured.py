@@ -20,7 +20,6 @@ GPT-2-small-size model with the 50k vocabulary. Candidates that are not installe
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import statistics
@@ -137,20 +136,18 @@ def _llguidance() -> Candidate:
         return llguidance.hf.from_tokenizer(tok, n_vocab=width)
 
     def compile_(lltok: Any, schema: str) -> Any:
-        # Grammars compile lazily inside the matcher; the "compiled" object is a first matcher.
+        # llguidance builds its lexer lazily, on the first mask: "to first mask" is its compile time.
+        # As in the worker, a template matcher is kept and each row starts from a copy of it.
         import llguidance
 
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         m = llguidance.LLMatcher(lltok, grammar, log_level=0)
         if m.is_error():
             raise ValueError(m.get_error())
-        return (lltok, grammar, m)
+        return m
 
-    def matcher(compiled: Any) -> Any:
-        import llguidance
-
-        lltok, grammar, _ = compiled
-        return llguidance.LLMatcher(lltok, grammar, log_level=0)
+    def matcher(template: Any) -> Any:
+        return template.deep_copy()
 
     def fill(m: Any, bm: Any, row: int) -> None:
         import llguidance.torch
@@ -233,8 +230,9 @@ def _walk(c: Candidate, compiled: Any, ids: list[int], eos: int, width: int) -> 
 
     bm = torch.zeros((1, (width + 31) // 32), dtype=torch.int32)
     m = c.matcher(compiled)
-    fill_ns = accept_ns = 0
+    fill_ns = accept_ns = steps = 0
     for tok in [*ids, eos]:
+        steps += 1
         t0 = time.perf_counter_ns()
         c.fill(m, bm, 0)
         t1 = time.perf_counter_ns()
@@ -247,101 +245,119 @@ def _walk(c: Candidate, compiled: Any, ids: list[int], eos: int, width: int) -> 
             raise AssertionError(f"{c.name} refused token {tok} of a schema-valid document")
         fill_ns += t1 - t0
         accept_ns += t3 - t2
-    if not c.done(m):
-        raise AssertionError(f"{c.name} did not finish after EOS")
-    n = len(ids) + 1
-    return fill_ns / n / 1e3, accept_ns / n / 1e3
+        if c.done(m):
+            break
+    return fill_ns / steps / 1e3, accept_ns / steps / 1e3
 
 
-def _apply_costs(width: int, rounds: int) -> dict[str, float]:
-    """µs to apply bitmasks to logits, one row and 8 rows: xgrammar's CPU kernel (what the worker
-    uses on CPU) and its plain-torch kernel (what it uses on accelerators)."""
+def _raw_bytes(tok: Any, ids: list[int]) -> bytes:
+    """What byte-level BPE tokens spell, before any UTF-8 decoding (which would hide invalid bytes)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    back = {c: b for b, c in bytes_to_unicode().items()}
+    pieces = tok.convert_ids_to_tokens([i for i in ids if i != tok.eos_token_id])
+    return b"".join(bytes(back[ch] for ch in piece) for piece in pieces)
+
+
+def validity(c: Candidate, setup: Any, tok: Any, samples: int, max_tokens: int = 600) -> dict[str, int]:
+    """Sample documents through the grammar with random logits (any allowed token may come next) and
+    count those that are valid UTF-8, parse as JSON and validate against SCHEMA."""
+    import jsonschema
     import torch
 
-    if importlib.util.find_spec("xgrammar") is None:
-        return {}
-    import xgrammar as xgr
+    width = len(tok)
+    compiled = c.compile(setup, json.dumps(SCHEMA))
+    rng = torch.Generator().manual_seed(0)
+    shifts = torch.arange(32, dtype=torch.int32)
+    counts = {"finished": 0, "valid": 0, "bad_utf8": 0, "bad_json": 0, "bad_schema": 0}
+    for _ in range(samples):
+        m, ids = c.matcher(compiled), []
+        bm = torch.zeros((1, (width + 31) // 32), dtype=torch.int32)
+        for _ in range(max_tokens):
+            c.fill(m, bm, 0)
+            allowed = ((bm[0].unsqueeze(-1) >> shifts) & 1).view(-1)[:width].bool()
+            logits = torch.randn(width, generator=rng).masked_fill(~allowed, float("-inf"))
+            t = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
+            if not c.accept(m, t):
+                raise AssertionError(f"{c.name} refused a token its own mask allowed")
+            ids.append(t)
+            if t == tok.eos_token_id or c.done(m):
+                break
+        else:
+            continue  # still inside the document at the cap: neither valid nor invalid
+        counts["finished"] += 1
+        try:
+            text = _raw_bytes(tok, ids).decode("utf-8")
+        except UnicodeDecodeError:
+            counts["bad_utf8"] += 1
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            counts["bad_json"] += 1
+            continue
+        try:
+            jsonschema.validate(value, SCHEMA)
+        except jsonschema.ValidationError:
+            counts["bad_schema"] += 1
+            continue
+        counts["valid"] += 1
+    return counts
 
-    logits = torch.randn(8, width)
-    bm = torch.randint(-(2**31), 2**31 - 1, (8, (width + 31) // 32), dtype=torch.int32)
-    fns: dict[str, Callable[[], None]] = {}
-    for backend in ("cpu", "torch_native"):
-        for rows in (1, 8):
-            fns[f"{backend}_{rows}row"] = functools.partial(
-                xgr.apply_token_bitmask_inplace,
-                logits,
-                bm,
-                vocab_size=width,
-                indices=list(range(rows)),
-                backend=backend,
-            )
-    out: dict[str, float] = {}
-    for name, fn in fns.items():
-        fn()
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter_ns()
-            for _ in range(20):
-                fn()
-            times.append((time.perf_counter_ns() - t0) / 20 / 1e3)
-        out[name] = statistics.median(times)
-    return out
 
+def compare(tokenizers: dict[str, Any], rounds: int, samples: int) -> dict[str, Any]:
+    import torch
 
-def compare(tokenizers: dict[str, Any], rounds: int) -> dict[str, Any]:
     schema = json.dumps(SCHEMA)
     text = json.dumps(DOCUMENT, separators=(",", ":"))
     cands = installed()
     say(f"candidates installed: {', '.join(c.name for c in cands) or 'none'}")
     results: dict[str, Any] = {}
-    for tname, tok in tokenizers.items():
+    for n, (tname, tok) in enumerate(tokenizers.items()):
         width = len(tok)
         ids = tok.encode(text, add_special_tokens=False)
         say(f"\n{tname}: vocabulary {width}, document {len(ids)} tokens")
         setups: dict[str, Any] = {}
-        setup_s: dict[str, float] = {}
+        med: dict[str, dict[str, Any]] = {}
         for c in cands:
             t0 = time.perf_counter()
             setups[c.name] = c.setup(tok, width)
-            setup_s[c.name] = time.perf_counter() - t0
-        cold: dict[str, float] = {}
-        import torch
-
-        for c in cands:  # the first mask in a process pays one-off start-up costs: reported, kept out of the rounds
+            med[c.name] = {"setup_ms": (time.perf_counter() - t0) * 1e3}
+            # The first mask in a process pays one-off start-up costs: reported, kept out of the rounds.
             t0 = time.perf_counter()
             c.fill(
                 c.matcher(c.compile(setups[c.name], schema)), torch.zeros((1, (width + 31) // 32), dtype=torch.int32), 0
             )
-            cold[c.name] = (time.perf_counter() - t0) * 1e3
-        samples: dict[str, dict[str, list[float]]] = {
+            med[c.name]["cold_first_mask_ms"] = (time.perf_counter() - t0) * 1e3
+        samples_: dict[str, dict[str, list[float]]] = {
             c.name: {"compile_ms": [], "first_mask_ms": [], "fill_us": [], "accept_us": []} for c in cands
         }
-        compiled: dict[str, Any] = {}
         for _ in range(rounds):
             for c in cands:  # alternate: every round runs each library once
                 t0 = time.perf_counter()
-                compiled[c.name] = c.compile(setups[c.name], schema)
+                compiled = c.compile(setups[c.name], schema)
                 t1 = time.perf_counter()
-                bm = torch.zeros((1, (width + 31) // 32), dtype=torch.int32)
-                c.fill(c.matcher(compiled[c.name]), bm, 0)
+                c.fill(c.matcher(compiled), torch.zeros((1, (width + 31) // 32), dtype=torch.int32), 0)
                 t2 = time.perf_counter()
-                fill_us, accept_us = _walk(c, compiled[c.name], ids, tok.eos_token_id, width)
-                s = samples[c.name]
+                fill_us, accept_us = _walk(c, compiled, ids, tok.eos_token_id, width)
+                s = samples_[c.name]
                 s["compile_ms"].append((t1 - t0) * 1e3)
                 s["first_mask_ms"].append((t2 - t0) * 1e3)
                 s["fill_us"].append(fill_us)
                 s["accept_us"].append(accept_us)
-        med = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
-        for name, m in med.items():
-            m["setup_ms"] = setup_s[name] * 1e3
-            m["cold_first_mask_ms"] = cold[name]
-            m["per_token_us"] = m["fill_us"] + m["accept_us"]
+        for name, s in samples_.items():
+            med[name].update({k: statistics.median(v) for k, v in s.items()})
+            med[name]["per_token_us"] = med[name]["fill_us"] + med[name]["accept_us"]
+        if n == 0:  # validity: on the small vocabulary, where sampling is quick
+            for c in cands:
+                med[c.name]["validity"] = validity(c, setups[c.name], tok, samples)
         best_compile = min(m["first_mask_ms"] for m in med.values())
         best_token = min(m["per_token_us"] for m in med.values())
         rows = []
         for name, m in med.items():
             m["first_mask_ratio"] = m["first_mask_ms"] / best_compile
             m["per_token_ratio"] = m["per_token_us"] / best_token
+            v = m.get("validity")
             rows.append(
                 (
                     name,
@@ -353,6 +369,7 @@ def compare(tokenizers: dict[str, Any], rounds: int) -> dict[str, Any]:
                     m["accept_us"],
                     m["per_token_us"],
                     m["per_token_ratio"],
+                    f"{v['valid']}/{v['finished']}" if v else "-",
                 )
             )
         say(
@@ -368,14 +385,88 @@ def compare(tokenizers: dict[str, Any], rounds: int) -> dict[str, Any]:
                     "advance µs/tok",
                     "µs/tok",
                     "x best",
+                    "valid samples",
                 ],
                 rows,
             )
         )
-        apply = _apply_costs(width, rounds)
-        say("  applying a bitmask to logits (µs): " + ", ".join(f"{k} {v:.1f}" for k, v in apply.items()))
-        results[tname] = {"vocab": width, "document_tokens": len(ids), "libraries": med, "apply_us": apply}
+        results[tname] = {"vocab": width, "document_tokens": len(ids), "libraries": med}
+        if n == 0:
+            for name, m in med.items():
+                v = m["validity"]
+                say(f"  {name}: {v['valid']} of {v['finished']} sampled documents valid; {v}")
     return results
+
+
+def worker_costs(tok: Any, rounds: int) -> dict[str, float]:
+    """The worker's own path (workers.engine.constraint), in µs: applying the document's real masks to
+    one row and to 8 rows of logits; and, for 8 rows walking the document at staggered places, each
+    step's mask fill one row after another vs on llguidance's thread pool, and the whole ``mask_rows``
+    (fill + apply) the engine calls."""
+    import llguidance.torch
+    import torch
+
+    from workers.engine.constraint import ConstraintSpec, Grammars, _parallel, apply_bitmask, mask_rows
+
+    ids = tok.encode(json.dumps(DOCUMENT, separators=(",", ":")), add_special_tokens=False)
+    grammar = Grammars(tok, width=len(tok), stop_ids=[tok.eos_token_id]).compile(ConstraintSpec.json_schema(SCHEMA))
+    words = (grammar.mask_width + 31) // 32
+    walker = grammar.constraint()
+    masks = []
+    for t in ids:
+        masks.append(torch.empty((1, words), dtype=torch.int32))
+        walker.fill(masks[-1], 0)
+        walker.accept(t)
+    logits = torch.randn(8, len(tok))
+    eights = [torch.cat(masks[i : i + 8]) for i in range(0, len(masks) - 7, 8)]
+    offsets = [r * len(ids) // 16 for r in range(8)]
+    steps = len(ids) - offsets[-1]
+    bm = torch.empty((8, words), dtype=torch.int32)
+
+    def walk(step: Callable[[list[Any]], None]) -> float:
+        rows = [grammar.constraint() for _ in offsets]
+        for c, off in zip(rows, offsets, strict=True):
+            for t in ids[:off]:
+                c.accept(t)
+        spent = 0
+        for k in range(steps):
+            t0 = time.perf_counter_ns()
+            step(rows)
+            spent += time.perf_counter_ns() - t0
+            for c, off in zip(rows, offsets, strict=True):
+                c.accept(ids[off + k])
+        return spent / steps / 1e3
+
+    def apply_all(batches: list[Any], rows: list[int]) -> float:
+        t0 = time.perf_counter_ns()
+        for m in batches:
+            apply_bitmask(logits, m, rows)
+        return (time.perf_counter_ns() - t0) / len(batches) / 1e3
+
+    def sequential(rows: list[Any]) -> None:
+        for i, c in enumerate(rows):
+            c.fill(bm, i)
+
+    def parallel(rows: list[Any]) -> None:
+        llguidance.torch.fill_next_token_bitmask_par(_parallel(), [(c.matcher, i) for i, c in enumerate(rows)], bm)
+
+    cases: dict[str, Callable[[], float]] = {
+        "apply_1row": lambda: apply_all(masks, [0]),
+        "apply_8rows": lambda: apply_all(eights, list(range(8))),
+        "fill_8rows_sequential": lambda: walk(sequential),
+        "fill_8rows_parallel": lambda: walk(parallel),
+        "mask_rows_8rows": lambda: walk(lambda rows: mask_rows(logits, rows)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            times[name].append(fn())
+    out = {f"{k}_us": statistics.median(v) for k, v in times.items()}
+    say(
+        "  worker path, µs per step (medians): "
+        + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in times.items())
+    )
+    return out
 
 
 # --- part 2: the decode engine, free vs constrained ----------------------------------------------------
@@ -451,19 +542,23 @@ def run(quick: bool = False) -> dict[str, Any]:
         "tiny-gpt2 (byte-level BPE, 512)": AutoTokenizer.from_pretrained(TINY_GPT2),
         "byte-level BPE 50k (trained on the stdlib)": byte_bpe_tokenizer(),
     }
-    libraries = compare(tokenizers, rounds)
+    libraries = compare(tokenizers, rounds, samples=20 if quick else 60)
+    worker: dict[str, Any] = {}
+    for tname, tok in tokenizers.items():
+        say(f"\n{tname}")
+        worker[tname] = worker_costs(tok, rounds)
     engine: dict[str, Any] = {}
     say("\nengine: sampled rows, free vs constrained to the schema (alternating rounds)")
     engine["tiny-gpt2"] = _engine_rates(TINY_GPT2, rows=16, new_tokens=96, rounds=2 if quick else 4)
     if not quick:
-        engine["gpt2-124m-bpe"] = _engine_rates(gpt2_124m_bpe(), rows=8, new_tokens=96, rounds=2)
+        engine["gpt2-124m-bpe"] = _engine_rates(gpt2_124m_bpe(), rows=8, new_tokens=64, rounds=2)
     rows = [
         (model, r["rows"], mode, r[mode]["tok_s"], r[mode]["vs_free"])
         for model, r in engine.items()
         for mode in ("free", "half constrained", "all constrained")
     ]
     say(table("engine tokens/s (mean of rounds)", ["model", "rows", "mode", "tok/s", "x free"], rows))
-    payload = {"schema": SCHEMA, "document": DOCUMENT, "libraries": libraries, "engine": engine}
+    payload = {"schema": SCHEMA, "document": DOCUMENT, "libraries": libraries, "worker": worker, "engine": engine}
     path = save("structured", payload)
     say(f"\nsaved {path}")
     return payload

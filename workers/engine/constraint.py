@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ _PARAMS: dict[str, str] = {
 class ConstraintSpec:
     """What one generate request's output must match. Hashable: compiled grammars are cached by it.
 
-    ``schema`` is the JSON schema as canonical JSON text (``ConstraintSpec.json_schema`` makes it).
+    ``schema`` is the JSON schema as compact JSON text (``ConstraintSpec.json_schema`` makes it).
     ``strict`` follows OpenAI's ``json_schema.strict``: strict schemas are enforced exactly, and one
     using a keyword the grammar cannot enforce is refused; a non-strict one is enforced as far as it
     can be, unsupported keywords ignored (OpenAI does not enforce non-strict schemas at all).
@@ -65,7 +66,8 @@ class ConstraintSpec:
     def json_schema(
         cls, schema: Mapping[str, Any] | str, *, strict: bool = True, param: str | None = None
     ) -> ConstraintSpec:
-        """A JSON-schema spec; the schema is parsed and written back canonically, so equal schemas share a grammar."""
+        """A JSON-schema spec; the schema is parsed and written back compactly, so one schema sent with
+        different whitespace shares a grammar."""
         name = param or _PARAMS["json_schema"]
         if isinstance(schema, str):
             try:
@@ -74,7 +76,8 @@ class ConstraintSpec:
                 raise InvalidInput(f"the JSON schema is not valid JSON: {exc}", param=name) from exc
         if not isinstance(schema, Mapping):
             raise InvalidInput("a JSON schema must be a JSON object", param=name)
-        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # Written back compactly but in its own key order: properties are generated in the order listed.
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         return cls(kind="json_schema", schema=text, strict=strict, param=name)
 
     @classmethod
@@ -194,8 +197,10 @@ class Grammars:
 
 
 def _first_line(messages: Sequence[str]) -> str:
+    """The library's first message on one line (regex errors span several, with a caret under the spot)."""
     text = next((m for m in messages if m), "no output can satisfy it")
-    return text.strip().splitlines()[0][:500]
+    lines = [line.strip() for line in text.strip().splitlines()]
+    return " ".join(line for line in lines if line and not re.match(r"^\d+ \| ", line))[:500]
 
 
 # --- per row ----------------------------------------------------------------------------------------
