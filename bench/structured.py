@@ -1,20 +1,23 @@
 """Structured output: which grammar library, and what constraining costs a decode step.
 
 Part 1 compares the three maintained grammar libraries a worker could enforce JSON schemas with
-(xgrammar, llguidance, outlines-core) on one realistic schema (nested object, enum, arrays of
-objects, required fields, a pattern) and two byte-level BPE vocabularies: the 512-token one of the
-tiny GPT-2 the tests use, and a 50,257-token one (GPT-2's size) trained here (``bench.models``). Per
-library: the one-off tokenizer setup, compile time (a fresh compiler, no cache) and time to the
-first mask, then the per-token cost of filling the allowed-token bitmask and advancing the matcher,
-measured by walking a schema-valid document token by token (every token checked against the mask).
-The libraries run in alternation, round after round, so host drift hits them alike; the ratios are
-against the fastest.
+(xgrammar, llguidance, outlines-core) on one realistic schema (nested object, enums, a pattern,
+string lengths, arrays of objects, required fields) and two byte-level BPE vocabularies: the 512-token
+one of the tiny GPT-2 the tests use, and a 50,257-token one (GPT-2's size) trained here
+(``bench.models``). Per library: the one-off tokenizer setup, compile time (a fresh compiler, no
+cache) and time to the first mask, the per-token cost of filling the allowed-token bitmask and
+advancing the matcher (walking a schema-valid document token by token, every token checked against
+the mask), and on the small vocabulary how many documents sampled through its mask from random
+logits are valid. The libraries run in alternation, round after round, so host drift hits them
+alike; the ratios are against the fastest. Candidates that are not installed are skipped (the
+project depends on llguidance only: ``pip install xgrammar outlines-core`` for the comparison).
 
-Part 2 runs the chosen library through the decode engine: the same rows decoded free and
-constrained (half the rows, then all), alternating, on the tiny GPT-2 and, unless ``--quick``, on a
-GPT-2-small-size model with the 50k vocabulary. Candidates that are not installed are skipped.
+Part 2 measures the worker's own path (``workers.engine.constraint``: applying masks, filling 8 rows'
+masks, ``mask_rows``) and then the decode engine: the same sampled rows decoded free and constrained
+(half the rows, then all), alternating, with the time spent masking measured inside the decode
+steps, on the tiny GPT-2 and, unless ``--quick``, on a GPT-2-small-size model with the 50k vocabulary.
 
-    python -m bench.structured [--quick]
+    python -m bench --only structured [--quick]
 """
 
 from __future__ import annotations
@@ -473,9 +476,11 @@ def worker_costs(tok: Any, rounds: int) -> dict[str, float]:
 
 
 def _engine_rates(model_dir: Path, rows: int, new_tokens: int, rounds: int) -> dict[str, Any]:
-    """Generated tokens/s of ``rows`` sampled rows: none, half or all of them held to SCHEMA."""
+    """Generated tokens/s of ``rows`` sampled rows with none, half or all of them held to SCHEMA, and
+    the share of decode-step time spent in ``mask_rows`` (timed inside the engine)."""
     import transformers
 
+    import workers.engine.decode as decode
     from queueformer.registry import ModelEntry
     from workers.engine.constraint import ConstraintSpec
     from workers.engine.decode import GenRequest
@@ -488,8 +493,21 @@ def _engine_rates(model_dir: Path, rows: int, new_tokens: int, rounds: int) -> d
     tok = served.handler.tokenizer
     grammar = served.handler.grammars.compile(ConstraintSpec.json_schema(SCHEMA))
     prompts = [tok.encode(f"Record {i} as JSON:") for i in range(rows)]
+    clock = {"mask": 0.0, "steps": 0.0}
+    real_mask_rows = decode.mask_rows
 
-    def run(constrained: int) -> tuple[float, int]:
+    def timed_mask_rows(logits: Any, constraints: Any) -> None:
+        t0 = time.perf_counter()
+        real_mask_rows(logits, constraints)
+        clock["mask"] += time.perf_counter() - t0
+
+    def step_time(_name: str, _rows: int, _tokens: int, seconds: float) -> None:
+        clock["steps"] += seconds
+
+    decode.mask_rows = timed_mask_rows  # type: ignore[assignment]
+    served.engine.observer = step_time
+
+    def run(constrained: int) -> tuple[float, int, float]:
         reqs = [
             GenRequest(
                 input_ids=tuple(p),
@@ -504,6 +522,7 @@ def _engine_rates(model_dir: Path, rows: int, new_tokens: int, rounds: int) -> d
             )
             for i, p in enumerate(prompts)
         ]
+        clock.update(mask=0.0, steps=0.0)
         started = time.perf_counter()
         items = [served.engine.submit(WorkItem(r)) for r in reqs]
         outs = [it.future.result(timeout=600) for it in items]
@@ -512,28 +531,42 @@ def _engine_rates(model_dir: Path, rows: int, new_tokens: int, rounds: int) -> d
         for r, o in zip(reqs, outs, strict=True):
             if r.constraint is not None and o[0].finish_reason == "stop":
                 json.loads(tok.decode(o[0].token_ids, skip_special_tokens=True))
-        return generated / seconds, generated
+        return generated / seconds, generated, clock["mask"] / max(clock["steps"], 1e-9)
 
-    run(rows)  # warm-up: compiles the schema once (cached), first allocations
-    modes = {"free": 0, "half constrained": rows // 2, "all constrained": rows}
-    rates: dict[str, list[float]] = {m: [] for m in modes}
-    tokens: dict[str, int] = {}
-    for _ in range(rounds):
-        for mode, n in modes.items():
-            rate, generated = run(n)
-            rates[mode].append(rate)
-            tokens[mode] = generated
-    served.stop()
+    try:
+        run(rows)  # warm-up
+        modes = {"free": 0, "half constrained": rows // 2, "all constrained": rows}
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        shares: dict[str, list[float]] = {m: [] for m in modes}
+        tokens: dict[str, int] = {}
+        for _ in range(rounds):
+            for mode, n in modes.items():  # alternating, so drift on a shared host hits every mode alike
+                rate, generated, share = run(n)
+                rates[mode].append(rate)
+                shares[mode].append(share)
+                tokens[mode] = generated
+    finally:
+        decode.mask_rows = real_mask_rows  # type: ignore[assignment]
+        served.stop()
     free = statistics.fmean(rates["free"])
     out: dict[str, Any] = {"rows": rows, "max_new_tokens": new_tokens, "rounds": rounds}
     for mode in modes:
         mean = statistics.fmean(rates[mode])
-        out[mode] = {"tok_s": mean, "runs": rates[mode], "tokens_last_run": tokens[mode], "vs_free": mean / free}
+        out[mode] = {
+            "tok_s": mean,
+            "runs": rates[mode],
+            "vs_free": mean / free,
+            "mask_share_of_step_time": statistics.fmean(shares[mode]),
+            "tokens_last_run": tokens[mode],
+        }
     return out
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+    import transformers
     from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # the 257-token document is longer than tiny-gpt2's 256
 
     from bench.models import byte_bpe_tokenizer, gpt2_124m_bpe
 
@@ -553,11 +586,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     if not quick:
         engine["gpt2-124m-bpe"] = _engine_rates(gpt2_124m_bpe(), rows=8, new_tokens=64, rounds=2)
     rows = [
-        (model, r["rows"], mode, r[mode]["tok_s"], r[mode]["vs_free"])
+        (model, r["rows"], mode, r[mode]["tok_s"], r[mode]["vs_free"], 100 * r[mode]["mask_share_of_step_time"])
         for model, r in engine.items()
         for mode in ("free", "half constrained", "all constrained")
     ]
-    say(table("engine tokens/s (mean of rounds)", ["model", "rows", "mode", "tok/s", "x free"], rows))
+    headers = ["model", "rows", "mode", "tok/s", "x free", "% of step time masking"]
+    say(table("engine tokens/s (mean of alternating rounds)", headers, rows))
     payload = {"schema": SCHEMA, "document": DOCUMENT, "libraries": libraries, "worker": worker, "engine": engine}
     path = save("structured", payload)
     say(f"\nsaved {path}")

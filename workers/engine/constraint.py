@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 import llguidance.hf
@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 from queueformer.errors import InternalError, InvalidInput, QueueformerError
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # a TypedDict that exists in the stubs only
 
 Kind = Literal["json_schema", "json_object", "regex", "choice"]
 KINDS: tuple[Kind, ...] = ("json_schema", "json_object", "regex", "choice")
@@ -100,13 +103,12 @@ class ConstraintSpec:
 def _grammar_text(spec: ConstraintSpec) -> str:
     """The llguidance grammar of a spec. JSON is written compactly, without free whitespace, so a
     model cannot stall in an endless run of spaces or newlines."""
-    layout = {"whitespace_flexible": False}
     if spec.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(
-            spec.schema or "{}", defaults={**layout, "lenient": not spec.strict}
-        )
+        options: JsonCompileOptions = {"whitespace_flexible": False, "lenient": not spec.strict}
+        return llguidance.LLMatcher.grammar_from_json_schema(spec.schema or "{}", defaults=options)
     if spec.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=layout)
+        compact: JsonCompileOptions = {"whitespace_flexible": False}
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=compact)
     if spec.kind == "regex":
         if not spec.pattern:
             raise InvalidInput("the regex is empty", param=spec.field_name)
