@@ -35,7 +35,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from queueformer.contract.errors import OutOfMemory, TransientError
+from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientError
+from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
 from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention
@@ -62,6 +63,14 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     eos: frozenset[int] = frozenset()
     seed: int | None = None
+    constraint: Grammar | None = None  # structured output: what every sequence must match
+
+    def __post_init__(self) -> None:
+        if self.constraint is not None and self.num_beams > 1:
+            # Beams are reordered every step; one grammar state per beam would have to follow them.
+            raise InvalidInput(
+                "structured output cannot be combined with num_beams > 1", param=self.constraint.spec.field_name
+            )
 
 
 @dataclass
@@ -82,6 +91,11 @@ class _Seq:
     emitted: int = 0  # characters already streamed
     generator: torch.Generator | None = None
     processors: LogitsProcessorList | None = None
+    constraint: Constraint | None = None
+
+    def __post_init__(self) -> None:
+        if self.req.constraint is not None and self.constraint is None:
+            self.constraint = self.req.constraint.constraint()
 
     @property
     def length(self) -> int:
@@ -96,6 +110,8 @@ class _Seq:
         self.tokens.clear()
         self.emitted = 0
         self.generator = _generator(self.req, self.index)
+        if self.constraint is not None:
+            self.constraint.reset()
 
 
 def _generator(req: GenRequest, index: int) -> torch.Generator | None:
@@ -437,6 +453,8 @@ class DecodeEngine:
 
     def _select(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, append it and mark rows that finish."""
+        # Structured output first, so every processor (penalties, top-k/top-p) works on allowed tokens only.
+        mask_rows(logits, [s.constraint for s in seqs])
         plain = [i for i, s in enumerate(seqs) if s.processors is None and s.generator is None]
         chosen: list[int] = [0] * len(seqs)
         if len(plain) == len(seqs):
@@ -463,7 +481,11 @@ class DecodeEngine:
 
     def _append(self, s: _Seq, tok: int) -> None:
         s.tokens.append(tok)
-        if tok in s.req.eos or (s.req.stop and self._hit_stop(s)):
+        if s.constraint is not None and not s.constraint.accept(tok):
+            self._fail(s, s.constraint.failure(tok))
+            s.finish = "cancelled"
+            return
+        if tok in s.req.eos or (s.req.stop and self._hit_stop(s)) or (s.constraint is not None and s.constraint.done):
             s.finish = "stop"
         elif len(s.tokens) >= s.req.max_new_tokens:
             s.finish = "length"

@@ -8,6 +8,7 @@ so a job answers as ``model.generate`` would. Example job::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from queueformer.contract.errors import InputTooLong, InvalidInput, NoChatTemplate
 from queueformer.contract.jobs import GenerateJob, Task
 from queueformer.contract.records import GenerateResult, Generation, Usage
+from workers.engine.constraint import Grammars
 from workers.engine.decode import GenOutput, GenRequest
 from workers.handlers.base import Handler
 
@@ -81,6 +83,12 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             seed=job.seed,
         )
 
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Structured output for this model: specs compile on first use against its tokenizer, once each."""
+        width = int(self.model.config.get_text_config().vocab_size)
+        return Grammars(self.tokenizer, width=width, stop_ids=self.eos_ids())
+
     def chat_ids(self, job: GenerateJob) -> list[int]:
         """Token ids of a chat through the tokenizer's chat template, ready for the assistant's turn."""
         if not getattr(self.tokenizer, "chat_template", None):
@@ -103,6 +111,8 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         return [self.hf_generate(req) for req in batch]
 
     def hf_generate(self, req: GenRequest) -> list[GenOutput]:
+        if req.constraint is not None:
+            raise InvalidInput("structured output runs in the decode engine only", param=req.constraint.spec.field_name)
         ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {
             "max_new_tokens": req.max_new_tokens,
