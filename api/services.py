@@ -16,7 +16,7 @@ from queueformer.contract.settings import Settings
 from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
-from queueformer.server.files import FileStore
+from queueformer.server.files import FileStore, TrainingData
 from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
@@ -37,6 +37,7 @@ class Services:
     files: FileStore
     batches: Batches
     overlay: ModelOverlay
+    training: TrainingData
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -60,7 +61,8 @@ class Services:
             fleet=Fleet(client),
             files=files,
             batches=Batches(client, storage, files, webhook_secret=secret),
-            overlay=ModelOverlay(client),
+            overlay=ModelOverlay(client, storage, registry.fine_tune.serve_queue),
+            training=TrainingData(files, settings.training_data_uris, settings.storage_options),
         )
 
     def registry(self) -> Registry:

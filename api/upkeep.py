@@ -1,13 +1,17 @@
-"""Background upkeep of the API process: audits of open work against the broker.
+"""Background upkeep of the API process: audits of open work against the broker, and the expiry sweep.
 
 A thread, not a Celery beat: the API is the one process that is always up and already publishes.
 Every replica runs one; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``).
+The sweep deletes files past their expiry from storage and Redis, giving their bytes back to their
+tenant's quota; replicas sweeping at once each drop a file at most once (``FileStore``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import redis
 
@@ -34,11 +38,12 @@ class Upkeep:
             after_s=settings.reconcile_after_s,
             confirm_s=self.interval_s,
         )
+        self.sweep_interval_s = settings.file_sweep_interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="upkeep", daemon=True)
 
     def start(self) -> None:
-        if self.interval_s > 0:
+        if self.interval_s > 0 or self.sweep_interval_s > 0:
             self._thread.start()
 
     def stop(self) -> None:
@@ -52,14 +57,33 @@ class Upkeep:
         metrics.RESENT.labels("batch_chunk").inc(len(report.resent_units))
         return report
 
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete every file whose expiry has passed (in rounds of 1,000); returns their ids."""
+        swept: list[str] = []
+        while batch := self.services.files.sweep_expired(now):
+            swept += batch
+            if len(batch) < 1000 or self._stop.is_set():
+                break
+        return swept
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.audit()
-            except redis.RedisError as exc:
-                log.warning("audit of open work skipped: Redis is away (%s)", exc)
-            except Exception:  # a bug here must not stop the next audit
-                log.exception("audit of open work failed")
+        plan: list[tuple[float, str, Callable[[], object]]] = [
+            (self.interval_s, "audit of open work", self.audit),
+            (self.sweep_interval_s, "file sweep", self.sweep),
+        ]
+        tasks = [t for t in plan if t[0] > 0]
+        due = {name: time.monotonic() + every for every, name, _ in tasks}
+        while not self._stop.wait(max(0.0, min(due.values()) - time.monotonic())):
+            for every, name, run in tasks:
+                if time.monotonic() < due[name]:
+                    continue
+                due[name] = time.monotonic() + every
+                try:
+                    run()
+                except redis.RedisError as exc:
+                    log.warning("%s skipped: Redis is away (%s)", name, exc)
+                except Exception:  # a bug here must not stop the next round
+                    log.exception("%s failed", name)
 
     def _queue_for(self, model: str, tenant: str) -> str:
         registry = self.services.registry()
