@@ -8,9 +8,10 @@ as a single line with no newline). Each file is stored the way an upload stores 
 one process; a fresh process then builds the API, creates a batch from it through FastAPI's
 TestClient and reports its own CPU time (user + system) and peak RSS before and after the request,
 so neither the upload nor the test client's copy of a body is counted. The flushed Redis database is
-the caller's (it defaults to ``QUEUEFORMER_TEST_REDIS_DB`` on the local server). Results go to
-``bench/results/hostile_input.json``; run it on the code before and after a change (e.g. from an
-exported tree of the old commit) and compare the two JSON files.
+the caller's (it defaults to ``QUEUEFORMER_TEST_REDIS_DB`` on the local server). Each run writes its
+JSON to ``--out``; to compare code before and after a change, alternate runs of the two trees (e.g.
+``git archive <old> | tar -x -C /tmp/old``, then run this module from each tree in turn).
+``bench/results/hostile_input.json`` holds one such A/B/A sequence.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile_input")
     parser.add_argument("--mib", type=int, default=200, help="size of each hostile file (the default upload cap)")
     parser.add_argument("--redis-url", default=f"redis://127.0.0.1:6379/{db}", help="a database this run may flush")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "hostile_input.json")
+    parser.add_argument("--out", type=Path, default=Path("hostile_input.json"), help="where this run's JSON goes")
     parser.add_argument("--label", default="", help="what code this run measured (e.g. a commit)")
     parser.add_argument("--phase", choices=["store", "create"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)

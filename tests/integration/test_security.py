@@ -22,13 +22,14 @@ from api.app import create_app
 from api.services import Services
 from api.upkeep import Upkeep
 from queueformer.cli import main as cli
+from queueformer.client import Client
 from queueformer.contract.jobs import FineTuneJob
 from queueformer.contract.openai_batch import output_line
 from queueformer.server import keys
 from queueformer.server.batch_input import scan_file
 from queueformer.server.checkpoints import Checkpoints
 from queueformer.server.tenants import ApiKeys
-from tests.helpers import jsonl, make_settings
+from tests.helpers import eventually, jsonl, make_settings
 
 A = {"Authorization": "Bearer qf-acme-bootstrap-key-0001"}
 B = {"Authorization": "Bearer qf-globex-bootstrap-key-001"}
@@ -293,6 +294,12 @@ def test_files_expire_as_openai_asks_and_the_sweep_deletes_them(redis_url: str, 
         )
         out = sdk.files.retrieve(finish_batch(s, batch.id)["output_file_id"])
         assert out.expires_at == out.created_at + 3600
+        qf = Client("http://testserver")
+        qf.http.close()
+        qf.http = c  # queueformer's own SDK over the same in-process app
+        c.headers.update(A)
+        mine = qf.upload(b"{}\n", expires_after_s=86400)
+        assert mine["expires_at"] == mine["created_at"] + 86400
 
         # An expired file answers 404 at once, before any sweep.
         stale = s.files.create_bytes("acme", "old.jsonl", "batch", b"{}\n", expires_after_s=-1).id
@@ -308,7 +315,15 @@ def test_files_expire_as_openai_asks_and_the_sweep_deletes_them(redis_url: str, 
             assert c.get(f"/v1/files/{gone}/content", headers=A).status_code == 404
         assert s.files.stored_bytes("acme") == before - 3 - 3 - out.bytes
         assert c.get(f"/v1/files/{default['id']}", headers=A).status_code == 200  # not due yet
-        assert s.redis.zcard(keys.FILE_EXPIRY) == 2  # the default-expiry upload and the SDK's input file
+        assert s.redis.zcard(keys.FILE_EXPIRY) == 3  # the default-expiry upload and the two SDK uploads
+
+
+def test_the_upkeep_thread_sweeps_expired_files_by_itself(redis_url: str, tmp_path: Path) -> None:
+    with app(redis_url, tmp_path, api={"file_sweep_interval_s": 0.2}) as c:
+        s = services(c)
+        stale = s.files.create_bytes("acme", "old.jsonl", "batch", b"{}\n", expires_after_s=-1).id
+        eventually(lambda: not s.redis.exists(keys.file(stale)), timeout=10)
+        assert not s.storage.exists(s.files.key(stale)) and s.files.stored_bytes("acme") == 0
 
 
 # --- 5. API keys -----------------------------------------------------------------------------------
