@@ -163,10 +163,13 @@ def _api_keys() -> ApiKeys:
 
 def _keys_command(run: Callable[[ApiKeys], None]) -> int:
     """Run a ``keys`` command; any failure is one plain line on stderr and exit status 1."""
-    import redis
+    try:
+        import redis
 
-    from queueformer.server.tenants import KeyNotFound
-
+        from queueformer.server.tenants import KeyNotFound
+    except ImportError as exc:
+        sys.stderr.write(f"queueformer keys: needs the server extra (pip install 'queueformer[server]'): {exc}\n")
+        return 1
     try:
         run(_api_keys())
     except (KeyNotFound, ValueError, RuntimeError, redis.RedisError, ValidationError) as exc:
