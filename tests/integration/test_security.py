@@ -90,6 +90,14 @@ def test_a_tenant_cannot_train_on_or_probe_another_tenants_objects(c: TestClient
     batch_file = upload(c, A, jsonl([ECHO]), "batch").json()["id"]
     batch = c.post("/v1/batches", json={"input_file_id": batch_file, "endpoint": "/v1/jobs"}, headers=A).json()
     output = finish_batch(s, batch["id"])["output_file_id"]
+    no_batch = "batch_0123456789abcdef0123456789abcdef"
+    for method, path in (("get", ""), ("get", "/output"), ("post", "/cancel"), ("post", "/retry")):
+        theirs = c.request(method, f"/v1/batches/{batch['id']}{path}", headers=B)
+        assert theirs.status_code == 404, path
+        assert same_refusal(
+            theirs, c.request(method, f"/v1/batches/{no_batch}{path}", headers=B), batch["id"], no_batch
+        )
+    assert c.get("/v1/batches", headers=B).json()["data"] == [] and c.get("/v1/files", headers=B).json()["data"] == []
 
     def fine_tune(who: dict[str, str], ref: str) -> Any:
         return c.post("/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": ref}, headers=who)
