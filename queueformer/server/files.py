@@ -275,6 +275,9 @@ class TrainingData:
     @contextlib.contextmanager
     def open(self, ref: str, tenant: str) -> Iterator[IO[bytes]]:
         """The data, for ``tenant``'s job only: ownership (or the allowlist) is checked again here."""
+        legacy = self.files.storage.url + "/files/"
+        if ref.startswith(legacy) and valid_object_id(ref[len(legacy) :]):
+            ref = ref[len(legacy) :]  # queued by an older version, which stored the resolved URI of a file id
         if ref.startswith("file-"):
             self._own_file(ref, tenant)
             try:

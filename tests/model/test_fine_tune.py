@@ -205,12 +205,18 @@ def test_the_worker_trains_only_on_the_jobs_own_tenants_files(env: Env) -> None:
     env.training_file = private
     own = json.loads(env.run(env.submit("full", "job-ownbadfile01", max_steps=2))["error"])
     assert own["code"] == "invalid_input" and "line 2" in own["message"]
+    # Jobs queued by an older version hold the file's resolved URI: still only its owner's file.
+    env.training_file = env.storage.uri(env.storage.file_key(private))
+    legacy = json.loads(env.run(env.submit("full", "job-legacyforeign", tenant="globex", max_steps=2))["error"])
+    assert legacy["code"] == "not_found" and "line" not in legacy["message"]
+    legacy_own = json.loads(env.run(env.submit("full", "job-legacyownfile", max_steps=2))["error"])
+    assert legacy_own["code"] == "invalid_input" and "line 2" in legacy_own["message"]
 
     # Files of another purpose, and storage URIs the operator did not allow, are refused too.
     env.training_file = env.files.create_bytes("default", "out.jsonl", "batch_output", b'{"text": "x"}\n').id
     wrong = json.loads(env.run(env.submit("full", "job-wrongpurpose", max_steps=2))["error"])
     assert wrong["code"] == "invalid_input" and "purpose" in wrong["message"]
-    uris = (env.storage.uri(env.storage.file_key(private)), f"{env.storage.url}/shared/../files/{private}")
+    uris = (env.storage.uri("results/job-0123456789ab.json"), f"{env.storage.url}/shared/../files/{private}")
     for n, uri in enumerate(uris):
         env.training_file = uri
         refused = json.loads(env.run(env.submit("full", f"job-refuseduri{n:02d}", max_steps=2))["error"])
