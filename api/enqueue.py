@@ -49,8 +49,9 @@ class Enqueuer:
         for spec in specs:
             entry = registry.get(spec.model, spec.task, tenant=tenant)
             if isinstance(spec, FineTuneJob):
-                # Workers read training data by URI; resolving here checks the file is this tenant's.
-                spec = spec.model_copy(update={"training_file": self.s.files.resolve_uri(spec.training_file, tenant)})
+                # The job keeps the reference as given (a file id, never a storage path); the worker checks
+                # it again against the job's tenant before it reads a byte.
+                self.s.training.check(spec.training_file, tenant)
             job_id = new_id("job")
             queues[job_id] = registry.queue_for(entry, spec.task)
             tokens[job_id] = estimate_tokens(spec)

@@ -18,7 +18,7 @@ from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
 from queueformer.server.egress import EgressPolicy
-from queueformer.server.files import FileStore
+from queueformer.server.files import FileStore, TrainingData
 from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
@@ -41,6 +41,7 @@ class Services:
     batches: Batches
     overlay: ModelOverlay
     webhooks: Deliverer
+    training: TrainingData
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -71,8 +72,9 @@ class Services:
             fleet=Fleet(client),
             files=files,
             batches=Batches(client, storage, files),
-            overlay=ModelOverlay(client),
+            overlay=ModelOverlay(client, storage, registry.fine_tune.serve_queue),
             webhooks=webhooks,
+            training=TrainingData(files, settings.training_data_uris, settings.storage_options),
         )
 
     def registry(self) -> Registry:

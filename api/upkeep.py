@@ -1,16 +1,20 @@
-"""Background upkeep of the API process: audits of open work, webhook deliveries and the dashboard's samples.
+"""Background upkeep of the API process: audits of open work, the file-expiry sweep, webhook deliveries and
+the dashboard's samples.
 
 Threads, not a Celery beat: the API is the one process that is always up and already publishes.
 Every replica runs them; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``),
 each webhook attempt is claimed by one replica (see ``queueformer.server.webhooks``) and one replica
 samples per interval (see ``api.history``). None runs on a request's thread, so a slow receiver never
-holds a request.
+holds a request. The sweep deletes files past their expiry from storage and Redis, giving their bytes
+back to their tenant's quota; replicas sweeping at once each drop a file at most once (``FileStore``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import redis
 
@@ -39,19 +43,17 @@ class Upkeep:
             confirm_s=self.interval_s,
         )
         self.history = History(services.redis, settings.history_interval_s)
+        self.sweep_interval_s = settings.file_sweep_interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
-        self._sampler = threading.Thread(target=self._sample_loop, name="history", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="upkeep", daemon=True)
         self.webhook_concurrency = settings.webhook_concurrency
         self._webhooks = threading.Thread(
             target=services.webhooks.serve, args=(self.webhook_concurrency,), name="webhooks", daemon=True
         )
 
     def start(self) -> None:
-        if self.interval_s > 0:
+        if max(self.interval_s, self.sweep_interval_s, self.history.interval_s) > 0:
             self._thread.start()
-        if self.history.interval_s > 0:
-            self._sampler.start()
         if self.webhook_concurrency > 0:
             if self.services.webhooks.key is None:
                 log.warning("QUEUEFORMER_API__WEBHOOK_SECRET is not set: batch webhooks are sent unsigned")
@@ -60,7 +62,7 @@ class Upkeep:
     def stop(self) -> None:
         self._stop.set()
         self.services.webhooks.stop()
-        for thread in (self._thread, self._sampler, self._webhooks):
+        for thread in (self._thread, self._webhooks):
             if thread.is_alive():
                 # A webhook attempt in flight ends within webhook_timeout_s; one cut short is sent again later.
                 thread.join(timeout=self.services.settings.api.webhook_timeout_s + 5)
@@ -68,31 +70,41 @@ class Upkeep:
     def sample(self) -> bool:
         return self.history.sample(sorted(self.services.registry().queues()))
 
-    def _sample_loop(self) -> None:
-        while True:  # first sample at once: the plots have a point as soon as the API is up
-            try:
-                self.sample()
-            except redis.RedisError as exc:
-                log.warning("dashboard sample skipped: Redis is away (%s)", exc)
-            except Exception:  # a bug here must not stop the next sample
-                log.exception("dashboard sample failed")
-            if self._stop.wait(self.history.interval_s):
-                return
-
     def audit(self) -> Audit:
         report = self.reconciler.audit()
         metrics.RESENT.labels("job").inc(len(report.resent_jobs))
         metrics.RESENT.labels("batch_chunk").inc(len(report.resent_units))
         return report
 
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete every file whose expiry has passed (in rounds of 1,000); returns their ids."""
+        swept: list[str] = []
+        while batch := self.services.files.sweep_expired(now):
+            swept += batch
+            if len(batch) < 1000 or self._stop.is_set():
+                break
+        return swept
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.audit()
-            except redis.RedisError as exc:
-                log.warning("audit of open work skipped: Redis is away (%s)", exc)
-            except Exception:  # a bug here must not stop the next audit
-                log.exception("audit of open work failed")
+        plan: list[tuple[float, str, Callable[[], object]]] = [
+            (self.interval_s, "audit of open work", self.audit),
+            (self.sweep_interval_s, "file sweep", self.sweep),
+            (self.history.interval_s, "dashboard sample", self.sample),
+        ]
+        tasks = [t for t in plan if t[0] > 0]
+        due = {name: time.monotonic() + every for every, name, _ in tasks}
+        due["dashboard sample"] = time.monotonic()  # the plots have a point as soon as the API is up
+        while not self._stop.wait(max(0.0, min(due.values()) - time.monotonic())):
+            for every, name, run in tasks:
+                if time.monotonic() < due[name]:
+                    continue
+                due[name] = time.monotonic() + every
+                try:
+                    run()
+                except redis.RedisError as exc:
+                    log.warning("%s skipped: Redis is away (%s)", name, exc)
+                except Exception:  # a bug here must not stop the next round
+                    log.exception("%s failed", name)
 
     def _queue_for(self, model: str, tenant: str) -> str:
         registry = self.services.registry()

@@ -123,7 +123,7 @@ def fine_tune(path: Path, steps: int) -> dict[str, Any]:
         hyperparameters={"max_steps": steps, "batch_size": 8, "block_size": 512, "checkpoint_steps": 10**6},
     )
     texts = [" ".join(mixed_prompts(1, lo=400, hi=600, seed=i)) for i in range(128)]
-    handler = FineTuneHandler(registry, path.parent, None, None, None, CACHE / "ft-work")  # type: ignore[arg-type]
+    handler = FineTuneHandler(registry, path.parent, None, None, None, CACHE / "ft-work", None)  # type: ignore[arg-type]
     plan = Plan(
         "job-benchmark0001",
         spec,

@@ -105,14 +105,22 @@ class Client:
 
     # --- files and batches ----------------------------------------------------------------------------
 
-    def upload(self, source: str | Path | bytes, purpose: str = "batch", filename: str | None = None) -> dict[str, Any]:
+    def upload(
+        self,
+        source: str | Path | bytes,
+        purpose: str = "batch",
+        filename: str | None = None,
+        expires_after_s: int | None = None,
+    ) -> dict[str, Any]:
+        """Upload a file; ``expires_after_s`` (3600 to 2592000) has the server delete it that long after upload."""
         if isinstance(source, bytes):
             content, name = source, filename or "input.jsonl"
         else:
             content, name = Path(source).read_bytes(), filename or Path(source).name
-        result: dict[str, Any] = self._call(
-            "POST", "/v1/files", files={"file": (name, content)}, data={"purpose": purpose}
-        )
+        form = {"purpose": purpose}
+        if expires_after_s is not None:
+            form.update({"expires_after[anchor]": "created_at", "expires_after[seconds]": str(expires_after_s)})
+        result: dict[str, Any] = self._call("POST", "/v1/files", files={"file": (name, content)}, data=form)
         return result
 
     def file_content(self, file_id: str) -> bytes:
@@ -125,10 +133,13 @@ class Client:
         endpoint: str = "/v1/jobs",
         metadata: dict[str, str] | None = None,
         webhook_url: str | None = None,
+        output_expires_after_s: int | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint, "completion_window": "24h"}
         if metadata:
             body["metadata"] = metadata
+        if output_expires_after_s is not None:
+            body["output_expires_after"] = {"anchor": "created_at", "seconds": output_expires_after_s}
         if webhook_url:
             body["webhook_url"] = webhook_url
         result: dict[str, Any] = self._call("POST", "/v1/batches", json=body)

@@ -53,5 +53,7 @@ class FineTunedModels:
                 return serve(here, self.models_dir, poll_steps=self.poll_steps, loaded=loaded)
             return serve(here, self.models_dir, poll_steps=self.poll_steps)
         except WorkerFatal as exc:
-            # A broken upload fails the jobs that name it, not the worker serving every other model.
-            raise ModelNotFound(str(exc), param="model") from exc
+            # A broken upload fails the jobs that name it, not the worker serving every other model. The
+            # cause names local paths: it goes to the log, the job's error only names the model.
+            log.error("%s", exc)
+            raise ModelNotFound(f"fine-tuned model {name!r} could not be loaded", param="model") from exc

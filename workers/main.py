@@ -27,7 +27,7 @@ from queueformer.contract.settings import Settings, get_settings
 from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
-from queueformer.server.files import FileStore
+from queueformer.server.files import FileStore, TrainingData
 from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
@@ -97,10 +97,12 @@ def load_models(
 
 
 def training_runner(
-    settings: Settings, registry: Registry, storage: Storage, jobs: JobStore, overlay: ModelOverlay
+    settings: Settings, registry: Registry, files: FileStore, jobs: JobStore, overlay: ModelOverlay
 ) -> TrainingRunner:
     models_dir = settings.resolved_models_dir
-    handler = FineTuneHandler(registry, models_dir, storage, jobs, overlay, settings.data_dir / "training")
+    storage = files.storage
+    training = TrainingData(files, settings.training_data_uris, settings.storage_options)
+    handler = FineTuneHandler(registry, models_dir, storage, jobs, overlay, settings.data_dir / "training", training)
     return TrainingRunner(handler, jobs, storage, settings.worker.max_deliveries, settings.visibility_timeout_s)
 
 
@@ -127,9 +129,7 @@ def build_runner(
         )
 
     watcher = CancelWatcher(stop_flags)
-    training = (
-        training_runner(settings, registry, storage, jobs, overlay) if registry.fine_tune.queue in queues else None
-    )
+    training = training_runner(settings, registry, files, jobs, overlay) if registry.fine_tune.queue in queues else None
     return Runner(
         holder,
         jobs,
@@ -208,7 +208,7 @@ def run_worker(
     jobs = JobStore(client, settings.event_ttl_s)
     fleet = Fleet(client)
 
-    overlay = ModelOverlay(client)
+    overlay = ModelOverlay(client, storage, registry.fine_tune.serve_queue)
     try:
         holder = load_models(settings, registry, queues, storage, overlay)
     except WorkerFatal as exc:

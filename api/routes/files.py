@@ -9,6 +9,8 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import ServicesDep, TenantDep
+from queueformer.contract.errors import InvalidInput
+from queueformer.contract.openai_batch import EXPIRES_AFTER_MAX_S, EXPIRES_AFTER_MIN_S
 from queueformer.server.files import FileObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -20,9 +22,34 @@ def upload(
     tenant: TenantDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[Literal["batch", "fine-tune"], Form()],
+    anchor: Annotated[
+        Literal["created_at"] | None,
+        Form(alias="expires_after[anchor]", description="OpenAI's expiry anchor: created_at."),
+    ] = None,
+    seconds: Annotated[
+        int | None,
+        Form(
+            alias="expires_after[seconds]",
+            ge=EXPIRES_AFTER_MIN_S,
+            le=EXPIRES_AFTER_MAX_S,
+            description="Delete the file this many seconds after upload (3600 to 2592000).",
+        ),
+    ] = None,
 ) -> FileObject:
-    name = file.filename or "upload.jsonl"
-    return services.files.create(tenant, name, purpose, file.file, services.settings.quota.max_upload_bytes)
+    quota = services.settings.quota
+    if (anchor is None) != (seconds is None):
+        missing = "expires_after[seconds]" if seconds is None else "expires_after[anchor]"
+        raise InvalidInput(f"{missing} is required with expires_after", param=missing)
+    ttl = seconds if seconds is not None else quota.file_expiry_s
+    return services.files.create(
+        tenant,
+        file.filename or "upload.jsonl",
+        purpose,
+        file.file,
+        quota.max_upload_bytes,
+        quota_bytes=quota.max_stored_bytes,
+        expires_after_s=ttl,
+    )
 
 
 @router.get("", summary="List files, newest first")

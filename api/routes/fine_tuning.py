@@ -25,7 +25,7 @@ from queueformer.contract.jobs import FineTuneJob, FineTuneMethod, Hyperparamete
 from queueformer.contract.records import JobState
 from queueformer.server import keys
 from queueformer.server.checkpoints import Checkpoints
-from queueformer.server.jobs import record_from_raw
+from queueformer.server.jobs import public_event, record_from_raw
 from queueformer.server.overlay import fine_tuned_name
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -59,7 +59,11 @@ class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName
-    training_file: str = Field(max_length=1024, description="A file id (purpose fine-tune) or a storage URI.")
+    training_file: str = Field(
+        max_length=1024,
+        description="The id of one of your files with purpose fine-tune, or a URI under a prefix the operator "
+        "allows (settings: training_data_uris).",
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
     method: FineTuneMethod | OpenAIMethod | None = None
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -101,6 +105,17 @@ class FineTuningJobCreate(BaseModel):
         )
 
 
+def checkpoint_name(spec: FineTuneJob, job_id: str, step: int) -> str:
+    """OpenAI's checkpoint name shape (``ft:…:ckpt-step-N``): an id, never the storage location."""
+    return f"{fine_tuned_name(spec.model, spec.suffix, job_id)}:ckpt-step-{step}"
+
+
+def _training_file(services: Services, ref: str) -> str:
+    """The training file as the client named it; jobs recorded by older versions kept a storage URI."""
+    legacy = services.storage.url + "/files/"
+    return ref.removeprefix(legacy) if ref.startswith(legacy) else ref
+
+
 def _load(services: Services, job_id: str, tenant: str) -> dict[str, str]:
     data = services.jobs.raw(job_id) if valid_object_id(job_id) else {}
     if data.get("tenant") != tenant or data.get("task") != "fine-tune":
@@ -108,7 +123,7 @@ def _load(services: Services, job_id: str, tenant: str) -> dict[str, str]:
     return data
 
 
-def _object(data: dict[str, str]) -> dict[str, Any]:
+def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
     record = record_from_raw(data)
     spec = FineTuneJob.model_validate_json(data["spec"])
     hp = spec.hyperparameters
@@ -124,7 +139,7 @@ def _object(data: dict[str, str]) -> dict[str, Any]:
         "result_files": [],
         "status": STATUS[record.state],
         "trained_tokens": record.progress.get("trained_tokens") if done else None,
-        "training_file": spec.training_file,
+        "training_file": _training_file(services, spec.training_file),
         "validation_file": None,
         "hyperparameters": {
             "n_epochs": hp.epochs if hp.epochs is not None else ("auto" if hp.max_steps is None else None),
@@ -149,7 +164,7 @@ def _object(data: dict[str, str]) -> dict[str, Any]:
 @router.post("", summary="Create a fine-tuning job (OpenAI-compatible)")
 def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
-    return _object(services.jobs.raw(job_id))
+    return _object(services, services.jobs.raw(job_id))
 
 
 @router.get("", summary="List this tenant's fine-tuning jobs, newest first")
@@ -161,12 +176,12 @@ def list_jobs(
 ) -> dict[str, Any]:
     before = record_from_raw(_load(services, after, tenant)).created_at if after else None
     rows = services.jobs.recent_raw(tenant, limit + 1, before, index="fine-tunes")
-    return {"object": "list", "data": [_object(d) for d in rows[:limit]], "has_more": len(rows) > limit}
+    return {"object": "list", "data": [_object(services, d) for d in rows[:limit]], "has_more": len(rows) > limit}
 
 
 @router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
 def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
-    return _object(_load(services, fine_tuning_job_id, tenant))
+    return _object(services, _load(services, fine_tuning_job_id, tenant))
 
 
 @router.post(
@@ -175,7 +190,7 @@ def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) 
 def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     _load(services, fine_tuning_job_id, tenant)
     services.jobs.request_cancel(fine_tuning_job_id)
-    return _object(services.jobs.raw(fine_tuning_job_id))
+    return _object(services, services.jobs.raw(fine_tuning_job_id))
 
 
 @router.get("/{fine_tuning_job_id}/events", summary="Status and training-metric events, newest first")
@@ -192,13 +207,13 @@ def events(
         list[tuple[str, dict[str, str]]],
         services.redis.xrevrange(keys.events(fine_tuning_job_id), max=top, min="-", count=limit + 1),
     )
-    data = [_event(eid, fields) for eid, fields in raw[:limit]]
+    data = [_event(fine_tuning_job_id, eid, fields) for eid, fields in raw[:limit]]
     return {"object": "list", "data": data, "has_more": len(raw) > limit}
 
 
-def _event(eid: str, fields: dict[str, str]) -> dict[str, Any]:
+def _event(job_id: str, eid: str, fields: dict[str, str]) -> dict[str, Any]:
     kind = fields.get("type", "message")
-    data: dict[str, Any] = json.loads(fields.get("data") or "{}")
+    data: dict[str, Any] = public_event(job_id, json.loads(fields.get("data") or "{}"))
     level = "error" if data.get("state") == "failed" else "info"
     return {
         "object": "fine_tuning.job.event",
@@ -232,13 +247,14 @@ def _message(kind: str, data: dict[str, Any]) -> str:
 @router.get("/{fine_tuning_job_id}/checkpoints", summary="The job's saved checkpoints, newest first")
 def checkpoints(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     data = _load(services, fine_tuning_job_id, tenant)
+    spec = FineTuneJob.model_validate_json(data["spec"])
     rows = Checkpoints(services.storage, fine_tuning_job_id).describe()
     out = [
         {
             "object": "fine_tuning.job.checkpoint",
             "id": f"ftckpt-{fine_tuning_job_id.split('-', 1)[1]}-{row['step']}",
             "created_at": int(row.get("saved_at", 0)),
-            "fine_tuned_model_checkpoint": row["uri"],
+            "fine_tuned_model_checkpoint": checkpoint_name(spec, fine_tuning_job_id, row["step"]),
             "step_number": row["step"],
             "metrics": {
                 "step": row["step"],

@@ -20,6 +20,7 @@ from queueformer.contract.jobs import GenerateJob, check_fits
 from queueformer.contract.records import TERMINAL, JobRecord, JobState
 from queueformer.contract.tasks import AnyJob, JobSpec
 from queueformer.server import keys
+from queueformer.server.jobs import public_event
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -158,7 +159,7 @@ def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
 def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Any:
     _check_id(job_id)
     record = services.jobs.get(job_id, tenant)
-    if record.state != JobState.SUCCEEDED or record.result_uri is None:
+    if record.state != JobState.SUCCEEDED or record.result_url is None:
         detail = {"state": record.state.value, "job_error": record.error.model_dump() if record.error else None}
         raise Conflict(f"job {job_id} is {record.state.value}; it has no result", details=detail)
     return services.storage.get_json(services.storage.result_key(job_id))
@@ -205,8 +206,12 @@ async def _event_stream(services: Services, job_id: str, after: str) -> AsyncIte
                 for eid, fields in entries:
                     after = eid
                     kind = fields.get("type", "message")
-                    yield f"id: {eid}\nevent: {kind}\ndata: {fields.get('data', '{}')}\n\n".encode()
-                    if kind == "state" and json.loads(fields.get("data", "{}")).get("state") in TERMINAL:
+                    body = fields.get("data", "{}")
+                    if kind in ("state", "checkpoint"):  # token events (the bulk) pass through unparsed
+                        data = json.loads(body)
+                        body = json.dumps(public_event(job_id, data))
+                    yield f"id: {eid}\nevent: {kind}\ndata: {body}\n\n".encode()
+                    if kind == "state" and data.get("state") in TERMINAL:
                         return
     finally:
         await client.aclose()

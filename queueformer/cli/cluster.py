@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
 
 from queueformer import bulk
 from queueformer.cli.models import build_tiny_models
 from queueformer.client import Client
 from queueformer.contract.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from queueformer.server.tenants import ApiKeys
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -45,6 +53,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     create = ksub.add_parser("create", help="issue a key for a tenant and print it once")
     create.add_argument("--tenant", required=True)
     create.set_defaults(func=create_key)
+    listing = ksub.add_parser("list", help="list keys (id, prefix, tenant, created; never the key)")
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys (default: every tenant's)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per key")
+    listing.set_defaults(func=list_keys)
+    revoke = ksub.add_parser("revoke", help="revoke a key, given the key or its id; it stops working at once")
+    revoke.add_argument("key", help="the key (qf-...) or its id (key_...)")
+    revoke.set_defaults(func=revoke_key)
 
 
 def _free_port() -> int:
@@ -136,10 +151,63 @@ def run_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_key(args: argparse.Namespace) -> int:
+def _api_keys() -> ApiKeys:
     from queueformer.server.connection import connect
     from queueformer.server.tenants import ApiKeys
 
-    key = ApiKeys(connect(load_settings().redis())).create(args.tenant)
-    sys.stdout.write(key + "\n")
+    settings = load_settings()
+    keys = ApiKeys(connect(settings.redis()))
+    keys.add_static([k.get_secret_value() for k in settings.api.bootstrap_keys])
+    return keys
+
+
+def _keys_command(run: Callable[[ApiKeys], None]) -> int:
+    """Run a ``keys`` command; any failure is one plain line on stderr and exit status 1."""
+    try:
+        import redis
+
+        from queueformer.server.tenants import KeyNotFound
+    except ImportError as exc:
+        sys.stderr.write(f"queueformer keys: needs the server extra (pip install 'queueformer[server]'): {exc}\n")
+        return 1
+    try:
+        run(_api_keys())
+    except (KeyNotFound, ValueError, RuntimeError, redis.RedisError, ValidationError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyNotFound) and exc.args else str(exc)
+        if isinstance(exc, redis.RedisError):
+            message = f"Redis did not answer: {exc}"
+        elif isinstance(exc, ValidationError):
+            message = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        sys.stderr.write(f"queueformer keys: {' '.join(str(message).split())}\n")
+        return 1
     return 0
+
+
+def create_key(args: argparse.Namespace) -> int:
+    def run(keys: ApiKeys) -> None:
+        sys.stdout.write(keys.create(args.tenant) + "\n")
+
+    return _keys_command(run)
+
+
+def list_keys(args: argparse.Namespace) -> int:
+    def run(keys: ApiKeys) -> None:
+        rows = keys.list(args.tenant)
+        if args.json:
+            for k in rows:
+                sys.stdout.write(json.dumps(dataclasses.asdict(k)) + "\n")
+            return
+        sys.stdout.write(f"{'ID':<21} {'PREFIX':<8} {'TENANT':<20} {'CREATED':<20} SOURCE\n")
+        for k in rows:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.created_at)) if k.created_at else "-"
+            sys.stdout.write(f"{k.id:<21} {k.prefix or '-':<8} {k.tenant:<20} {created:<20} {k.source}\n")
+
+    return _keys_command(run)
+
+
+def revoke_key(args: argparse.Namespace) -> int:
+    def run(keys: ApiKeys) -> None:
+        info = keys.revoke(args.key)
+        sys.stdout.write(f"revoked {info.id} of tenant {info.tenant}\n")
+
+    return _keys_command(run)

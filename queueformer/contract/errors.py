@@ -119,6 +119,12 @@ class PayloadTooLarge(QueueformerError):
     http_status = 413
 
 
+class StorageQuotaExceeded(PayloadTooLarge):
+    """Storing an upload would pass the tenant's storage quota; deleting files makes room."""
+
+    code = "storage_quota_exceeded"
+
+
 class QuotaExceeded(QueueformerError):
     """The tenant has too much work enqueued; it may retry once some of it finishes."""
 

@@ -266,7 +266,8 @@ class FineTuneJob(JobBase):
     task: Literal["fine-tune"] = "fine-tune"
     training_file: str = Field(
         max_length=1024,
-        description="An uploaded file id (file-...) or a storage URI of JSONL lines with text or prompt/completion.",
+        description="The id (file-...) of one of your uploaded files with purpose fine-tune, or a URI under a prefix "
+        "the operator allows; JSONL lines with text or prompt/completion.",
     )
     method: FineTuneMethod = FineTuneMethod.LORA
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)

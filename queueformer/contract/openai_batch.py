@@ -429,6 +429,19 @@ def check_webhook_url(url: str) -> None:
         raise ValueError("the URL's port is not a number from 1 to 65535")
 
 
+EXPIRES_AFTER_MIN_S = 3600
+EXPIRES_AFTER_MAX_S = 30 * 24 * 3600
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiry policy of a file: ``seconds`` (one hour to 30 days) after the file's ``created_at``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=EXPIRES_AFTER_MIN_S, le=EXPIRES_AFTER_MAX_S)
+
+
 class BatchCreate(BaseModel):
     """``POST /v1/batches`` body (``BatchCreateParams``) plus the ``webhook_url`` extension."""
 
@@ -440,7 +453,9 @@ class BatchCreate(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16
     )
-    output_expires_after: dict[str, Any] | None = None
+    output_expires_after: ExpiresAfter | None = Field(
+        None, description="Expiry of the batch's output and error files, counted from their creation."
+    )
     webhook_url: str | None = Field(
         None,
         max_length=WEBHOOK_URL_MAX,
@@ -462,6 +477,7 @@ __all__ = [
     "BatchLine",
     "BatchStatus",
     "EchoJob",
+    "ExpiresAfter",
     "LineError",
     "error_line",
     "job_for",

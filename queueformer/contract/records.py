@@ -38,7 +38,7 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
     progress: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
-    result_uri: str | None = None
+    result_url: str | None = Field(None, description="Where a succeeded job's result is read (an API path).")
     attempts: int = 0
     metadata: dict[str, str] = Field(default_factory=dict)
     status_url: str | None = None
@@ -130,7 +130,6 @@ class FineTuneResult(BaseModel):
     train_loss: float | None = None
     eval_loss: float | None = None
     perplexity: float | None = None
-    model_uri: str
     resumed_from_step: int | None = Field(None, description="The checkpoint step a redelivered run resumed from.")
     trained_tokens: int = 0
     checkpoints: list[int] = Field(default_factory=list, description="Steps checkpointed by the final run.")

@@ -80,6 +80,12 @@ class ApiSettings(BaseModel):
         description="Seconds between samples of queue depths and generated tokens for the dashboard's last-hour "
         "plots (one replica samples per interval); 0 turns sampling off.",
     )
+    file_sweep_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between sweeps that delete expired files from storage and Redis; 0 turns "
+        "them off (expired files still answer 404).",
+    )
 
     @field_validator("webhook_secret")
     @classmethod
@@ -136,6 +142,24 @@ class TenantQuota(BaseModel):
         20_000_000, ge=1, description="Estimated prompt + new tokens of unfinished work one tenant may have queued."
     )
     max_open_batches: int = Field(100, ge=1)
+    max_line_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Longest line of a batch input file, in bytes; a longer line is a per-line error (never read "
+        "whole).",
+    )
+    max_stored_bytes: int = Field(
+        10 * 1024**3,
+        ge=1,
+        description="Bytes of files (uploads and produced batch output) one tenant may keep in storage; an upload "
+        "that would pass it gets 413. Deleting or expiring files gives the bytes back.",
+    )
+    file_expiry_s: int | None = Field(
+        None,
+        ge=60,
+        description="Default expiry of uploaded files, in seconds after upload, when the upload gives no "
+        "expires_after; unset: uploads are kept until deleted.",
+    )
 
 
 class WorkerSettings(BaseModel):
@@ -182,6 +206,11 @@ class Settings(BaseSettings):
         "(default: data_dir/storage).",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (e.g. S3 endpoint_url).")
+    training_data_uris: list[str] = Field(
+        default_factory=list,
+        description="URI prefixes (e.g. s3://datasets/shared/) fine-tunes of every tenant may read training data "
+        "from, besides the tenant's own uploaded files. Empty (the default): uploaded files only.",
+    )
     registry: str = Field("tiny", description="Model registry: 'tiny', 'hub' (bundled) or a path to a YAML file.")
     models_dir: Path | None = Field(
         None, description="Base of relative model paths in the registry. Default: data_dir/models."
@@ -218,6 +247,18 @@ class Settings(BaseSettings):
         if value is not None and "://" not in value:
             value = "file://" + str(Path(value).resolve())
         return value
+
+    @field_validator("training_data_uris")
+    @classmethod
+    def _uri_prefixes(cls, value: list[str]) -> list[str]:
+        out = []
+        for prefix in value:
+            scheme, sep, rest = prefix.partition("://")
+            if not sep or not scheme or not rest or any(p in (".", "..") for p in rest.split("/")):
+                raise ValueError(f"training data prefix {prefix!r} must be a URI like s3://bucket/dir/")
+            # A prefix names a directory: s3://data/shared must not also allow s3://data/shared-private/...
+            out.append(prefix if prefix.endswith("/") else prefix + "/")
+        return out
 
     @property
     def resolved_storage_url(self) -> str:

@@ -1,16 +1,21 @@
 """A batch's input file, read once when the batch is created: every line validated, lines cut into chunks.
 
-Validation streams the file: each non-blank line is checked against the batch's endpoint, its model
-and the caller's rules (registry, context window); bad lines and duplicate ``custom_id``s are recorded
-with their line numbers and never stop the rest. Valid lines are cut into chunks: byte ranges of the
-input file, so a broker message names a range instead of carrying its lines.
+Validation streams the file in fixed-size blocks: each non-blank line is checked against the batch's
+endpoint, its model and the caller's rules (registry, context window); bad lines and duplicate
+``custom_id``s are recorded with their line numbers and never stop the rest. Cheap hostile files cost
+little: every line, blank or not, counts toward the line limit (a file of newlines is refused after
+``max_lines``, not walked to its end), and a line longer than ``max_line_bytes`` is a per-line error that
+is skipped without ever being held whole. Lines split on ``\n`` only, here and wherever a chunk is read
+again, so line numbers always agree. Valid lines are cut into chunks: byte ranges of the input file, so
+a broker message names a range instead of carrying its lines; an over-long line never lies inside one.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import IO
 
 from queueformer.contract.errors import QueueformerError
 from queueformer.contract.openai_batch import LineError, parse_line
@@ -45,16 +50,27 @@ class Scan:
     errors: list[tuple[int, str | None, LineError]]
     line_models: dict[int, str]  # valid line -> its model
     tokens: int
+    oversized: set[int] = field(default_factory=set)  # lines over the byte cap: never inside a chunk
 
     @property
     def models(self) -> list[str]:
         return sorted(set(self.line_models.values()))
 
     def chunks(self, size: int) -> list[Chunk]:
-        """Consecutive runs of ``size`` lines as byte ranges of the input file."""
+        """Consecutive runs of up to ``size`` lines as byte ranges of the input file.
+
+        A run ends early at an over-long line, so no worker (nor a cancel closing the rest) ever reads one.
+        """
+        runs: list[list[tuple[int, int, int]]] = [[]]
+        for line in self.lines:
+            if line[0] in self.oversized:
+                runs.append([])
+            elif len(runs[-1]) >= size:
+                runs.append([line])
+            else:
+                runs[-1].append(line)
         out = []
-        for n, at in enumerate(range(0, len(self.lines), size)):
-            part = self.lines[at : at + size]
+        for n, part in enumerate(r for r in runs if r):
             per_model: dict[str, list[int]] = {}
             for idx, _, _ in part:
                 if idx in self.line_models:
@@ -69,23 +85,69 @@ class Scan:
 LineCheck = Callable[[AnyJob], None]
 
 
-def scan_file(storage: Storage, key: str, endpoint: str, max_lines: int, check: LineCheck | None = None) -> Scan:
-    """Validate every line of an input file in one streaming pass; ``check`` adds caller rules (registry)."""
+READ_BLOCK = 1 << 20
+
+
+def split_lines(fh: IO[bytes], max_line_bytes: int, block: int = READ_BLOCK) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(start, end, line)`` for each line of ``fh`` split on ``\\n``, read ``block`` bytes at a time.
+
+    ``line`` (without its newline) is ``None`` when longer than ``max_line_bytes``: such a line is
+    counted and skipped, and never held in memory beyond one block.
+    """
+    start = 0
+    size = 0  # bytes of the current line so far, newline excluded
+    held: list[bytes] = []
+    while chunk := fh.read(block):
+        pos = 0
+        while pos < len(chunk):
+            nl = chunk.find(b"\n", pos)
+            stop = len(chunk) if nl < 0 else nl
+            size += stop - pos
+            if size <= max_line_bytes:
+                held.append(chunk[pos:stop])
+            elif held:
+                held = []  # over the cap: let go of what was kept
+            if nl < 0:
+                break
+            yield start, start + size + 1, b"".join(held) if size <= max_line_bytes else None
+            start += size + 1
+            size, held, pos = 0, [], nl + 1
+    if size:
+        yield start, start + size, b"".join(held) if size <= max_line_bytes else None
+
+
+def scan_file(
+    storage: Storage,
+    key: str,
+    endpoint: str,
+    max_lines: int,
+    check: LineCheck | None = None,
+    max_line_bytes: int = 1 << 20,
+) -> Scan:
+    """Validate every line of an input file in one streaming pass; ``check`` adds caller rules (registry).
+
+    Raises ``TooManyLines`` once the file has more than ``max_lines`` lines, blank ones included.
+    """
     lines: list[tuple[int, int, int]] = []
     errors: list[tuple[int, str | None, LineError]] = []
     line_models: dict[int, str] = {}
+    oversized: set[int] = set()
     seen: set[str] = set()
     tokens = 0
-    offset = 0
     with storage.open_read(key) as fh:
-        for index, raw in enumerate(fh):
-            start = offset
-            offset += len(raw)
+        for index, (start, end, raw) in enumerate(split_lines(fh, max_line_bytes)):
+            if index >= max_lines:
+                raise TooManyLines(max_lines)
+            if raw is None:
+                lines.append((index, start, end))
+                oversized.add(index)
+                size = end - start
+                message = f"line is {size} bytes long; the limit is {max_line_bytes} bytes (quota.max_line_bytes)"
+                errors.append((index, None, LineError("line_too_long", message, None, "line")))
+                continue
             if not raw.strip():
                 continue
-            if len(lines) >= max_lines:
-                raise TooManyLines(max_lines)
-            lines.append((index, start, offset))
+            lines.append((index, start, end))
             try:
                 line, job = parse_line(raw, endpoint)
                 if line.custom_id in seen:
@@ -106,7 +168,7 @@ def scan_file(storage: Storage, key: str, endpoint: str, max_lines: int, check: 
                 errors.append(
                     (index, custom_id_of(raw), LineError(err.code, err.message, custom_id_of(raw), err.param))
                 )
-    return Scan(lines=lines, errors=errors, line_models=line_models, tokens=tokens)
+    return Scan(lines=lines, errors=errors, line_models=line_models, tokens=tokens, oversized=oversized)
 
 
 def custom_id_of(raw: bytes) -> str | None:
@@ -119,12 +181,12 @@ def custom_id_of(raw: bytes) -> str | None:
 
 class TooManyLines(Exception):
     def __init__(self, limit: int) -> None:
-        super().__init__(f"the input file has more than {limit} requests")
+        super().__init__(f"the input file has more than {limit} lines (blank lines count)")
         self.limit = limit
 
 
 def iter_range(data: bytes, first: int) -> Iterator[tuple[int, bytes]]:
-    """(physical line index, line) for the non-blank lines of a chunk's bytes."""
-    for offset, raw in enumerate(data.splitlines()):
+    """(physical line index, line) for the non-blank lines of a chunk's bytes (split as ``split_lines`` does)."""
+    for offset, raw in enumerate(data.split(b"\n")):
         if raw.strip():
             yield first + offset, raw

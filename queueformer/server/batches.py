@@ -159,7 +159,10 @@ class Batches:
         parts: list[bytes] = []
         prev = raw.get("prev_output_file_id") if not errors else None
         if prev:
-            parts.append(self.storage.get_bytes(self.files.key(prev)))
+            try:
+                parts.append(self.storage.get_bytes(self.files.key(prev)))
+            except NotFound:  # deleted or expired since: a retry's output holds only its own lines
+                log.warning("batch %s: earlier output file %s is gone", batch_id, prev)
         lines = self.ledger.lines_so_far(batch_id, errors)
         if not lines and not errors and raw.get("output_file_id"):
             return self.storage.get_bytes(self.files.key(raw["output_file_id"]))
@@ -224,7 +227,12 @@ class Batches:
             raise QuotaExceeded(f"tenant has {quota.max_open_batches} open batches; wait for one to finish")
         try:
             scan = scan_file(
-                self.storage, self.files.key(file.id), body.endpoint, quota.max_lines_per_batch, check_line
+                self.storage,
+                self.files.key(file.id),
+                body.endpoint,
+                quota.max_lines_per_batch,
+                check_line,
+                max_line_bytes=quota.max_line_bytes,
             )
         except TooManyLines as exc:
             raise PayloadTooLarge(f"{exc}; the limit is {exc.limit} lines per batch", param="input_file_id") from None
@@ -268,6 +276,8 @@ class Batches:
             "metadata": json.dumps(body.metadata),
             "webhook_url": body.webhook_url or "",
         }
+        if body.output_expires_after is not None:
+            fields["output_expires_after_s"] = str(body.output_expires_after.seconds)
         p = self.r.pipeline()
         p.hset(keys.batch(batch_id), mapping=fields)
         p.zadd(keys.tenant_batches(tenant), {batch_id: now})
@@ -412,13 +422,15 @@ class Batches:
 
     def _write_files(self, batch_id: str, raw: dict[str, str]) -> None:
         tenant = raw["tenant"]
+        ttl = raw.get("output_expires_after_s")
+        expires_after_s = int(ttl) if ttl else None
         out = self.partial_output(batch_id)
-        out_file = self.files.create_bytes(tenant, f"{batch_id}_output.jsonl", "batch_output", out)
+        out_file = self.files.create_bytes(tenant, f"{batch_id}_output.jsonl", "batch_output", out, expires_after_s)
         fields: dict[Any, Any] = {"output_file_id": out_file.id}
         errs = self.partial_output(batch_id, errors=True)
         if errs:
             fields["error_file_id"] = self.files.create_bytes(
-                tenant, f"{batch_id}_error.jsonl", "batch_output", errs
+                tenant, f"{batch_id}_error.jsonl", "batch_output", errs, expires_after_s
             ).id
         p = self.r.pipeline()
         p.hset(keys.batch(batch_id), mapping=fields)

@@ -41,13 +41,12 @@ class Checkpoints:
         return sorted(out)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each complete checkpoint's manifest (step, metrics, when) with its URI."""
+        """Each complete checkpoint's manifest (step, metrics, when); where it is stored stays internal."""
         out = []
         for step in self.steps():
-            key = self.storage.checkpoint_key(self.job_id, step)
-            manifest = self.storage.manifest(key)
+            manifest = self.storage.manifest(self.storage.checkpoint_key(self.job_id, step))
             manifest.pop("files", None)
-            out.append({**manifest, "step": step, "uri": self.storage.uri(key)})
+            out.append({**manifest, "step": step})
         return out
 
     def restore_latest(self, into: Path) -> tuple[int, Path] | None:

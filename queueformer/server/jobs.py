@@ -210,7 +210,8 @@ class JobStore:
         if isinstance(outcome, ErrorInfo):
             state = JobState.CANCELLED if outcome.code == "cancelled" else JobState.FAILED
             return state, {"finished_at": now, "error": outcome.model_dump_json()}, {"error": outcome.model_dump()}
-        return JobState.SUCCEEDED, {"finished_at": now, "result_uri": outcome}, {"result_uri": outcome}
+        # The record keeps the storage URI (internal); the event clients read carries the API path.
+        return JobState.SUCCEEDED, {"finished_at": now, "result_uri": outcome}, {"result_url": result_url(job_id)}
 
     def finish_many(self, outcomes: Sequence[tuple[str, str | ErrorInfo]]) -> list[bool]:
         """Record (job id, result URI or error) pairs in one round trip; False where a job had already ended."""
@@ -298,6 +299,20 @@ class JobStore:
         return out
 
 
+def result_url(job_id: str) -> str:
+    """The API path of a job's result: what clients see instead of the storage URI the record keeps."""
+    return f"/v1/jobs/{job_id}/result"
+
+
+def public_event(job_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Event data as clients see it: storage locations that older versions wrote into events stay internal."""
+    if "result_uri" in data or "uri" in data:
+        data = {k: v for k, v in data.items() if k not in ("result_uri", "uri")}
+        if data.get("state") == JobState.SUCCEEDED.value:
+            data["result_url"] = result_url(job_id)
+    return data
+
+
 def record_from_raw(data: Mapping[str, str]) -> JobRecord:
     err = data.get("error")
     return JobRecord(
@@ -310,7 +325,7 @@ def record_from_raw(data: Mapping[str, str]) -> JobRecord:
         finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
         progress=json.loads(data.get("progress") or "{}"),
         error=ErrorInfo.model_validate_json(err) if err else None,
-        result_uri=data.get("result_uri") or None,
+        result_url=result_url(data["id"]) if data.get("result_uri") else None,
         attempts=int(data.get("attempts", "0")),
         metadata=json.loads(data["spec"]).get("metadata", {}) if data.get("spec") else {},
     )

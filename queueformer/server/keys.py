@@ -80,6 +80,17 @@ def api_key(key_hash: str) -> str:
     return f"{PREFIX}:apikey:{key_hash}"
 
 
+API_KEYS_PATTERN = api_key("*")
+
+# Hash: key id (derived from the key's hash) -> JSON {tenant, created_at, prefix}; never the key itself.
+API_KEY_INFO = f"{PREFIX}:apikey-info"
+
+
+def tenant_stored_bytes(tenant: str) -> str:
+    """Integer: bytes of a tenant's files in storage (uploads and produced files), against its storage quota."""
+    return f"{PREFIX}:tenant:{tenant}:stored_bytes"
+
+
 # --- batches --------------------------------------------------------------------------------------
 
 
@@ -130,6 +141,10 @@ def file(file_id: str) -> str:
 def tenant_files(tenant: str) -> str:
     """Sorted set: a tenant's files by creation time."""
     return f"{PREFIX}:files:{tenant}"
+
+
+# Sorted set: every file that expires, by its expiry time (what the API's upkeep sweeps).
+FILE_EXPIRY = f"{PREFIX}:file-expiry"
 
 
 # Hash: run-time registry entries (fine-tuned models) by served name.

@@ -106,7 +106,7 @@ class Storage:
     def open_write(self, key: str) -> Iterator[IO[bytes]]:
         """A binary file whose content appears at ``key`` only when the block exits without error."""
         path = self._path(key)
-        with _storage_errors(key):
+        with storage_errors(key):
             if self.local:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -132,7 +132,7 @@ class Storage:
                 fh.close()
 
     def get_bytes(self, key: str) -> bytes:
-        with _storage_errors(key):
+        with storage_errors(key):
             data: bytes = self.fs.cat_file(self._path(key))
             return data
 
@@ -141,30 +141,30 @@ class Storage:
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object (ranged GET on object stores)."""
-        with _storage_errors(key):
+        with storage_errors(key):
             data: bytes = self.fs.cat_file(self._path(key), start=start, end=end)
             return data
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
-        with _storage_errors(key), self.fs.open(self._path(key), "rb") as fh:
+        with storage_errors(key), self.fs.open(self._path(key), "rb") as fh:
             yield fh
 
     def exists(self, key: str) -> bool:
-        with _storage_errors(key):
+        with storage_errors(key):
             return bool(self.fs.exists(self._path(key)))
 
     def size(self, key: str) -> int:
-        with _storage_errors(key):
+        with storage_errors(key):
             return int(self.fs.size(self._path(key)))
 
     def delete(self, key: str, recursive: bool = False) -> None:
-        with contextlib.suppress(FileNotFoundError), _storage_errors(key):
+        with contextlib.suppress(FileNotFoundError), storage_errors(key):
             self.fs.rm(self._path(key), recursive=recursive)
 
     def list(self, prefix: str) -> list[str]:
         """Keys directly under ``prefix``."""
-        with _storage_errors(prefix):
+        with storage_errors(prefix):
             try:
                 names = self.fs.ls(self._path(prefix), detail=False)
             except FileNotFoundError:
@@ -222,7 +222,7 @@ def _writers() -> ThreadPoolExecutor:
 
 
 @contextlib.contextmanager
-def _storage_errors(key: str) -> Iterator[None]:
+def storage_errors(key: str) -> Iterator[None]:
     """Missing objects become ``NotFound``; connection trouble becomes retryable ``StorageUnavailable``."""
     try:
         yield

@@ -40,8 +40,9 @@ def test_generate_job_over_http_finishes_with_its_result_in_storage(cluster: Clu
     job_id = qf.submit({"task": "generate", "model": "tiny-gpt2", "prompt": "The weather today", "max_new_tokens": 12})
     record = qf.wait(job_id, timeout=60)
     assert record["state"] == "succeeded", record
+    assert record["result_url"] == f"/v1/jobs/{job_id}/result" and "result_uri" not in record
     storage = Storage(cluster.settings.resolved_storage_url)
-    stored = storage.get_json(storage.key_of(record["result_uri"]))
+    stored = storage.get_json(storage.result_key(job_id))
     assert stored == qf.result(job_id)
     gen = stored["generations"][0]
     assert gen["text"].startswith(" is sunny") and stored["usage"]["completion_tokens"] == len(gen["token_ids"])
@@ -224,8 +225,10 @@ def test_fine_tune_then_generate_with_the_new_model_through_the_api(cluster: Clu
     assert done.fine_tuned_model == f"ft:tiny-gpt2:fox:{job.id.split('-', 1)[1][:12].lower()}"
     assert done.trained_tokens == qf.result(job.id)["trained_tokens"] > 0
     assert client.fine_tuning.jobs.list().data[0].id == job.id
-    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
-    assert steps == [60, 40, 20]
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [60, 40, 20]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-60"
+    assert done.training_file == training.id and "model_uri" not in qf.result(job.id)
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert any(e.type == "metrics" for e in events) and events[0].message.startswith("Job is succeeded")
 

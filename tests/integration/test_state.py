@@ -34,7 +34,10 @@ def test_lifecycle_and_tenant_isolation(store: JobStore) -> None:
     assert started and store.get(job_id).state == JobState.RUNNING
     assert store.succeed(job_id, "file:///r.json")
     record = store.get(job_id)
-    assert record.state == JobState.SUCCEEDED and record.result_uri == "file:///r.json" and record.attempts == 1
+    assert record.state == JobState.SUCCEEDED and record.attempts == 1
+    # The record keeps the storage URI; what clients see is the API path of the result.
+    assert store.raw(job_id)["result_uri"] == "file:///r.json" and record.result_url == f"/v1/jobs/{job_id}/result"
+    assert "file://" not in record.model_dump_json() and "file://" not in str(store.read_events(job_id))
     assert 0 < store.r.ttl(keys.job(job_id)) <= 60
     assert [e[1] for e in store.read_events(job_id)] == ["state", "state", "state"]
 
@@ -47,7 +50,7 @@ def test_finished_jobs_never_move_again(store: JobStore) -> None:
     assert not store.succeed(job_id, "file:///other.json")
     started, _ = store.start(job_id)  # a redelivered message
     assert not started
-    assert store.get(job_id).result_uri == "file:///r.json"
+    assert store.raw(job_id)["result_uri"] == "file:///r.json"
 
 
 def test_redelivery_counts_attempts(store: JobStore) -> None:

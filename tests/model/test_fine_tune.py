@@ -24,6 +24,7 @@ from queueformer.contract.jobs import FineTuneJob, GenerateJob
 from queueformer.contract.registry import Registry
 from queueformer.contract.units import JobsUnit
 from queueformer.server import keys
+from queueformer.server.files import FileStore, TrainingData
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
@@ -43,14 +44,15 @@ class Env:
     runner: TrainingRunner
     registry: Registry
     models_dir: Path
-    training_uri: str
+    files: FileStore
+    training_file: str
 
-    def submit(self, method: str, job_id: str, **hp: Any) -> str:
+    def submit(self, method: str, job_id: str, tenant: str = "default", **hp: Any) -> str:
         params = {"block_size": 32, "batch_size": 8, "checkpoint_steps": 20, "learning_rate": 3e-3, **hp}
         spec = FineTuneJob(
-            model="tiny-gpt2", training_file=self.training_uri, method=method, hyperparameters=params, suffix="fox"
+            model="tiny-gpt2", training_file=self.training_file, method=method, hyperparameters=params, suffix="fox"
         )
-        self.jobs.create_many([(job_id, spec)], tenant="default", queue={job_id: "fine-tune"})
+        self.jobs.create_many([(job_id, spec)], tenant=tenant, queue={job_id: "fine-tune"})
         return job_id
 
     def run(self, job_id: str) -> dict[str, Any]:
@@ -74,11 +76,15 @@ class Env:
 def env(redis_url: str, tiny_models: Path, tmp_path: Path) -> Iterator[Env]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     storage = Storage(f"file://{tmp_path / 'storage'}")
+    files = FileStore(client, storage)
     lines = "".join(json.dumps({"text": SENTENCE}) + "\n" for _ in range(40))
-    uri = storage.put_bytes("files/file-training0001", lines.encode())
-    jobs, overlay, registry = JobStore(client), ModelOverlay(client), Registry.load("tiny")
-    handler = FineTuneHandler(registry, tiny_models, storage, jobs, overlay, tmp_path / "work")
-    yield Env(jobs, storage, overlay, TrainingRunner(handler, jobs, storage), registry, tiny_models, uri)
+    training = files.create_bytes("default", "fox.jsonl", "fine-tune", lines.encode()).id
+    registry = Registry.load("tiny")
+    jobs, overlay = JobStore(client), ModelOverlay(client, storage, registry.fine_tune.serve_queue)
+    allowed = TrainingData(files, [f"{storage.url}/shared/"])
+    handler = FineTuneHandler(registry, tiny_models, storage, jobs, overlay, tmp_path / "work", allowed)
+    runner = TrainingRunner(handler, jobs, storage)
+    yield Env(jobs, storage, overlay, runner, registry, tiny_models, files, training)
     client.close()
 
 
@@ -103,7 +109,9 @@ def test_lora_adapter_saves_alone_and_loads_merged_equal_to_peft(env: Env, tiny_
     job = env.submit("lora", "job-loratune0001", max_steps=60, learning_rate=2e-2)
     assert env.run(job)["state"] == "succeeded"
     result = env.result(job)
-    files = set(env.storage.manifest(env.storage.key_of(result["model_uri"]))["files"])
+    entry = env.overlay.get(result["fine_tuned_model"])
+    assert entry is not None and entry.path is not None and "model_uri" not in result
+    files = set(env.storage.manifest(env.storage.key_of(entry.path))["files"])
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
     served_text = env.greedy(result["fine_tuned_model"])
     assert served_text.startswith(" fox jumps over the lazy dog")
@@ -173,9 +181,50 @@ def test_cancel_stops_at_the_next_step_and_keeps_a_checkpoint(env: Env) -> None:
 
 
 def test_bad_training_lines_fail_the_job_with_their_line_numbers(env: Env) -> None:
-    bad = env.storage.put_bytes("files/file-badtraining", b'{"text": "fine"}\nnot json\n{"prompt": 3}\n')
-    env.training_uri = bad
+    bad = b'{"text": "fine"}\nnot json\n{"prompt": 3}\n'
+    env.training_file = env.files.create_bytes("default", "bad.jsonl", "fine-tune", bad).id
     record = env.run(env.submit("full", "job-badtraining1", max_steps=5))
     assert record["state"] == "failed"
     error = json.loads(record["error"])
     assert error["code"] == "invalid_input" and "line 2" in error["message"] and "line 3" in error["message"]
+
+
+def test_the_worker_trains_only_on_the_jobs_own_tenants_files(env: Env) -> None:
+    """A job record naming another tenant's file (written straight into Redis, past the API) never reads it."""
+    bad = b'{"text": "private"}\nnot json\n'
+    private = env.files.create_bytes("default", "private.jsonl", "fine-tune", bad).id
+    env.training_file = private
+    foreign = json.loads(env.run(env.submit("full", "job-foreignfile1", tenant="globex", max_steps=2))["error"])
+    env.training_file = "file-0123456789abcdef0123456789abcdef"
+    missing = json.loads(env.run(env.submit("full", "job-missingfile1", tenant="globex", max_steps=2))["error"])
+    # The same answer as for a file that does not exist: nothing about the object, not its bad lines.
+    assert foreign["code"] == missing["code"] == "not_found" and foreign["param"] == "training_file"
+    assert foreign["message"].replace(private, "X") == missing["message"].replace(env.training_file, "X")
+    assert "line" not in foreign["message"]
+    # Its owner gets the line numbers.
+    env.training_file = private
+    own = json.loads(env.run(env.submit("full", "job-ownbadfile01", max_steps=2))["error"])
+    assert own["code"] == "invalid_input" and "line 2" in own["message"]
+    # Jobs queued by an older version hold the file's resolved URI: still only its owner's file.
+    env.training_file = env.storage.uri(env.storage.file_key(private))
+    legacy = json.loads(env.run(env.submit("full", "job-legacyforeign", tenant="globex", max_steps=2))["error"])
+    assert legacy["code"] == "not_found" and "line" not in legacy["message"]
+    legacy_own = json.loads(env.run(env.submit("full", "job-legacyownfile", max_steps=2))["error"])
+    assert legacy_own["code"] == "invalid_input" and "line 2" in legacy_own["message"]
+
+    # Files of another purpose, and storage URIs the operator did not allow, are refused too.
+    env.training_file = env.files.create_bytes("default", "out.jsonl", "batch_output", b'{"text": "x"}\n').id
+    wrong = json.loads(env.run(env.submit("full", "job-wrongpurpose", max_steps=2))["error"])
+    assert wrong["code"] == "invalid_input" and "purpose" in wrong["message"]
+    uris = (env.storage.uri("results/job-0123456789ab.json"), f"{env.storage.url}/shared/../files/{private}")
+    for n, uri in enumerate(uris):
+        env.training_file = uri
+        refused = json.loads(env.run(env.submit("full", f"job-refuseduri{n:02d}", max_steps=2))["error"])
+        assert refused["code"] == "invalid_input" and refused["param"] == "training_file"
+
+
+def test_a_uri_under_an_allowed_prefix_trains(env: Env) -> None:
+    lines = "".join(json.dumps({"text": SENTENCE}) + "\n" for _ in range(8))
+    env.training_file = env.storage.put_bytes("shared/fox.jsonl", lines.encode())
+    record = env.run(env.submit("lora", "job-shareddata01", tenant="globex", max_steps=2))
+    assert record["state"] == "succeeded", record.get("error")

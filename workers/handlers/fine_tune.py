@@ -34,6 +34,7 @@ from queueformer.contract.jobs import FineTuneJob, FineTuneMethod, Task
 from queueformer.contract.records import FineTuneResult
 from queueformer.contract.registry import ModelEntry, Quantization, Registry
 from queueformer.server.checkpoints import Checkpoints
+from queueformer.server.files import TrainingData
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay, fine_tuned_name
 from queueformer.server.storage import Storage
@@ -89,6 +90,7 @@ class FineTuneHandler:
         jobs: JobStore,
         overlay: ModelOverlay,
         work_root: Path,
+        training: TrainingData,
     ) -> None:
         self.registry = registry
         self.models_dir = models_dir
@@ -96,6 +98,7 @@ class FineTuneHandler:
         self.jobs = jobs
         self.overlay = overlay
         self.work_root = work_root
+        self.training = training
 
     # --- preprocess ---------------------------------------------------------------------------
 
@@ -103,6 +106,10 @@ class FineTuneHandler:
         self, job_id: str, spec: FineTuneJob, tenant: str | None, stop_reason: Callable[[], str | None]
     ) -> Plan:
         base = self.registry.get(spec.model, spec.task)
+        # Checked again here, not only by the API: a job record is data in Redis, and the file must
+        # still belong to the job's tenant (or lie under an allowed prefix) when it is read.
+        with self.training.open(spec.training_file, tenant or "") as fh:
+            texts = read_texts(fh)
         source, kwargs = load_kwargs(base, self.models_dir)
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=base.revision, local_files_only=kwargs["local_files_only"]
@@ -110,7 +117,7 @@ class FineTuneHandler:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         hp = spec.hyperparameters
-        blocks = pack(tokenizer, read_texts(self.storage, spec.training_file), hp.block_size)
+        blocks = pack(tokenizer, texts, hp.block_size)
         train, held = split(blocks, hp.eval_split, hp.seed)
         work_dir = self.work_root / job_id
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +286,6 @@ class FineTuneHandler:
             train_loss=run.metrics.get("loss"),
             eval_loss=run.metrics.get("eval_loss"),
             perplexity=run.metrics.get("perplexity"),
-            model_uri=uri,
             resumed_from_step=plan.resume[0] if plan.resume else None,
             trained_tokens=trained_tokens,
             checkpoints=[*run.checkpoints],

@@ -84,6 +84,7 @@ class JobCallback(TrainerCallback):
         local = Path(str(args.output_dir)) / f"checkpoint-{step}"
         if step in self.saved or not local.is_dir():
             return
-        uri = self.checkpoints.upload(local, step, {**self.last, "saved_at": time.time()})
+        self.checkpoints.upload(local, step, {**self.last, "saved_at": time.time()})
         self.saved.append(step)
-        self.jobs.emit(self.job_id, "checkpoint", {"step": step, "uri": uri, **self.last})
+        # Clients read events: the checkpoint's storage location stays internal (its step names it).
+        self.jobs.emit(self.job_id, "checkpoint", {"step": step, **self.last})

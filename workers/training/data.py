@@ -10,35 +10,33 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.utils.data import Dataset
 
 from queueformer.contract.errors import InvalidInput
-from queueformer.server.storage import Storage
 
 MAX_BAD_LINES_SHOWN = 5
 
 
-def read_texts(storage: Storage, uri: str) -> list[str]:
+def read_texts(fh: IO[bytes]) -> list[str]:
     """Every document of a JSONL training file; bad lines are reported together, by line number."""
     texts: list[str] = []
     bad: list[str] = []
-    with storage.open_read(storage.key_of(uri)) as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                bad.append(f"line {number}: not valid JSON")
-                continue
-            text = _text_of(row)
-            if text is None:
-                bad.append(f"line {number}: needs a string 'text', or 'prompt' and 'completion'")
-            else:
-                texts.append(text)
+    for number, raw in enumerate(fh, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad.append(f"line {number}: not valid JSON")
+            continue
+        text = _text_of(row)
+        if text is None:
+            bad.append(f"line {number}: needs a string 'text', or 'prompt' and 'completion'")
+        else:
+            texts.append(text)
     if bad:
         shown = "; ".join(bad[:MAX_BAD_LINES_SHOWN])
         more = f" (and {len(bad) - MAX_BAD_LINES_SHOWN} more)" if len(bad) > MAX_BAD_LINES_SHOWN else ""
