@@ -56,12 +56,19 @@ def _auth(key: str) -> dict[str, str]:
 
 def test_summary_and_history_are_scoped_to_the_tenant_except_queues(redis_url: str, tmp_path: Path) -> None:
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    keys = ApiKeys(r)
-    acme, globex = keys.create("acme"), keys.create("globex")
-    ft = ModelEntry(name="ft:tiny-gpt2:acme:abc123", task="generate", path="ftm-1", queue="fine-tuned", tenant="acme")
+    api_keys = ApiKeys(r)
+    acme, globex = api_keys.create("acme"), api_keys.create("globex")
+    settings = make_settings(redis_url, tmp_path, api={"auth_required": True, "history_interval_s": 0.2})
+    ft = ModelEntry(
+        name="ft:tiny-gpt2:acme:abc123",
+        task="generate",
+        path=f"{settings.resolved_storage_url}/models/ftm-0123456789abcdef",
+        base_model="tiny-gpt2",
+        queue="fine-tuned",
+        tenant="acme",
+    )
     ModelOverlay(r).add(ft)
     r.hincrby(keys.GENERATED_TOKENS, ft.name, 10)
-    settings = make_settings(redis_url, tmp_path, api={"auth_required": True, "history_interval_s": 0.2})
     with TestClient(create_app(settings)) as c:
         assert c.get("/v1/dashboard").status_code == 401
         assert c.get("/v1/dashboard/history", headers=_auth("wrong")).status_code == 401
