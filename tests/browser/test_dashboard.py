@@ -30,7 +30,7 @@ from tests.conftest import free_port
 from tests.helpers import jsonl, make_settings
 
 KEY_SLOT = "queueformer.apiKey"
-TOKENS_PER_LINE = 24
+TOKENS_PER_LINE = 96  # enough work that a fast machine still shows the batch running for several 2 s polls
 
 
 @dataclass
