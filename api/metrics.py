@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from api.history import queue_depths
+
 if TYPE_CHECKING:
     from api.services import Services
 
@@ -46,11 +48,7 @@ WORKERS = Gauge("queueformer_live_workers", "Workers announcing themselves per m
 
 def refresh_queue_depths(services: Services) -> None:
     """Read queue lengths (kombu keeps a Redis list per queue) at scrape time."""
-    queues = sorted(services.registry().queues())
-    p = services.redis.pipeline(transaction=False)
-    for q in queues:
-        p.llen(q)
-    for q, depth in zip(queues, p.execute(), strict=True):
+    for q, depth in queue_depths(services.redis, services.registry().queues()).items():
         QUEUE_DEPTH.labels(q).set(depth)
     WEBHOOKS_PENDING.set(services.webhooks.queue.pending())
     for model, workers in services.fleet.by_model().items():

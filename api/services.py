@@ -23,7 +23,7 @@ from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
-from queueformer.server.tenants import ApiKeys
+from queueformer.server.tenants import ApiKeys, TenantDefaults
 from queueformer.server.webhooks import Deliverer, DeliveryConfig
 
 
@@ -42,6 +42,7 @@ class Services:
     overlay: ModelOverlay
     webhooks: Deliverer
     training: TrainingData
+    tenants: TenantDefaults
     extras: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +76,7 @@ class Services:
             overlay=ModelOverlay(client, storage, registry.fine_tune.serve_queue),
             webhooks=webhooks,
             training=TrainingData(files, settings.training_data_uris, settings.storage_options),
+            tenants=TenantDefaults(client),
         )
 
     def registry(self) -> Registry:

@@ -135,7 +135,9 @@ class LineRunner:
             except QueueformerError as exc:
                 immediate.append((index, "err", error_line_for(parsed.custom_id, exc), 0, 0))
                 continue
-            item = served.engine.submit(WorkItem(prepared, cancelled=cancelled, deadline=deadline))
+            item = served.engine.submit(
+                WorkItem(prepared, cancelled=cancelled, deadline=deadline, priority=unit.priority)
+            )
             lines.append(_Line(index, parsed.custom_id, Pending(parsed.custom_id, prepared, item, time.perf_counter())))
         return immediate, lines
 

@@ -223,9 +223,12 @@ def run_worker(
     lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
     runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay)
     app = make_celery(settings, registry)
-    register(app, runner, lease)
     slots = concurrency or default_concurrency(settings, registry, queues)
+    # One slot is kept from batch chunks, for jobs (see workers.tasks.register).
+    line_slots = slots - 1 if slots > 1 else slots
+    register(app, runner, lease, line_slots=line_slots if line_slots < slots else None)
     info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots}
+    info["line_slots"] = line_slots
     announcer = Announcer(fleet, worker_id, info, holder, health, runner.lines)
 
     @worker_ready.connect(weak=False)

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from queueformer.cli import batch, cluster, jobs, models
+from queueformer.cli import batch, cluster, jobs, models, tenants
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add(sub)
     batch.add(sub)
     models.add(sub)
+    tenants.add(sub)
     return parser
 
 
