@@ -38,6 +38,7 @@ from workers.health import Health
 from workers.holder import ModelHolder, serve
 from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
+from workers.metrics import EngineView, MetricsPublisher
 from workers.runner import Runner
 from workers.tasks import register
 from workers.training.runner import TrainingRunner
@@ -243,6 +244,15 @@ def run_worker(
             runner.training.draining.set()  # a running fine-tune checkpoints and re-queues itself
 
     announcer.start()
+    publisher = MetricsPublisher(
+        client,
+        worker_id,
+        lambda: [
+            EngineView(s.entry.name, s.engine, s.entry.max_batch_size, s.entry.kv_cache_tokens) for s in holder.all()
+        ],
+        settings.worker.metrics_interval_s,
+    )
+    publisher.start()
     worker = app.Worker(
         hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
         queues=queues,
@@ -257,6 +267,7 @@ def run_worker(
         worker.start()
     finally:
         announcer.stop()
+        publisher.stop()
         runner.stop()
         lease.stop()
         holder.stop()

@@ -140,7 +140,7 @@ class Runner:
         """Hand a started job to the engine, or the error that ends it now."""
         if attempt > self.max_deliveries:
             return WorkerLost(f"delivered {attempt} times without finishing; quarantined").info()
-        metrics.WAIT.labels(served.entry.name).observe(max(0.0, time.time() - float(data["created_at"])))
+        metrics.WAIT.labels(served.entry.name, "job").observe(max(0.0, time.time() - float(data["created_at"])))
         deadline = float(data["deadline"]) if data.get("deadline") else None
         if deadline is not None and time.time() > deadline:
             return DeadlineExceeded("the job's deadline passed before it started").info()

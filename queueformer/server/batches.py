@@ -187,6 +187,8 @@ class Batches:
         ok, _ = self._status(keys=names, args=args)
         if ok:
             self._event(batch_id, {"status": to.value})
+            if to.ended:
+                self.r.hincrby(keys.BATCHES_ENDED, to.value, 1)
         return bool(ok)
 
     def _event(self, batch_id: str, data: dict[str, Any]) -> None:

@@ -164,6 +164,16 @@ def worker(worker_id: str) -> str:
 WORKERS_PATTERN = worker("*")
 
 
+def worker_metrics(worker_id: str) -> str:
+    """String with a short TTL: a live worker's Prometheus samples (JSON), merged into the API's /metrics."""
+    return f"{PREFIX}:worker-metrics:{worker_id}"
+
+
+WORKER_METRICS_PATTERN = worker_metrics("*")
+
+# Hash: batch status -> times a batch reached it (ended statuses only; a retried batch can end again).
+BATCHES_ENDED = f"{PREFIX}:batches-ended"
+
 # --- the dashboard's series ----------------------------------------------------------------------
 
 # Hash: model -> tokens generated for it so far (workers add at commit; the dashboard's tokens/s).

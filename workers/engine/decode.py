@@ -241,6 +241,16 @@ class DecodeEngine:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Token positions the running batch holds in its cache (rows x width); read from other threads."""
+        mask = self._mask
+        return int(mask.shape[0] * mask.shape[1]) if mask is not None else 0
+
     # --- loop -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -526,6 +536,8 @@ class DecodeEngine:
 
     def _append(self, s: _Seq, tok: int) -> None:
         s.tokens.append(tok)
+        if s.item.first_token_at is None:
+            s.item.first_token_at = time.monotonic()
         if s.constraint is not None and not s.constraint.accept(tok):
             self._fail(s, s.constraint.failure(tok))
             s.finish = "cancelled"
