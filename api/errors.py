@@ -31,12 +31,19 @@ def error_body(code: str, message: str, param: str | None = None, **extra: Any) 
 
 
 def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # a union names the member that failed after the field ("constrained-float", "literal['auto']")
+    parts = parts[:1] + [p for p in parts[1:] if not _is_union_member(p)]
     # discriminated unions put the tag first ("generate", "prompt"); the field is what callers want
     return ".".join(parts[1:] if len(parts) > 1 and parts[0] in _TASK_TAGS else parts)
 
 
 _TASK_TAGS = TASK_NAMES
+_MEMBER_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_member(part: str) -> bool:
+    return part in _MEMBER_TYPES or any(c in part for c in "[]()'-,")
 
 
 _HTTP_CODES = {

@@ -11,10 +11,12 @@ works under ``/v1/jobs`` too.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, cast
+import types
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
@@ -40,10 +42,44 @@ STATUS = {
 }
 
 
+def _hyperparameters_model() -> type[BaseModel]:
+    """OpenAI's ``hyperparameters`` object: every knob of :class:`Hyperparameters` plus OpenAI's ``n_epochs`` and
+    ``learning_rate_multiplier``, each also taking OpenAI's ``"auto"`` (keep queueformer's default).
+
+    Derived from :class:`Hyperparameters`, so the request schema states each knob's type and bounds and a
+    wrong value is refused by name before anything is computed from it.
+    """
+    auto = Literal["auto"]
+
+    def knob(info: FieldInfo) -> Any:
+        # A value or "auto"; null is refused (omit the key to keep the default), as the schema then says.
+        union = get_origin(info.annotation) in (Union, types.UnionType)
+        kinds = [a for a in get_args(info.annotation) if a is not type(None)] if union else [info.annotation]
+        value = Annotated[(Union[tuple(kinds)], *info.metadata)]  # type: ignore[valid-type]  # noqa: UP007
+        return (value | auto, Field(None, description=info.description))
+
+    fields: dict[str, Any] = {name: knob(info) for name, info in Hyperparameters.model_fields.items()}
+    fields["n_epochs"] = knob(Hyperparameters.model_fields["epochs"])
+    top = Hyperparameters.model_fields["learning_rate"].metadata  # the multiplier may not take the rate past its cap
+    cap = next(m.le for m in top if hasattr(m, "le"))
+    multiplier = Annotated[float, Field(gt=0, le=cap / DEFAULT_LR)]
+    fields["learning_rate_multiplier"] = knob(FieldInfo.from_annotation(multiplier))
+    model: type[BaseModel] = create_model(
+        "FineTuningHyperparameters", __config__=ConfigDict(extra="forbid", strict=True), **fields
+    )
+    return model
+
+
+if TYPE_CHECKING:
+    FineTuningHyperparameters = BaseModel
+else:
+    FineTuningHyperparameters = _hyperparameters_model()
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
 
 
 class OpenAIMethod(BaseModel):
@@ -64,7 +100,7 @@ class FineTuningJobCreate(BaseModel):
         description="The id of one of your files with purpose fine-tune, or a URI under a prefix the operator "
         "allows (settings: training_data_uris).",
     )
-    hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
     method: FineTuneMethod | OpenAIMethod | None = None
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
@@ -78,27 +114,35 @@ class FineTuningJobCreate(BaseModel):
                 "validation_file is not supported; hyperparameters.eval_split holds out part of the training data",
                 param="validation_file",
             )
-        raw = dict(self.hyperparameters)
+        raw = self.hyperparameters.model_dump(exclude_none=True)
         if isinstance(self.method, OpenAIMethod) and self.method.supervised:
-            raw.update(self.method.supervised.hyperparameters)
+            raw.update(self.method.supervised.hyperparameters.model_dump(exclude_none=True))
         hp: dict[str, Any] = {}
+        named: dict[str, str] = {}  # queueformer knob -> the name the caller used, for error messages
         for key, value in raw.items():
             if value == "auto":
                 continue  # OpenAI's "auto": keep queueformer's default
             if key == "n_epochs":
-                hp["epochs"] = value
+                hp["epochs"], named["epochs"] = value, key
             elif key == "learning_rate_multiplier":
-                hp["learning_rate"] = DEFAULT_LR * float(value)
+                hp["learning_rate"], named["learning_rate"] = DEFAULT_LR * value, key
             else:
                 hp[key] = value
         if self.seed is not None:
             hp["seed"] = self.seed
+        try:
+            hyperparameters = Hyperparameters.model_validate(hp)
+        except ValidationError as exc:  # both names of one knob, or a configured limit
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else ""
+            param = f"hyperparameters.{named.get(field, field)}".rstrip(".")
+            raise InvalidInput(f"{param}: {first['msg']}", param=param) from None
         method = self.method if isinstance(self.method, FineTuneMethod) else FineTuneMethod.LORA
         return FineTuneJob(
             model=self.model,
             training_file=self.training_file,
             method=method,
-            hyperparameters=Hyperparameters.model_validate(hp),
+            hyperparameters=hyperparameters,
             suffix=self.suffix,
             metadata=self.metadata,
             timeout_s=self.timeout_s,
@@ -198,7 +242,10 @@ def events(
     fine_tuning_job_id: str,
     services: ServicesDep,
     tenant: TenantDep,
-    after: Annotated[str | None, Query(max_length=80, pattern=r"^ftevent-\d+-\d+$")] = None,
+    # 19 digits at most: a stream id is two 64-bit numbers, and Redis refuses larger ones
+    after: Annotated[
+        str | None, Query(pattern=r"^ftevent-\d{1,19}-\d{1,19}$", description="Id of the last event seen")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
     _load(services, fine_tuning_job_id, tenant)

@@ -141,7 +141,10 @@ def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    before: Annotated[float | None, Query(description="created_at of the last job of the previous page")] = None,
+    before: Annotated[
+        float | None,
+        Query(ge=0, allow_inf_nan=False, description="created_at of the last job of the previous page"),
+    ] = None,
 ) -> JobList:
     records = services.jobs.recent(tenant, limit + 1, before)
     return JobList(data=records[:limit], has_more=len(records) > limit)
@@ -182,7 +185,8 @@ async def job_events(
     job_id: str,
     services: ServicesDep,
     tenant: TenantDep,
-    last_event_id: Annotated[str | None, Header()] = None,
+    # a stream id (19 digits at most per part: Redis refuses larger ones)
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,19}(-\d{1,19})?$")] = None,
 ) -> StreamingResponse:
     _check_id(job_id)
     services.jobs.get(job_id, tenant)

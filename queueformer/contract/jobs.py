@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from queueformer.contract import limits
 from queueformer.contract.errors import InputTooLong
@@ -122,6 +122,14 @@ class GenerateJob(JobBase):
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("ignore_eos")
+    @classmethod
+    def _ignore_eos_without_beams(cls, value: bool, info: ValidationInfo) -> bool:
+        # Beam search ends hypotheses at EOS; transformers has no way to keep beams going past it.
+        if value and (info.data.get("num_beams") or 1) > 1:
+            raise ValueError("ignore_eos is not supported with beam search (num_beams > 1)")
+        return value
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateJob:

@@ -225,7 +225,7 @@ def parse_line(raw: bytes | str, endpoint: str) -> tuple[BatchLine, JobBase]:
     """Validate one input line against the batch's endpoint; raises ``LineError``."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's 4,300-digit conversion limit
         raise LineError("invalid_json", f"line is not valid JSON: {exc}") from None
     except RecursionError:
         raise LineError("invalid_json", "line is nested too deeply to parse") from None
