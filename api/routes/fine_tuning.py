@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
+from api.errors import AUTHED, BODY, responses
 from api.services import Services
 from queueformer.contract.errors import InvalidInput, NotFound
 from queueformer.contract.ids import valid_object_id
@@ -62,7 +63,7 @@ def _hyperparameters_model() -> type[BaseModel]:
     fields["n_epochs"] = knob(Hyperparameters.model_fields["epochs"])
     top = Hyperparameters.model_fields["learning_rate"].metadata  # the multiplier may not take the rate past its cap
     cap = next(m.le for m in top if hasattr(m, "le"))
-    multiplier = Annotated[float, Field(gt=0, le=cap / DEFAULT_LR)]
+    multiplier = Annotated[float, Field(ge=1e-6, le=cap / DEFAULT_LR)]  # the rate it gives is a positive float
     fields["learning_rate_multiplier"] = knob(FieldInfo.from_annotation(multiplier))
     model: type[BaseModel] = create_model(
         "FineTuningHyperparameters", __config__=ConfigDict(extra="forbid", strict=True), **fields
@@ -104,16 +105,13 @@ class FineTuningJobCreate(BaseModel):
     method: FineTuneMethod | OpenAIMethod | None = None
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    validation_file: str | None = Field(None, max_length=1024)
+    validation_file: None = Field(
+        None, description="Not supported: hyperparameters.eval_split holds out part of the training data."
+    )
     metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(default_factory=dict, max_length=16)
     timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600)
 
     def to_job(self) -> FineTuneJob:
-        if self.validation_file is not None:
-            raise InvalidInput(
-                "validation_file is not supported; hyperparameters.eval_split holds out part of the training data",
-                param="validation_file",
-            )
         raw = self.hyperparameters.model_dump(exclude_none=True)
         if isinstance(self.method, OpenAIMethod) and self.method.supervised:
             raw.update(self.method.supervised.hyperparameters.model_dump(exclude_none=True))
@@ -205,13 +203,13 @@ def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
     }
 
 
-@router.post("", summary="Create a fine-tuning job (OpenAI-compatible)")
+@router.post("", responses=responses(*AUTHED, *BODY, 404, 429), summary="Create a fine-tuning job (OpenAI-compatible)")
 def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
     return _object(services, services.jobs.raw(job_id))
 
 
-@router.get("", summary="List this tenant's fine-tuning jobs, newest first")
+@router.get("", responses=responses(*AUTHED, 404, 422), summary="List this tenant's fine-tuning jobs, newest first")
 def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
@@ -223,13 +221,15 @@ def list_jobs(
     return {"object": "list", "data": [_object(services, d) for d in rows[:limit]], "has_more": len(rows) > limit}
 
 
-@router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+@router.get("/{fine_tuning_job_id}", responses=responses(*AUTHED, 404, 422), summary="Retrieve a fine-tuning job")
 def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     return _object(services, _load(services, fine_tuning_job_id, tenant))
 
 
 @router.post(
-    "/{fine_tuning_job_id}/cancel", summary="Cancel: a running job stops at its next step and keeps its last checkpoint"
+    "/{fine_tuning_job_id}/cancel",
+    responses=responses(*AUTHED, 404, 422),
+    summary="Cancel: a running job stops at its next step and keeps its last checkpoint",
 )
 def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     _load(services, fine_tuning_job_id, tenant)
@@ -237,7 +237,11 @@ def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) ->
     return _object(services, services.jobs.raw(fine_tuning_job_id))
 
 
-@router.get("/{fine_tuning_job_id}/events", summary="Status and training-metric events, newest first")
+@router.get(
+    "/{fine_tuning_job_id}/events",
+    responses=responses(*AUTHED, 404, 422),
+    summary="Status and training-metric events, newest first",
+)
 def events(
     fine_tuning_job_id: str,
     services: ServicesDep,
@@ -291,7 +295,11 @@ def _message(kind: str, data: dict[str, Any]) -> str:
     return kind
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", summary="The job's saved checkpoints, newest first")
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    responses=responses(*AUTHED, 404, 422),
+    summary="The job's saved checkpoints, newest first",
+)
 def checkpoints(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     data = _load(services, fine_tuning_job_id, tenant)
     spec = FineTuneJob.model_validate_json(data["spec"])
