@@ -75,6 +75,7 @@ class ErrorBody(BaseModel):
 _WHEN = {
     400: "The body is not JSON (or not a form) that parses",
     401: "Missing or unknown API key (with auth required)",
+    403: "A policy of the operator refuses it (a webhook to a non-public address)",
     404: "No such object for this tenant, or no such model",
     409: "The object is not in a state that allows this",
     413: "The body or upload is over its size limit, or the tenant's storage quota is spent",

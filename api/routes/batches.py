@@ -49,7 +49,9 @@ def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
     return lines_per_chunk(workers, max_batch_size, services.settings.worker.chunk_target_s)
 
 
-@router.post("", responses=responses(*AUTHED, *BODY, 404, 429), summary="Create a batch from an uploaded JSONL file")
+@router.post(
+    "", responses=responses(*AUTHED, *BODY, 403, 404, 429), summary="Create a batch from an uploaded JSONL file"
+)
 def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     if body.webhook_url:
         # A literal private address or loopback name is refused now; names are checked when sent.

@@ -109,7 +109,7 @@ class FineTuningJobCreate(BaseModel):
         None, description="Not supported: hyperparameters.eval_split holds out part of the training data."
     )
     metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(default_factory=dict, max_length=16)
-    timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+    timeout_s: int | None = Field(None, ge=1, le=7 * 24 * 3600, description="Seconds after which the job fails.")
 
     def to_job(self) -> FineTuneJob:
         raw = self.hyperparameters.model_dump(exclude_none=True)

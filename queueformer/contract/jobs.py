@@ -201,7 +201,8 @@ class GenerateJob(JobBase):
     num_return_sequences: Annotated[int, Field(ge=1, le=64), _limit("max_return_sequences")] = 1
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # 2**53 - 1: the largest integer every JSON reader keeps exactly
+    seed: int | None = Field(None, ge=0, le=2**53 - 1)
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (benchmarks).")
     truncate: bool = Field(False, description="Drop the oldest prompt tokens instead of failing when too long.")
     stream: bool = Field(False, description="Publish tokens to the job's event stream as they are generated.")

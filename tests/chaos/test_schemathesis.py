@@ -47,6 +47,8 @@ def run_schemathesis(api_url: str, report: Path) -> subprocess.CompletedProcess[
     cli = Path(sys.executable).parent / "schemathesis"
     cmd = [
         str(cli),
+        "--config-file",
+        str(Path(__file__).with_name("schemathesis.toml")),
         "run",
         f"{api_url}/openapi.json",
         "--checks",
