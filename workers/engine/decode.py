@@ -39,7 +39,7 @@ from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientErro
 from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
-from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention
+from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,6 @@ class DecodeEngine:
         self._steps = 0
         self._mergeable = plain_attention(model.config)
         self._layers = num_layers(model.config) if self._mergeable else 0
-        self._kv_dtype = cache_dtype(model) if self._mergeable else None
         if self._mergeable and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(ATTENTION)
         if not self._mergeable:
@@ -363,7 +362,7 @@ class DecodeEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=SlabCache(self._layers, self._kv_dtype) if self._mergeable else None,
+                    past_key_values=SlabCache(self._layers) if self._mergeable else None,
                     use_cache=True,
                     logits_to_keep=1,
                 )
