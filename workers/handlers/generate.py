@@ -30,6 +30,22 @@ _DEFAULTS = {
     "num_beams": 1,
 }
 
+_NOT_YET = (
+    "min_new_tokens",
+    "no_repeat_ngram_size",
+    "length_penalty",
+    "early_stopping",
+    "bad_words_ids",
+    "suppress_tokens",
+    "sequence_bias",
+    "typical_p",
+    "min_p",
+    "eos_token_id",
+    "max_time",
+    "logprobs",
+    "prompt_logprobs",
+)
+
 
 class GenerateHandler(Handler[GenerateJob, GenRequest]):
     """Causal LM generation."""
@@ -52,6 +68,9 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         return frozenset(eos if isinstance(eos, list) else [eos])
 
     def preprocess(self, job: GenerateJob) -> GenRequest:
+        for name in _NOT_YET:
+            if getattr(job, name) not in (None, False, 0):
+                raise InvalidInput(f"{name} is not supported by this worker yet", param=name)
         do_sample = bool(self._param(job, "do_sample"))
         num_beams = int(self._param(job, "num_beams"))
         if job.num_return_sequences > 1 and not do_sample and num_beams < job.num_return_sequences:
