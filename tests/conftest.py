@@ -90,9 +90,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     only when a selected test uses them. Built models are recognised by their recipe stamp and skipped.
     """
     if any("tiny_models" in getattr(item, "fixturenames", ()) for item in session.items):
-        from workers.tiny_models import NAMES, built
+        from workers.tiny_models import NAMES, _built, recipe
 
-        if not all(built(TINY_MODELS / name) for name in NAMES):
+        want = recipe()
+        if not all(_built(TINY_MODELS / name, want) for name in NAMES):
             from workers.tiny_models import build_all
 
             session.config.get_terminal_writer().line(f"building the tiny models into {TINY_MODELS} (once)")

@@ -354,11 +354,6 @@ def recipe() -> str:
     return h.hexdigest()[:16]
 
 
-def built(out: Path) -> bool:
-    """Whether ``out`` holds a model finished by the current recipe."""
-    return _built(out, recipe())
-
-
 def _built(out: Path, want: str) -> bool:
     try:
         return bool(json.loads((out / COMPLETE).read_text()).get("recipe") == want)
