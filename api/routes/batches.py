@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field
 from api.deps import ServicesDep, TenantDep
 from api.errors import AUTHED, BODY, responses
 from api.services import Services
-from queueformer.contract.errors import NotFound
 from queueformer.contract.jobs import check_fits
 from queueformer.contract.openai_batch import BatchCreate
 from queueformer.contract.tasks import AnyJob
@@ -135,22 +134,23 @@ def partial_output(batch_id: str, services: ServicesDep, tenant: TenantDep, erro
 class RetryRequest(BaseModel):
     codes: list[str] | None = Field(
         None,
-        description="Error codes to retry (e.g. batch_expired, worker_lost, out_of_memory); "
-        "default: every failure that was not a 400.",
+        description="Error codes to retry (e.g. batch_expired, worker_lost, out_of_memory, invalid_input); "
+        "default: every failure that may go differently on a new run, i.e. not request errors (a 4xx that "
+        "is not retryable, such as an invalid body or an unknown model).",
     )
+    all: bool = Field(False, description="Re-run every failed line, request errors included.")
 
 
 @router.post(
     "/{batch_id}/retry",
     responses=responses(*AUTHED, *BODY, 404, 409),
-    summary="Extension: re-run only the failed or expired lines of a finished batch",
+    summary="Extension: re-run failed or expired lines of a finished batch (409 when there is nothing to re-run)",
 )
 def retry_batch(
     batch_id: str, services: ServicesDep, tenant: TenantDep, body: RetryRequest | None = None
 ) -> dict[str, Any]:
     services.batches.get_raw(batch_id, tenant)
     codes = set(body.codes) if body and body.codes else None
-    lines = services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant))
-    if not lines:
-        raise NotFound("no failed lines match; nothing to retry", param="codes")
+    every = bool(body and body.all)
+    services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant), every=every)
     return to_openai(services.batches.raw(batch_id))
