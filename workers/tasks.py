@@ -5,6 +5,7 @@ Everything else (handler lookup, batching, commits, error mapping) lives in ``wo
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -20,6 +21,15 @@ from workers.runner import Runner
 
 MAX_BACKOFF_S = 60
 LINE_SLOT_WAIT_S = 0.5
+REQUEUED = "every slot for batch lines is busy; the chunk goes back to its queue"
+
+
+class _QuietRequeue(logging.Filter):
+    """Celery logs every rejected message as a warning with a traceback; a requeued chunk is routine here
+    (about one a second on a worker running a long batch), so it is left out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return REQUEUED not in record.getMessage()
 
 
 def register(app: Celery, runner: Runner, lease: LeaseKeeper, line_slots: int | None = None) -> Task:
@@ -31,12 +41,14 @@ def register(app: Celery, runner: Runner, lease: LeaseKeeper, line_slots: int | 
     to the end of its queue (the same priority list); the kept slot takes the most urgent message next.
     """
     gate = threading.BoundedSemaphore(line_slots) if line_slots else None
+    if gate is not None:
+        logging.getLogger("celery.app.trace").addFilter(_QuietRequeue())
 
     @app.task(name=RUN_TASK, bind=True, shared=False)  # bound to this app's runner only
     def run(self: Task, unit: dict[str, Any]) -> dict[str, Any]:
         held = gate if gate is not None and isinstance(unit, dict) and unit.get("kind") == "lines" else None
         if held is not None and not held.acquire(timeout=LINE_SLOT_WAIT_S):
-            raise Reject("every slot for batch lines is busy; the chunk goes back to its queue", requeue=True)
+            raise Reject(REQUEUED, requeue=True)
         # kombu's Redis transport tags each delivery in the message properties (not in delivery_info).
         tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
         metrics.IN_FLIGHT.inc()
