@@ -65,9 +65,7 @@ def _hyperparameters_model() -> type[BaseModel]:
     cap = next(m.le for m in top if hasattr(m, "le"))
     multiplier = Annotated[float, Field(ge=1e-6, le=cap / DEFAULT_LR)]  # the rate it gives is a positive float
     fields["learning_rate_multiplier"] = knob(FieldInfo.from_annotation(multiplier))
-    model: type[BaseModel] = create_model(
-        "FineTuningHyperparameters", __config__=ConfigDict(extra="forbid", strict=True), **fields
-    )
+    model: type[BaseModel] = create_model("FineTuningHyperparameters", __config__=ConfigDict(extra="forbid"), **fields)
     return model
 
 
