@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
 from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
 from queueformer.contract.errors import InvalidInput, NotFound
 from queueformer.contract.ids import valid_object_id
@@ -201,7 +202,18 @@ def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
     }
 
 
-@router.post("", responses=responses(*AUTHED, *BODY, 404, 429), summary="Create a fine-tuning job (OpenAI-compatible)")
+@router.post(
+    "",
+    openapi_extra=links(
+        200,
+        RetrieveFineTune=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}", "get", "fine_tuning_job_id"),
+        CancelFineTune=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", "post", "fine_tuning_job_id"),
+        FineTuneEvents=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", "get", "fine_tuning_job_id"),
+        FineTuneCheckpoints=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", "get", "fine_tuning_job_id"),
+    ),
+    responses=responses(*AUTHED, *BODY, 404, 429),
+    summary="Create a fine-tuning job (OpenAI-compatible)",
+)
 def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
     return _object(services, services.jobs.raw(job_id))
