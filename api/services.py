@@ -24,7 +24,7 @@ from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
-from queueformer.server.tenants import ApiKeys
+from queueformer.server.tenants import ApiKeys, TenantDefaults
 from queueformer.server.webhooks import Deliverer, DeliveryConfig
 
 
@@ -43,6 +43,7 @@ class Services:
     overlay: ModelOverlay
     webhooks: Deliverer
     training: TrainingData
+    tenants: TenantDefaults
     extras: dict[str, object] = field(default_factory=dict)
     # /v1/models' `created` for registry entries without one: when this API loaded the registry.
     registry_loaded_at: int = field(default_factory=lambda: int(time.time()))
@@ -78,6 +79,7 @@ class Services:
             overlay=ModelOverlay(client, storage, registry.fine_tune.serve_queue),
             webhooks=webhooks,
             training=TrainingData(files, settings.training_data_uris, settings.storage_options),
+            tenants=TenantDefaults(client),
         )
 
     def registry(self) -> Registry:

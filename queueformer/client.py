@@ -142,8 +142,11 @@ class Client:
         metadata: dict[str, str] | None = None,
         webhook_url: str | None = None,
         output_expires_after_s: int | None = None,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint, "completion_window": "24h"}
+        if priority is not None:
+            body["priority"] = priority
         if metadata:
             body["metadata"] = metadata
         if output_expires_after_s is not None:

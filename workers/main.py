@@ -38,6 +38,7 @@ from workers.health import Health
 from workers.holder import ModelHolder, serve
 from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
+from workers.metrics import EngineView, MetricsPublisher
 from workers.runner import Runner
 from workers.tasks import register
 from workers.training.runner import TrainingRunner
@@ -258,9 +259,12 @@ def run_worker(
     lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
     runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay)
     app = make_celery(settings, registry)
-    register(app, runner, lease)
     slots = concurrency or default_concurrency(settings, registry, queues)
+    # One slot is kept from batch chunks, for jobs (see workers.tasks.register).
+    line_slots = slots - 1 if slots > 1 else slots
+    register(app, runner, lease, line_slots=line_slots if line_slots < slots else None)
     info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots, "failed": failed}
+    info["line_slots"] = line_slots
     announcer = Announcer(fleet, worker_id, info, holder, health, runner.lines)
 
     @worker_ready.connect(weak=False)
@@ -275,6 +279,15 @@ def run_worker(
             runner.training.draining.set()  # a running fine-tune checkpoints and re-queues itself
 
     announcer.start()
+    publisher = MetricsPublisher(
+        client,
+        worker_id,
+        lambda: [
+            EngineView(s.entry.name, s.engine, s.entry.max_batch_size, s.entry.kv_cache_tokens) for s in holder.all()
+        ],
+        settings.worker.metrics_interval_s,
+    )
+    publisher.start()
     worker = app.Worker(
         hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
         queues=queues,
@@ -289,6 +302,7 @@ def run_worker(
         worker.start()
     finally:
         announcer.stop()
+        publisher.stop()
         runner.stop()
         lease.stop()
         holder.stop()

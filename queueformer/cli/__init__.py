@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from queueformer.cli import batch, cluster, errors, jobs, models
+from queueformer.cli import batch, cluster, errors, jobs, models, tenants
 from queueformer.cli.common import url_of
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add(sub)
     batch.add(sub)
     models.add(sub)
+    tenants.add(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ from pydantic_core import CoreSchema, core_schema
 
 from queueformer.contract import limits
 from queueformer.contract.errors import InputTooLong
+from queueformer.contract.priority import Priority
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 _HARD_TEXT_CHARS = 1_000_000
@@ -150,6 +151,7 @@ class JobBase(BaseModel):
         le=7 * 24 * 3600,
         description="Seconds from submission after which the job fails (deadline_exceeded).",
     )
+    priority: Priority | None = None
 
     def estimated_tokens(self) -> int:
         """A cheap token estimate for quotas (about 4 characters per token, plus tokens to generate)."""

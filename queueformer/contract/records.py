@@ -40,6 +40,7 @@ class JobRecord(BaseModel):
     error: ErrorInfo | None = None
     result_url: str | None = Field(None, description="Where a succeeded job's result is read (an API path).")
     attempts: int = 0
+    priority: int = Field(5, description="0 to 9, higher first: the job's own, else its tenant's default.")
     metadata: dict[str, str] = Field(default_factory=dict)
     status_url: str | None = None
 

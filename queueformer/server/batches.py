@@ -39,6 +39,7 @@ from queueformer.contract.errors import (
 )
 from queueformer.contract.ids import new_id, valid_object_id
 from queueformer.contract.openai_batch import ENDPOINTS, BatchCreate, BatchStatus, error_line
+from queueformer.contract.priority import DEFAULT_BATCH_PRIORITY
 from queueformer.contract.settings import TenantQuota
 from queueformer.contract.units import LinesUnit
 from queueformer.server import keys, webhooks
@@ -205,6 +206,8 @@ class Batches:
         ok, _ = self._status(keys=names, args=args)
         if ok:
             self._event(batch_id, {"status": to.value})
+            if to.ended:
+                self.r.hincrby(keys.BATCHES_ENDED, to.value, 1)
         return bool(ok)
 
     def _event(self, batch_id: str, data: dict[str, Any]) -> None:
@@ -226,11 +229,13 @@ class Batches:
         check_line: LineCheck,
         chunk_size: Callable[[list[str]], int],
         publish: Publish,
+        priority: int = DEFAULT_BATCH_PRIORITY,
     ) -> dict[str, str]:
         """Validate the input file, record the batch, plan its chunks and enqueue them.
 
         ``check_line`` adds the caller's rules for one line (registry, context window), ``chunk_size``
-        gives lines per chunk for the batch's models, ``publish`` sends work units. If publishing
+        gives lines per chunk for the batch's models, ``publish`` sends work units (every line at
+        ``priority``, the batch's own or its tenant's default). If publishing
         fails, the batch is cancelled with every line failed as ``broker_unavailable``.
         """
         if body.endpoint not in ENDPOINTS:
@@ -264,7 +269,7 @@ class Batches:
                     details={"enqueued_tokens": enqueued, "limit": quota.max_enqueued_tokens},
                 )
         batch_id = new_id("batch")
-        self._record(batch_id, tenant, body)
+        self._record(batch_id, tenant, body, priority)
         self._start(batch_id, scan, scan.chunks(chunk_size(scan.models)), tenant)
         if self.raw(batch_id)["status"] == S.IN_PROGRESS:
             try:
@@ -276,7 +281,7 @@ class Batches:
                 raise BrokerUnavailable(f"could not enqueue batch {batch_id}: {exc}") from exc
         return self.raw(batch_id)
 
-    def _record(self, batch_id: str, tenant: str, body: BatchCreate) -> None:
+    def _record(self, batch_id: str, tenant: str, body: BatchCreate, priority: int) -> None:
         now = int(time.time())
         fields: dict[Any, Any] = {
             "id": batch_id,
@@ -294,6 +299,7 @@ class Batches:
             "output_tokens": "0",
             "metadata": json.dumps(body.metadata),
             "webhook_url": body.webhook_url or "",
+            "priority": str(priority),
         }
         if body.output_expires_after is not None:
             fields["output_expires_after_s"] = str(body.output_expires_after.seconds)
@@ -579,6 +585,7 @@ def to_openai(raw: dict[str, str]) -> dict[str, Any]:
             "failed": int(raw.get("failed", 0)),
         },
         "metadata": json.loads(raw.get("metadata") or "null"),
+        "priority": int(raw.get("priority") or DEFAULT_BATCH_PRIORITY),
         "webhook_url": raw.get("webhook_url") or None,  # extension: where the end-of-batch event goes
         "usage": {
             "input_tokens": input_tokens,

@@ -17,6 +17,7 @@ time, without merging.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import queue
 import threading
@@ -243,6 +244,16 @@ class DecodeEngine:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Token positions the running batch holds in its cache (rows x width); read from other threads."""
+        mask = self._mask
+        return int(mask.shape[0] * mask.shape[1]) if mask is not None else 0
+
     # --- loop -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -251,6 +262,8 @@ class DecodeEngine:
                 self._pull(block=not self._rows and not self._waiting)
                 if self._steps % self.poll_steps == 0:
                     self._check_stops()
+                if self._waiting and self._rows and self._mergeable:
+                    self._preempt()
                 if self._waiting and len(self._rows) < self._cap and (not self._rows or self._mergeable):
                     self._admit()
                 if self._rows:
@@ -283,9 +296,10 @@ class DecodeEngine:
                 self._run_beams(item)
                 continue
             self._groups[id(item)] = _Group(item, req.num_return_sequences)
+            seqs = []
             for i in range(req.num_return_sequences):
                 decoding = row_decoding(self.model, req.generation, len(req.input_ids), self.device)
-                self._waiting.append(
+                seqs.append(
                     _Seq(
                         item=item,
                         req=req,
@@ -294,6 +308,21 @@ class DecodeEngine:
                         decoding=decoding if decoding.processors or decoding.criteria else None,
                     )
                 )
+            self._wait(seqs)
+
+    def _wait(self, seqs: list[_Seq]) -> None:
+        """Queue sequences by priority, then arrival: behind every waiting one of at least their priority.
+
+        The next admission takes the front, so an urgent job waits for at most one admission however many
+        batch lines wait before it.
+        """
+        priority = seqs[0].item.priority
+        if not self._waiting or self._waiting[-1].item.priority >= priority:
+            self._waiting.extend(seqs)
+            return
+        at = next(i for i, s in enumerate(self._waiting) if s.item.priority < priority)
+        for offset, seq in enumerate(seqs):
+            self._waiting.insert(at + offset, seq)
 
     def _run_beams(self, item: WorkItem) -> None:
         try:
@@ -346,6 +375,32 @@ class DecodeEngine:
         if parts:
             self._join(parts)
             self._retire()
+
+    def _preempt(self) -> None:
+        """Make room for waiting rows of a higher priority than running ones when the batch is full.
+
+        The running rows of the lowest priority with the fewest tokens go back to waiting and start over
+        from their prompt later (same seed, same tokens), so an urgent job is admitted at the next step
+        instead of after the longest running line. Streamed rows are never taken back: their tokens
+        have been sent.
+        """
+        room = self._cap - len(self._rows)
+        urgent = self._waiting[0].item.priority
+        if room > 0 or urgent <= min(s.item.priority for s in self._rows):
+            return
+        want = sum(1 for s in itertools.takewhile(lambda s: s.item.priority == urgent, self._waiting))
+        victims = sorted(
+            (i for i, s in enumerate(self._rows) if s.item.priority < urgent and s.item.on_token is None),
+            key=lambda i: (self._rows[i].item.priority, len(self._rows[i].tokens)),
+        )[: want - room]
+        if not victims:
+            return
+        out = set(victims)
+        for i in victims:
+            seq = self._rows[i]
+            seq.reset()
+            self._wait([seq])
+        self._select_rows([i for i in range(len(self._rows)) if i not in out])
 
     def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
         """Cut length-sorted sequences into groups with little padding and bounded prefill tokens."""
@@ -483,6 +538,8 @@ class DecodeEngine:
 
     def _append(self, s: _Seq, tok: int) -> None:
         s.tokens.append(tok)
+        if s.item.first_token_at is None:
+            s.item.first_token_at = time.monotonic()
         if s.constraint is not None and not s.constraint.accept(tok):
             self._fail(s, s.constraint.failure(tok))
             s.finish = "cancelled"
