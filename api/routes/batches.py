@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep, TenantDep
 from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
 from queueformer.contract.errors import InvalidInput
 from queueformer.contract.jobs import check_fits
@@ -51,7 +52,16 @@ def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
 
 
 @router.post(
-    "", responses=responses(*AUTHED, *BODY, 403, 404, 429), summary="Create a batch from an uploaded JSONL file"
+    "",
+    responses=responses(*AUTHED, *BODY, 403, 404, 429),
+    openapi_extra=links(
+        200,
+        GetBatch=link("/v1/batches/{batch_id}", "get", "batch_id"),
+        GetBatchOutput=link("/v1/batches/{batch_id}/output", "get", "batch_id"),
+        CancelBatch=link("/v1/batches/{batch_id}/cancel", "post", "batch_id"),
+        RetryBatch=link("/v1/batches/{batch_id}/retry", "post", "batch_id"),
+    ),
+    summary="Create a batch from an uploaded JSONL file",
 )
 def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     if body.webhook_url:

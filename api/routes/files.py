@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import ServicesDep, TenantDep
 from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from queueformer.contract.openai_batch import EXPIRES_AFTER_MAX_S, EXPIRES_AFTER_MIN_S
 from queueformer.server.files import FileObject
 
@@ -19,6 +20,12 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 @router.post(
     "",
     responses=responses(*AUTHED, *BODY),
+    openapi_extra=links(
+        200,
+        GetFile=link("/v1/files/{file_id}", "get", "file_id"),
+        GetFileContent=link("/v1/files/{file_id}/content", "get", "file_id"),
+        DeleteFile=link("/v1/files/{file_id}", "delete", "file_id"),
+    ),
     response_model=FileObject,
     summary="Upload a JSONL file (purpose 'batch' or 'fine-tune')",
 )

@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
 from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
 from queueformer.contract.errors import InvalidInput, NotFound
 from queueformer.contract.ids import valid_object_id
@@ -65,9 +66,7 @@ def _hyperparameters_model() -> type[BaseModel]:
     cap = next(m.le for m in top if hasattr(m, "le"))
     multiplier = Annotated[float, Field(ge=1e-6, le=cap / DEFAULT_LR)]  # the rate it gives is a positive float
     fields["learning_rate_multiplier"] = knob(FieldInfo.from_annotation(multiplier))
-    model: type[BaseModel] = create_model(
-        "FineTuningHyperparameters", __config__=ConfigDict(extra="forbid", strict=True), **fields
-    )
+    model: type[BaseModel] = create_model("FineTuningHyperparameters", __config__=ConfigDict(extra="forbid"), **fields)
     return model
 
 
@@ -203,7 +202,18 @@ def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
     }
 
 
-@router.post("", responses=responses(*AUTHED, *BODY, 404, 429), summary="Create a fine-tuning job (OpenAI-compatible)")
+@router.post(
+    "",
+    openapi_extra=links(
+        200,
+        RetrieveFineTune=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}", "get", "fine_tuning_job_id"),
+        CancelFineTune=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", "post", "fine_tuning_job_id"),
+        FineTuneEvents=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", "get", "fine_tuning_job_id"),
+        FineTuneCheckpoints=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", "get", "fine_tuning_job_id"),
+    ),
+    responses=responses(*AUTHED, *BODY, 404, 429),
+    summary="Create a fine-tuning job (OpenAI-compatible)",
+)
 def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
     return _object(services, services.jobs.raw(job_id))

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
 from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
 from queueformer.contract.errors import Conflict, NotFound
 from queueformer.contract.ids import valid_object_id
@@ -108,6 +109,12 @@ def _submit(
 @router.post(
     "",
     responses=responses(*AUTHED, *BODY, 404, 409, 429),
+    openapi_extra=links(
+        202,
+        GetJob=link("/v1/jobs/{job_id}", "get", "job_id"),
+        GetJobResult=link("/v1/jobs/{job_id}/result", "get", "job_id"),
+        CancelJob=link("/v1/jobs/{job_id}/cancel", "post", "job_id"),
+    ),
     status_code=202,
     response_model=JobAccepted,
     summary="Submit one job of any type",

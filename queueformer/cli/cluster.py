@@ -100,6 +100,8 @@ def run_up(args: argparse.Namespace) -> int:
             sys.stdout.write(f"Flower http://127.0.0.1:{cluster.flower_port} (basic auth {cluster.flower_auth})\n")
         if cluster.redis is not None:
             sys.stdout.write(f"embedded Redis {cluster.redis.display_url} (AOF in {cluster.redis.data_dir})\n")
+        for message in model_failures(cluster):
+            sys.stdout.write(f"warning: {message}\n")
         sys.stdout.write(f"logs in {cluster.log_dir}; Ctrl-C stops everything\n")
         while not stop:
             cluster.check_alive()
@@ -131,12 +133,27 @@ def forget_cluster(path: Path) -> None:
 
 
 def ensure_tiny_models(settings: Settings) -> None:
-    """With the bundled tiny registry, build whatever tiny model is missing (once; later runs skip)."""
+    """With the bundled tiny registry, build whatever tiny model is missing (once; later runs skip).
+
+    A failed build does not stop the cluster: the workers serve every model that loads and say, per
+    entry, which could not and what to do.
+    """
     if settings.registry != "tiny":
         return
-    code = build_tiny_models(settings.resolved_models_dir)
+    code = build_tiny_models(settings.resolved_models_dir, quiet=True)
     if code != 0:
-        raise SystemExit(f"building the tiny models into {settings.resolved_models_dir} failed (exit code {code})")
+        sys.stderr.write(
+            f"building the tiny models into {settings.resolved_models_dir} failed (exit code {code}, reason above); "
+            "starting with the models there are\n"
+        )
+
+
+def model_failures(cluster: Cluster) -> list[str]:
+    """What the workers said about registry entries they could not load (entry, why, what to do)."""
+    from queueformer.server.connection import connect
+    from queueformer.server.fleet import Fleet
+
+    return [msg for w in Fleet(connect(cluster.redis_url)).members() for msg in (w.get("failed") or {}).values()]
 
 
 def run_demo(args: argparse.Namespace) -> int:

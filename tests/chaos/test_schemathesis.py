@@ -27,7 +27,7 @@ from tests.helpers import make_settings
 
 KEY = "qf-acme-bootstrap-key-0001"
 OTHER = "qf-globex-bootstrap-key-001"
-EXAMPLES = 25  # per operation and phase; the whole run takes about a minute on 2 cores
+EXAMPLES = 10  # per operation in fuzzing; the coverage and stateful phases add their own (~3,700 cases in all)
 SEED = 20261201  # a fixed seed: the same requests on every run, so a failure reproduces
 
 
@@ -68,7 +68,8 @@ def run_schemathesis(api_url: str, report: Path) -> subprocess.CompletedProcess[
         "--report-json-path",
         str(report),
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    # Run from the report's folder: schemathesis keeps a cache (and replays its past crashes) where it starts.
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, cwd=report.parent)
 
 
 def test_schemathesis_with_every_check_finds_nothing(api_url: str, tmp_path: Path) -> None:
@@ -85,5 +86,7 @@ def test_schemathesis_with_every_check_finds_nothing(api_url: str, tmp_path: Pat
     )
     assert proc.returncode == 0 and failures == 0 and not report["errors"], proc.stdout[-20_000:]
     assert ops["tested"] == ops["total"] >= 30 and not ops["errored"], ops
-    assert all(phase["status"] == "success" for phase in report["phases"].values()), report["phases"]
+    # The schema gives no examples (a model name in one would be tried for every task), so that phase skips.
+    phases = {name: phase["status"] for name, phase in report["phases"].items()}
+    assert phases == {"examples": "skip", "coverage": "success", "fuzzing": "success", "stateful": "success"}, phases
     assert cases["generated"] > 500, cases

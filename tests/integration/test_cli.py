@@ -34,6 +34,9 @@ models:
   echo:
     task: echo
     max_batch_size: 64
+  broken:
+    task: generate
+    path: no-such-model
 """
 
 
@@ -113,6 +116,15 @@ def test_up_writes_where_its_cluster_answers_for_this_user_only(up: Up) -> None:
     assert info["url"] == up.url and info["redis_url"].startswith("redis://")
     assert info["flower_auth"].startswith("admin:") and info["flower_url"].startswith("http://127.0.0.1:")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_model_that_cannot_load_is_named_with_what_to_do_and_the_rest_runs(up: Up) -> None:
+    said = (up.home / "up.log").read_text()
+    warning = next(line for line in said.splitlines() if line.startswith("warning: model entry 'broken'"))
+    assert "no-such-model does not exist" in warning and "queueformer models build-tiny" in warning, warning
+    assert "Traceback" not in said
+    ran = up.cli("submit", '{"task":"generate","model":"tiny-gpt2","prompt":"Hi","max_new_tokens":2}', "--wait")
+    assert ran.code == 0 and json.loads(ran.out)["generations"], ran
 
 
 def test_commands_find_the_cluster_on_their_own_and_take_either_url_form(up: Up) -> None:
