@@ -15,7 +15,7 @@ import types
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from api.deps import ServicesDep, TenantDep
@@ -44,6 +44,13 @@ STATUS = {
 }
 
 
+def _number_or_auto(value: Any) -> Any:
+    # A knob's only string is "auto": "3" is refused, not read as a number (the schema says a number).
+    if isinstance(value, str) and value != "auto":
+        raise ValueError('must be a number or "auto"')
+    return value
+
+
 def _hyperparameters_model() -> type[BaseModel]:
     """OpenAI's ``hyperparameters`` object: every knob of :class:`Hyperparameters` plus OpenAI's ``n_epochs`` and
     ``learning_rate_multiplier``, each also taking OpenAI's ``"auto"`` (keep queueformer's default).
@@ -58,7 +65,7 @@ def _hyperparameters_model() -> type[BaseModel]:
         union = get_origin(info.annotation) in (Union, types.UnionType)
         kinds = [a for a in get_args(info.annotation) if a is not type(None)] if union else [info.annotation]
         value = Annotated[(Union[tuple(kinds)], *info.metadata)]  # type: ignore[valid-type]  # noqa: UP007
-        return (value | auto, Field(None, description=info.description))
+        return (Annotated[value | auto, BeforeValidator(_number_or_auto)], Field(None, description=info.description))
 
     fields: dict[str, Any] = {name: knob(info) for name, info in Hyperparameters.model_fields.items()}
     fields["n_epochs"] = knob(Hyperparameters.model_fields["epochs"])
