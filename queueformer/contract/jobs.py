@@ -177,6 +177,12 @@ def _generate_rules(schema: dict[str, Any]) -> None:
             "required": ["ignore_eos", "num_beams"],
             "properties": {"ignore_eos": {"const": True}, "num_beams": {"minimum": 2}},
         },
+        {
+            "required": ["top_logprobs"],
+            "properties": {"top_logprobs": {"minimum": 1}, "logprobs": {"not": {"const": True}}},
+        },
+        {"required": ["num_beam_groups"], "properties": {"num_beam_groups": {"minimum": 2}}},
+        {"required": ["diversity_penalty"], "properties": {"diversity_penalty": {"exclusiveMinimum": 0}}},
     ]
     for n in range(2, limits.active().max_return_sequences + 1):
         beams = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": n - 1}]}
