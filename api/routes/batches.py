@@ -104,9 +104,14 @@ def get_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> dict[s
     return _current(services, batch_id, tenant)
 
 
-@router.get("", responses=responses(*AUTHED, 422), summary="List batches, newest first")
+@router.get("", responses=responses(*AUTHED, 404, 422), summary="List batches, newest first (404: an unknown after id)")
 def list_batches(
-    services: ServicesDep, tenant: TenantDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    services: ServicesDep,
+    tenant: TenantDep,
+    after: Annotated[
+        str | None, Query(description="The last_id of the previous page; an id not in your listing is a 404.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     rows, more = services.batches.page(tenant, after, limit)
     data = [to_openai(r) for r in rows]
