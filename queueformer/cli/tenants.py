@@ -1,6 +1,7 @@
 """``tenants``: a tenant's defaults (the priority of its jobs and of its batches), kept in its Redis record.
 
-Like ``keys``, it talks to Redis directly (the server extra), imported when the command runs.
+Like ``keys``, it talks to Redis directly (the server extra), imported when the command runs, and finds
+the Redis of ``queueformer up`` the same way.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def run_tenants(args: argparse.Namespace) -> int:
     try:
         import redis
 
+        from queueformer.cli.cluster import redis_url
         from queueformer.server.connection import connect
         from queueformer.server.tenants import TenantDefaults
     except ImportError as exc:
         sys.stderr.write(f"queueformer tenants: needs the server extra (pip install 'queueformer[server]'): {exc}\n")
         return 1
     try:
-        defaults = TenantDefaults(connect(load_settings().redis()))
+        defaults = TenantDefaults(connect(redis_url(load_settings())))
         if args.tenants_command == "set":
             now = defaults.set(args.tenant, priority=args.priority, batch_priority=args.batch_priority)
         else:

@@ -153,6 +153,14 @@ def test_keys_find_the_redis_of_up_without_configuration(up: Up) -> None:
     assert again.code == 1 and len(again.lines) <= 2, again
 
 
+def test_tenant_defaults_are_set_and_shown_against_the_redis_of_up(up: Up) -> None:
+    assert up.cli("tenants", "show", "acme").out.strip() == "acme: priority 5, batch priority 2"
+    changed = up.cli("tenants", "set", "acme", "--priority", "7", "--batch-priority", "3")
+    assert changed.code == 0 and changed.out.strip() == "acme: priority 7, batch priority 3", changed
+    refused = up.cli("tenants", "set", "acme", "--priority", "10")
+    assert refused.code == 1 and "0 to 9" in refused.err and len(refused.lines) == 1, refused
+
+
 def test_errors_are_one_or_two_plain_lines_with_what_to_do(up: Up, tmp_path: Path) -> None:
     bad_json = up.cli("submit", '{"task": "echo",')
     assert bad_json.code == 2 and "not valid JSON" in bad_json.err and len(bad_json.lines) <= 2, bad_json
