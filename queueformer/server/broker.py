@@ -72,3 +72,15 @@ def make_celery(settings: Settings, registry: Registry, name: str = "queueformer
 def publish(app: Celery, unit: JobsUnit | LinesUnit, queue: str, producer: Any = None) -> None:
     """Send one work unit to ``queue`` (explicit, so run-time fine-tuned models route too)."""
     app.send_task(RUN_TASK, kwargs={"unit": unit.model_dump()}, queue=queue, producer=producer)
+
+
+def restore_deliveries(app: Celery, tags: list[str]) -> None:
+    """Put delivered, unacknowledged messages back on their queues now, through kombu's own restore.
+
+    ``QoS.restore_by_tag`` takes the message out of ``unacked`` and pushes it (marked redelivered) to
+    the queue and priority it came from, in one transaction; a tag acknowledged meanwhile is a no-op.
+    """
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, client=channel.client)
