@@ -25,8 +25,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "event_serializer": "json",
         # Redelivery, not loss: a message is acknowledged only after its work is committed, and a worker
-        # that dies mid-task hands its messages back (after the visibility timeout, which in-flight work
-        # keeps renewing; see workers.lease).
+        # that dies mid-task hands its messages back: seconds after its heartbeat stops
+        # (queueformer.server.liveness), else after the visibility timeout, which in-flight work keeps
+        # renewing (workers.lease).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
