@@ -166,6 +166,13 @@ class Cluster:
         ready = {m.get("pid") for m in members if m.get("ready")}
         return live <= ready
 
+    def ready_worker_pids(self) -> set[int]:
+        """Pids of worker processes that have announced themselves ready (empty while Redis is away)."""
+        try:
+            return {int(m["pid"]) for m in Fleet(connect(self.redis_url)).members() if m.get("ready") and m.get("pid")}
+        except redis.RedisError:
+            return set()
+
     def wait_ready(self, timeout: float = 180.0, workers: int | None = None) -> None:
         """Wait until the API answers /readyz and every worker process reports ready."""
         expected = workers if workers is not None else sum(1 for c in self.children if c.name.startswith("worker"))

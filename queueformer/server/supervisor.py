@@ -1,13 +1,17 @@
-"""``queueformer up`` as a supervisor: what dies is started again, as Kubernetes restarts a crashed container.
+"""``queueformer up`` as a supervisor: what dies is started again, as Kubernetes restarts a crashed
+container.
 
-A worker, the API or Flower that exits is started again after a backoff that doubles with every crash
-in a row (1 s, 2 s, 4 s ... up to ``max_backoff_s``) and resets once the process has run for
-``healthy_after_s``. A process that crashes ``crash_loop_limit`` times within ``crash_loop_window_s``
-is in a crash loop: the supervisor stops and says which process, how it exited and where its log is,
-instead of restarting it forever. The embedded Valkey is restarted at once on the same port and data
-dir (its AOF holds every accepted job), so every other process keeps its URL and reconnects. Nothing
-else is stopped meanwhile: the API stays up while a worker restarts, and a dead worker's messages go
-back to their queue on heartbeat loss (``queueformer.server.liveness``), not when it comes back.
+A worker, the API or Flower that exits is started again after a backoff that doubles with every crash in
+a row (1 s, 2 s, 4 s ... up to ``max_backoff_s``). The row ends once the process is healthy again: a
+worker once it announces itself ready, any other process once it has run for ``healthy_after_s``. A
+process that exits ``crash_loop_limit`` times in a row without becoming healthy (a model that cannot
+load, a bad setting) is in a crash loop: the supervisor stops and says which process, how it exited and
+where its log is, instead of restarting it forever. A worker killed after it became ready (preemption,
+the host's OOM killer, a poison input) is restarted as often as it dies. The embedded Valkey is
+restarted at once on the same port and data dir (its AOF holds every accepted job), so every other
+process keeps its URL and reconnects. Nothing else is stopped meanwhile: the API stays up while a worker
+restarts, and a dead worker's messages go back to their queue on heartbeat loss
+(``queueformer.server.liveness``), not when it comes back.
 """
 
 from __future__ import annotations
@@ -28,10 +32,9 @@ class CrashLoop(RuntimeError):
 
 @dataclass
 class _Restarts:
-    crashes: list[float] = field(default_factory=list)  # monotonic times of recent exits
     due: float | None = None  # when the pending restart happens
     started: float = field(default_factory=time.monotonic)
-    streak: int = 0  # crashes in a row without a healthy run between them
+    streak: int = 0  # exits in a row without a healthy run between them
 
 
 @dataclass
@@ -43,7 +46,6 @@ class Supervisor:
     max_backoff_s: float = 60.0
     healthy_after_s: float = 60.0
     crash_loop_limit: int = 5
-    crash_loop_window_s: float = 300.0
     say: Callable[[str], None] = log.warning
     restarts: dict[str, int] = field(default_factory=dict)  # name -> restarts so far (for the curious and tests)
     _state: dict[str, _Restarts] = field(default_factory=dict)
@@ -52,11 +54,16 @@ class Supervisor:
         """One look at every process; raises :class:`CrashLoop` for one that keeps crashing."""
         now = time.monotonic() if now is None else now
         self._tend_redis()
+        ready: set[int] | None = None
         for child in self.cluster.children:
             state = self._state.setdefault(child.name, _Restarts(started=now))
             if child.proc.poll() is None:
                 if state.streak and now - state.started >= self.healthy_after_s:
                     state.streak = 0
+                elif state.streak and child.name.startswith("worker"):
+                    ready = self.cluster.ready_worker_pids() if ready is None else ready
+                    if child.proc.pid in ready:
+                        state.streak = 0
                 continue
             if state.due is None:
                 self._crashed(child, state, now)
@@ -77,17 +84,16 @@ class Supervisor:
 
     def _crashed(self, child: Child, state: _Restarts, now: float) -> None:
         code = child.proc.returncode
-        state.crashes = [t for t in state.crashes if now - t < self.crash_loop_window_s] + [now]
-        if len(state.crashes) >= self.crash_loop_limit:
+        state.streak += 1
+        if state.streak >= self.crash_loop_limit:
             tail = child.log_path.read_text(errors="replace")[-2000:]
             raise CrashLoop(
-                f"{child.name} exited {len(state.crashes)} times within {self.crash_loop_window_s:.0f}s "
-                f"(last exit code {code}); not restarting it again. Its log is {child.log_path}; last lines:\n{tail}"
+                f"{child.name} exited {state.streak} times in a row without becoming ready (last exit code "
+                f"{code}); not restarting it again. Its log is {child.log_path}; last lines:\n{tail}"
             )
-        delay = min(self.max_backoff_s, self.backoff_s * 2**state.streak)
-        state.streak += 1
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (state.streak - 1))
         state.due = now + delay
-        self.say(f"{child.name} exited with code {code}; restarting it in {delay:.0f}s (crash {len(state.crashes)})")
+        self.say(f"{child.name} exited with code {code}; restarting it in {delay:.0f}s (crash {state.streak} in a row)")
 
     def _tend_redis(self) -> None:
         server = self.cluster.redis
