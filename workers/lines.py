@@ -106,6 +106,9 @@ class LineRunner:
         try:
             deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
             immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
+            waited = max(0.0, time.time() - float(raw["created_at"]))
+            for _ in lines:
+                metrics.WAIT.labels(served.entry.name, "batch_line").observe(waited)
             remaining = self._commit(unit.batch, immediate, served.entry.name)
             pending: list[Entry] = []
             for ln in lines:
@@ -124,7 +127,12 @@ class LineRunner:
 
     @commit_retry
     def _commit(self, batch_id: str, entries: list[Entry], model: str) -> int | None:
-        return self.batches.ledger.commit_many(batch_id, entries, model)
+        remaining = self.batches.ledger.commit_many(batch_id, entries, model)
+        for outcome_ in ("out", "err"):
+            count = sum(1 for e in entries if e[1] == outcome_)
+            if count:
+                metrics.LINES.labels(model, "completed" if outcome_ == "out" else "failed").inc(count)
+        return remaining
 
     def _submit(
         self,
@@ -170,6 +178,7 @@ class LineRunner:
                     prepared,
                     cancelled=cancelled,
                     deadline=deadline,
+                    priority=unit.priority,
                     key=line_member(unit.batch, index),
                     alone=struck >= self.isolate_after_strikes,
                     tracker=self.tracker,

@@ -12,6 +12,7 @@ from typing import Any
 
 import kombu
 import pytest
+import redis
 
 from queueformer.contract.registry import Registry
 from queueformer.contract.units import JobsUnit
@@ -21,6 +22,11 @@ from queueformer.server.connection import connect
 from queueformer.server.fleet import Fleet
 from queueformer.server.liveness import ALONE, Custody, Liveness, line_member
 from tests.helpers import make_settings
+
+
+def queued(r: redis.Redis) -> int:
+    """Messages waiting on the echo queue, at any priority."""
+    return sum(int(r.llen(name)) for name in keys.queue_lists("echo"))
 
 
 @pytest.fixture
@@ -44,7 +50,7 @@ def test_a_dead_workers_messages_go_back_and_only_its_executing_lines_are_struck
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=1)
         tags = [str(m.delivery_tag) for m in got]
-        assert len(tags) == 3 and r.hlen(keys.UNACKED) == 3 and r.llen("echo") == 0
+        assert len(tags) == 3 and r.hlen(keys.UNACKED) == 3 and queued(r) == 0
 
         batch = "batch_livetest"
         r.hset(keys.batch(batch), mapping={"status": "in_progress"})
@@ -63,8 +69,8 @@ def test_a_dead_workers_messages_go_back_and_only_its_executing_lines_are_struck
         report = liveness.sweep(now=now + 7200)
         assert report.dead == ["dead-1"] and report.restored == 2 and report.orphans == 0
         assert sorted(report.struck) == sorted([line_member(batch, 2), line_member(batch, 3) + ALONE])
-        assert r.llen("echo") == 2 and r.hkeys(keys.UNACKED) == [tags[0]]
-        restored = [json.loads(m) for m in r.lrange("echo", 0, -1)]
+        assert queued(r) == 2 and r.hkeys(keys.UNACKED) == [tags[0]]
+        restored = [json.loads(m) for name in keys.queue_lists("echo") for m in r.lrange(name, 0, -1)]
         assert all(m["headers"]["redelivered"] for m in restored)
         assert r.hgetall(keys.batch_part(batch, "strikes")) == {"2": "1", "3": "1", "3:alone": "1"}
         assert not r.exists(keys.worker_deliveries("dead-1"), keys.worker_executing("dead-1"))
@@ -95,7 +101,7 @@ def test_a_message_no_worker_claims_goes_back_after_the_orphan_delay(app: Any, r
         liveness = Liveness(r, lambda t: restore_deliveries(app, t), orphan_after_s=60)
         assert liveness.sweep().orphans == 0  # taken a moment ago: its worker may be recording it
         assert liveness.sweep(now=time.time() + 61).orphans == 1
-        assert r.llen("echo") == 1 and r.hlen(keys.UNACKED) == 0
+        assert queued(r) == 1 and r.hlen(keys.UNACKED) == 0
         consumer.cancel()
 
 
