@@ -22,7 +22,8 @@ from api import metrics
 from api.history import History
 from api.services import Services
 from queueformer.contract.units import JobsUnit, LinesUnit
-from queueformer.server.broker import publish
+from queueformer.server.broker import publish, restore_deliveries
+from queueformer.server.liveness import Liveness, Sweep
 from queueformer.server.reconcile import Audit, Reconciler
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Upkeep:
             after_s=settings.reconcile_after_s,
             confirm_s=self.interval_s,
         )
+        self.liveness_interval_s = settings.liveness_interval_s
+        self.liveness = Liveness(services.redis, lambda tags: restore_deliveries(services.celery, tags))
         self.history = History(services.redis, settings.history_interval_s)
         self.sweep_interval_s = settings.file_sweep_interval_s
         self._stop = threading.Event()
@@ -52,7 +55,7 @@ class Upkeep:
         )
 
     def start(self) -> None:
-        if max(self.interval_s, self.sweep_interval_s, self.history.interval_s) > 0:
+        if max(self.interval_s, self.sweep_interval_s, self.history.interval_s, self.liveness_interval_s) > 0:
             self._thread.start()
         if self.webhook_concurrency > 0:
             if self.services.webhooks.key is None:
@@ -76,6 +79,10 @@ class Upkeep:
         metrics.RESENT.labels("batch_chunk").inc(len(report.resent_units))
         return report
 
+    def bury(self) -> Sweep:
+        """Hand back the messages of workers whose heartbeat stopped."""
+        return self.liveness.sweep()
+
     def sweep(self, now: float | None = None) -> list[str]:
         """Delete every file whose expiry has passed (in rounds of 1,000); returns their ids."""
         swept: list[str] = []
@@ -87,6 +94,7 @@ class Upkeep:
 
     def _loop(self) -> None:
         plan: list[tuple[float, str, Callable[[], object]]] = [
+            (self.liveness_interval_s, "sweep of dead workers", self.bury),
             (self.interval_s, "audit of open work", self.audit),
             (self.sweep_interval_s, "file sweep", self.sweep),
             (self.history.interval_s, "dashboard sample", self.sample),

@@ -3,8 +3,9 @@
 kombu's Redis transport keeps each unacknowledged message in a sorted set scored by delivery time and
 hands it back to the queue once that score is older than the visibility timeout (celery#5935: long
 jobs then run twice). A worker that is alive re-scores the messages it is working on every third of
-the timeout; a dead worker stops renewing, and its messages come back after one timeout. So the
-timeout bounds recovery time after a crash instead of bounding how long a job may run.
+the timeout, so the timeout never bounds how long a job may run. A dead worker's messages come back
+seconds after its heartbeat stops (``queueformer.server.liveness``); the timeout is only the last
+resort, for when no API process runs the sweeps.
 """
 
 from __future__ import annotations

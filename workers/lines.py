@@ -1,8 +1,11 @@
 """Runs a chunk of batch lines: read the byte range, skip what is committed, feed the engine, commit.
 
 Each line is committed exactly once through the batch ledger, so a redelivered chunk only runs the
-lines a dead worker left behind. A line delivered more than ``max_deliveries`` times is quarantined
-as ``worker_lost`` instead of killing worker after worker (celery#1628, OasisPlatform#975).
+lines a dead worker left behind. Worker deaths are judged by strikes, given only to lines that were
+executing when their worker died (``queueformer.server.liveness``): a line struck
+``isolate_after_strikes`` times runs alone, and one that kills its worker running alone is quarantined
+as ``poison_input`` instead of killing worker after worker (celery#1628, OasisPlatform#975). Lines that
+merely waited behind a crash are never quarantined; ``max_deliveries`` is only a backstop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from queueformer.contract.errors import ErrorInfo, NotFound, QueueformerError, TransientError, WorkerLost
+from queueformer.contract.errors import (
+    ErrorInfo,
+    NotFound,
+    PoisonInput,
+    QueueformerError,
+    TransientError,
+    WorkerLost,
+)
 from queueformer.contract.openai_batch import (
     LineError,
     error_line,
@@ -26,9 +36,10 @@ from queueformer.contract.units import LinesUnit
 from queueformer.server.batch_input import custom_id_of, iter_range
 from queueformer.server.batches import Batches
 from queueformer.server.ledger import Entry
+from queueformer.server.liveness import line_member
 from queueformer.server.storage import Storage
 from workers import metrics
-from workers.engine.item import WorkItem
+from workers.engine.item import Tracker, WorkItem
 from workers.holder import Served
 from workers.pending import Pending, commit_retry, outcome
 from workers.watch import CancelWatcher
@@ -48,11 +59,22 @@ class _Line:
 class LineRunner:
     """Runs batch chunks for a ``Runner``: the lines of one byte range, committed through the ledger."""
 
-    def __init__(self, batches: Batches, storage: Storage, watcher: CancelWatcher, max_deliveries: int) -> None:
+    def __init__(
+        self,
+        batches: Batches,
+        storage: Storage,
+        watcher: CancelWatcher,
+        max_deliveries: int,
+        *,
+        isolate_after_strikes: int = 2,
+        tracker: Tracker | None = None,
+    ) -> None:
         self.batches = batches
         self.storage = storage
         self.watcher = watcher
         self.max_deliveries = max_deliveries
+        self.isolate_after_strikes = isolate_after_strikes
+        self.tracker = tracker
         self.throughput = Throughput()
 
     def run(self, served: Served, unit: LinesUnit) -> dict[str, Any]:
@@ -125,9 +147,17 @@ class LineRunner:
         """Hand every runnable line to the engine; lines that cannot run become error entries at once."""
         immediate: list[Entry] = []
         lines: list[_Line] = []
-        for (index, line), tries in zip(rows, deliveries, strict=True):
-            if tries > self.max_deliveries:
-                err = WorkerLost(f"the worker running this request died {tries - 1} times; quarantined")
+        strikes = self.batches.ledger.strikes(unit.batch, [i for i, _ in rows])
+        for (index, line), tries, (struck, alone) in zip(rows, deliveries, strikes, strict=True):
+            err: QueueformerError | None = None
+            if alone:
+                err = PoisonInput(
+                    f"this request killed its worker when it ran alone (after {struck - alone} deaths of workers "
+                    "running it in a batch); quarantined"
+                )
+            elif tries > self.max_deliveries:
+                err = WorkerLost(f"handed to a worker {tries} times without finishing; quarantined")
+            if err is not None:
                 immediate.append((index, "err", error_line_for(custom_id_of(line) or f"line-{index + 1}", err), 0, 0))
                 continue
             try:
@@ -144,7 +174,15 @@ class LineRunner:
                 immediate.append((index, "err", error_line_for(parsed.custom_id, exc), 0, 0))
                 continue
             item = served.engine.submit(
-                WorkItem(prepared, cancelled=cancelled, deadline=deadline, priority=unit.priority)
+                WorkItem(
+                    prepared,
+                    cancelled=cancelled,
+                    deadline=deadline,
+                    priority=unit.priority,
+                    key=line_member(unit.batch, index),
+                    alone=struck >= self.isolate_after_strikes,
+                    tracker=self.tracker,
+                )
             )
             lines.append(_Line(index, parsed.custom_id, Pending(parsed.custom_id, prepared, item, time.perf_counter())))
         return immediate, lines

@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import task_received, worker_ready, worker_shutting_down
 
 from queueformer.contract import limits
 from queueformer.contract.errors import WorkerFatal
@@ -28,16 +28,19 @@ from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
 from queueformer.server.connection import connect
 from queueformer.server.files import FileStore, TrainingData
-from queueformer.server.fleet import Fleet
+from queueformer.server.fleet import HEARTBEAT_S, Fleet
 from queueformer.server.jobs import JobStore
+from queueformer.server.liveness import Custody
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
+from workers.custody import CustodyTracker
 from workers.fine_tuned import FineTunedModels
 from workers.handlers.fine_tune import FineTuneHandler
 from workers.health import Health
 from workers.holder import ModelHolder, serve
 from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
+from workers.memory import MemoryGuard
 from workers.metrics import EngineView, MetricsPublisher
 from workers.runner import Runner
 from workers.tasks import register
@@ -135,7 +138,12 @@ def training_runner(
     storage = files.storage
     training = TrainingData(files, settings.training_data_uris, settings.storage_options)
     handler = FineTuneHandler(registry, models_dir, storage, jobs, overlay, settings.data_dir / "training", training)
-    return TrainingRunner(handler, jobs, storage, settings.worker.max_deliveries, settings.visibility_timeout_s)
+    # A fine-tune runs alone on its worker, so every delivery it did not finish is a death while it ran
+    # alone: it gets as many as a batch line gets before quarantine.
+    attempts = settings.worker.isolate_after_strikes + 1
+    # The lease is renewed every optimizer step; a killed run's lease lapses soon after its message is handed
+    # back (seconds after its heartbeat stops), so the next delivery resumes it instead of stepping aside.
+    return TrainingRunner(handler, jobs, storage, attempts, lease_s=30)
 
 
 def build_runner(
@@ -147,6 +155,7 @@ def build_runner(
     jobs: JobStore,
     holder: ModelHolder,
     overlay: ModelOverlay,
+    tracker: CustodyTracker | None = None,
 ) -> Runner:
     """The runner with everything it needs, wired at construction."""
     files = FileStore(client, storage)
@@ -167,14 +176,26 @@ def build_runner(
         jobs,
         storage,
         max_deliveries=settings.worker.max_deliveries,
+        isolate_after_strikes=settings.worker.isolate_after_strikes,
+        tracker=tracker,
         watcher=watcher,
-        lines=LineRunner(batches, storage, watcher, settings.worker.max_deliveries),
+        lines=LineRunner(
+            batches,
+            storage,
+            watcher,
+            settings.worker.max_deliveries,
+            isolate_after_strikes=settings.worker.isolate_after_strikes,
+            tracker=tracker,
+        ),
         training=training,
     )
 
 
 class Announcer:
-    """Announces this worker to the fleet every 10 s: its models, their measured rates, readiness."""
+    """Announces this worker to the fleet every ``HEARTBEAT_S``: its models, their measured rates, readiness.
+
+    The announcement is the worker's heartbeat: when it lapses, the worker's messages are handed back.
+    """
 
     def __init__(
         self,
@@ -191,6 +212,8 @@ class Announcer:
         self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
 
     def start(self) -> None:
+        # Announced before the first message is taken: records of a worker without a heartbeat are a dead one's.
+        self._announce()
         self._thread.start()
 
     def stop(self) -> None:
@@ -198,18 +221,19 @@ class Announcer:
         self.fleet.leave(self.worker_id)
 
     def _loop(self) -> None:
-        while True:
-            models = self.holder.describe()
-            rates = self.lines.throughput.rates if self.lines is not None else {}
-            for model, rate in rates.items():
-                models[model]["lines_per_s"] = round(rate, 2)
-            state = {"models": models, "ready": self.health.ready, "healthy": self.health.alive}
-            try:
-                self.fleet.announce(self.worker_id, {**self.info, **state})
-            except redis.RedisError:
-                log.warning("could not announce to the fleet; Redis is away", exc_info=True)
-            if self._stop.wait(10):
-                return
+        while not self._stop.wait(HEARTBEAT_S):
+            self._announce()
+
+    def _announce(self) -> None:
+        models = self.holder.describe()
+        rates = self.lines.throughput.rates if self.lines is not None else {}
+        for model, rate in rates.items():
+            models[model]["lines_per_s"] = round(rate, 2)
+        state = {"models": models, "ready": self.health.ready, "healthy": self.health.alive}
+        try:
+            self.fleet.announce(self.worker_id, {**self.info, **state})
+        except redis.RedisError:
+            log.warning("could not announce to the fleet; Redis is away", exc_info=True)
 
 
 def default_concurrency(settings: Settings, registry: Registry, queues: list[str]) -> int:
@@ -233,7 +257,9 @@ def run_worker(
     if unknown:
         log.error("unknown queues %s; the registry has: %s", unknown, ", ".join(sorted(known)))
         return 2
-    worker_id = name or f"{'+'.join(queues)}@{socket.gethostname()}.{os.getpid()}"
+    # One id per incarnation: a container restarted in place (same host name, pid 1) is a new worker, and
+    # the dead one's messages must not pass for the new one's.
+    worker_id = f"{name or '+'.join(queues) + '@' + socket.gethostname()}.{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     client = connect(settings.redis())
     storage = Storage(settings.resolved_storage_url, settings.storage_options)
@@ -256,8 +282,10 @@ def run_worker(
     if port:
         log.info("health and metrics on :%d", health.serve("0.0.0.0", port))
 
+    guard = MemoryGuard(settings.worker.memory_limit_mb)
     lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
-    runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay)
+    tracker = CustodyTracker(Custody(client, worker_id))
+    runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay, tracker)
     app = make_celery(settings, registry)
     slots = concurrency or default_concurrency(settings, registry, queues)
     # One slot is kept from batch chunks, for jobs (see workers.tasks.register).
@@ -266,6 +294,11 @@ def run_worker(
     info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots, "failed": failed}
     info["line_slots"] = line_slots
     announcer = Announcer(fleet, worker_id, info, holder, health, runner.lines)
+
+    @task_received.connect(weak=False)
+    def _received(request: Any, **_: Any) -> None:
+        # Before the task runs, prefetched or not: a SIGKILL from here on hands the message back in seconds.
+        tracker.took(getattr(request.message, "delivery_tag", None))
 
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
@@ -289,7 +322,7 @@ def run_worker(
     )
     publisher.start()
     worker = app.Worker(
-        hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
+        hostname=worker_id,
         queues=queues,
         pool="threads",
         concurrency=slots,
@@ -301,11 +334,13 @@ def run_worker(
     try:
         worker.start()
     finally:
-        announcer.stop()
         publisher.stop()
         runner.stop()
         lease.stop()
         holder.stop()
+        tracker.stop()  # nothing runs any more: a clean exit leaves no executing record to strike
+        announcer.stop()
+        guard.stop()
         health.stop()
     return int(worker.exitcode or 0)
 

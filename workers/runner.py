@@ -17,6 +17,7 @@ from queueformer.contract.errors import (
     DeadlineExceeded,
     ErrorInfo,
     InvalidInput,
+    PoisonInput,
     QueueformerError,
     TransientError,
     WorkerLost,
@@ -25,9 +26,10 @@ from queueformer.contract.jobs import Task
 from queueformer.contract.tasks import parse_job
 from queueformer.contract.units import JobsUnit, LinesUnit, WorkUnit
 from queueformer.server.jobs import JobStore
+from queueformer.server.liveness import job_member
 from queueformer.server.storage import Storage
 from workers import metrics
-from workers.engine.item import WorkItem
+from workers.engine.item import Tracker, WorkItem
 from workers.holder import ModelHolder, Served
 from workers.pending import Pending, commit_retry, outcome
 from workers.watch import CancelWatcher, TokenPublisher
@@ -50,7 +52,9 @@ class Runner:
         jobs: JobStore,
         storage: Storage,
         *,
-        max_deliveries: int = 3,
+        max_deliveries: int = 20,
+        isolate_after_strikes: int = 2,
+        tracker: Tracker | None = None,
         watcher: CancelWatcher | None = None,
         tokens: TokenPublisher | None = None,
         lines: LineRunner | None = None,
@@ -60,6 +64,8 @@ class Runner:
         self.jobs = jobs
         self.storage = storage
         self.max_deliveries = max_deliveries
+        self.isolate_after_strikes = isolate_after_strikes
+        self.tracker = tracker
         self.watcher = watcher or CancelWatcher(lambda keys: jobs.cancel_requested(keys))
         self.tokens = tokens or TokenPublisher(jobs.publish_tokens)
         self.lines = lines  # batch chunks; None on a worker that takes no batch lines
@@ -138,6 +144,13 @@ class Runner:
         self, served: Served, job_id: str, data: dict[str, str], attempt: int, priority: int
     ) -> Pending | ErrorInfo:
         """Hand a started job to the engine, or the error that ends it now."""
+        # Strikes are worker deaths while this job was executing (queueformer.server.liveness).
+        strikes, alone = int(data.get("strikes") or 0), int(data.get("strikes_alone") or 0)
+        if alone:
+            return PoisonInput(
+                f"this job killed its worker when it ran alone (after {strikes - alone} deaths of workers "
+                "running it in a batch); quarantined"
+            ).info()
         if attempt > self.max_deliveries:
             return WorkerLost(f"delivered {attempt} times without finishing; quarantined").info()
         metrics.WAIT.labels(served.entry.name, "job").observe(max(0.0, time.time() - float(data["created_at"])))
@@ -158,6 +171,9 @@ class Runner:
             deadline=time.monotonic() + (deadline - time.time()) if deadline is not None else None,
             on_token=self.tokens.callback(job_id) if getattr(spec, "stream", False) else None,
             priority=priority,
+            key=job_member(job_id),
+            alone=strikes >= self.isolate_after_strikes,
+            tracker=self.tracker,
         )
         served.engine.submit(item)
         return Pending(job_id, prepared, item, time.perf_counter())

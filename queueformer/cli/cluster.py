@@ -74,6 +74,7 @@ def _free_port() -> int:
 
 def run_up(args: argparse.Namespace) -> int:
     from queueformer.server.cluster import Cluster
+    from queueformer.server.supervisor import CrashLoop, Supervisor
 
     settings = load_settings()
     ensure_tiny_models(settings)
@@ -91,10 +92,8 @@ def run_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster.start()
-    info = record_cluster(settings, cluster)
-    try:
-        cluster.wait_ready()
+
+    def say_up() -> None:
         sys.stdout.write(f"queueformer is up: API {cluster.api_url} (docs at {cluster.api_url}/docs)\n")
         if cluster.flower_port:
             sys.stdout.write(f"Flower http://127.0.0.1:{cluster.flower_port} (basic auth {cluster.flower_auth})\n")
@@ -103,9 +102,21 @@ def run_up(args: argparse.Namespace) -> int:
         for message in model_failures(cluster):
             sys.stdout.write(f"warning: {message}\n")
         sys.stdout.write(f"logs in {cluster.log_dir}; Ctrl-C stops everything\n")
-        while not stop:
-            cluster.check_alive()
-            time.sleep(0.5)
+        sys.stdout.flush()
+
+    def say(message: str) -> None:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+    cluster.start()
+    info = record_cluster(settings, cluster)
+    # Crashed workers, API, Flower and the embedded Valkey are started again (see queueformer.server.supervisor).
+    supervisor = Supervisor(cluster, say=say)
+    try:
+        supervisor.run(lambda: stop, say_up)
+    except CrashLoop as exc:
+        sys.stderr.write(f"queueformer up: {exc}\n")
+        return 1
     finally:
         sys.stdout.write("stopping...\n")
         cluster.stop()

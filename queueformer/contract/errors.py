@@ -188,9 +188,20 @@ class DeadlineExceeded(QueueformerError):
 
 
 class WorkerLost(QueueformerError):
-    """The work was redelivered after its worker died too many times; it is quarantined."""
+    """The work was handed to workers too many times without finishing; it is quarantined."""
 
     code = "worker_lost"
+
+
+class PoisonInput(QueueformerError):
+    """Running this input alone killed its worker (after it was running at two earlier worker deaths).
+
+    It is quarantined rather than run again, so it cannot take down worker after worker; the rest of
+    its batch is unaffected. Retrying it (``POST /v1/batches/{id}/retry``) runs it again.
+    """
+
+    code = "poison_input"
+    http_status = 422
 
 
 class WorkerFatal(QueueformerError):

@@ -68,6 +68,12 @@ class ApiSettings(BaseModel):
         description="Seconds between audits of open work against the broker (queueformer.server.reconcile); 0 turns "
         "them off. Work no message holds in two audits this far apart is sent again.",
     )
+    liveness_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds between sweeps for workers whose heartbeat stopped (queueformer.server.liveness): "
+        "their messages go back to their queues; 0 turns them off (they come back after the visibility timeout).",
+    )
     sync_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="How long synchronous routes (/v1/embeddings) wait for their job; then 504."
     )
@@ -168,7 +174,27 @@ class WorkerSettings(BaseModel):
     queues: list[str] = Field(default_factory=list, description="Queues (registered model queues) this worker serves.")
     concurrency: int = Field(8, ge=1, le=1024, description="Messages in flight at once, all feeding one engine.")
     health_port: int = Field(0, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics; 0 picks none.")
-    max_deliveries: int = Field(3, ge=1, le=100, description="Deliveries of one line before it is quarantined.")
+    max_deliveries: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Deliveries of one job or line before it is quarantined as worker_lost, whatever its strikes: "
+        "a backstop for losses no strike recorded. Worker deaths are judged by strikes (isolate_after_strikes).",
+    )
+    isolate_after_strikes: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Worker deaths a job or line was executing at before it runs alone; one that then kills its "
+        "worker running alone is quarantined as poison_input.",
+    )
+    memory_limit_mb: int = Field(
+        0,
+        ge=0,
+        description="Resident memory (MiB) at which the worker exits at once, as a container past its memory limit "
+        "is killed; 0: no limit. Its in-flight work is handed to other workers, and the input that drove it "
+        "there is found by strikes and quarantined as poison_input.",
+    )
     lease_renew_s: float = Field(
         0.0, ge=0, description="How often in-flight messages renew their lease; 0 = a third of the visibility timeout."
     )

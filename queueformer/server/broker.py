@@ -27,8 +27,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "event_serializer": "json",
         # Redelivery, not loss: a message is acknowledged only after its work is committed, and a worker
-        # that dies mid-task hands its messages back (after the visibility timeout, which in-flight work
-        # keeps renewing; see workers.lease).
+        # that dies mid-task hands its messages back: seconds after its heartbeat stops
+        # (queueformer.server.liveness), else after the visibility timeout, which in-flight work keeps
+        # renewing (workers.lease).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
@@ -90,3 +91,15 @@ def publish(app: Celery, unit: JobsUnit | LinesUnit, queue: str, producer: Any =
         producer=producer,
         priority=broker_priority(unit.priority),
     )
+
+
+def restore_deliveries(app: Celery, tags: list[str]) -> None:
+    """Put delivered, unacknowledged messages back on their queues now, through kombu's own restore.
+
+    ``QoS.restore_by_tag`` takes the message out of ``unacked`` and pushes it (marked redelivered) to
+    the queue and priority it came from, in one transaction; a tag acknowledged meanwhile is a no-op.
+    """
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, client=channel.client)

@@ -36,6 +36,8 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,10 +135,43 @@ class Cluster:
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         log_path = self.log_dir / f"{name}.log"
-        out = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-        # start_new_session: Ctrl-C in the terminal reaches the supervisor only, which stops children in order.
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append(Child(name, proc, log_path))
+        self.children.append(Child(name, self._popen(cmd, env, log_path), log_path, cmd, env))
+
+    @staticmethod
+    def _popen(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+            # start_new_session: Ctrl-C in the terminal reaches the supervisor only, which stops children in order.
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def respawn(self, child: Child) -> None:
+        """Start an exited child again, with the same command line and environment."""
+        child.proc = self._popen(child.cmd, child.env, child.log_path)
+
+    def ready(self) -> bool:
+        """The API answers /readyz and every worker process that is alive now has announced itself ready.
+
+        Fleet entries are matched to live worker processes by pid: a dead worker's entry outlives it by up
+        to a heartbeat TTL and must not count.
+        """
+        workers = [c for c in self.children if c.name.startswith("worker")]
+        live = {c.proc.pid for c in workers if c.proc.poll() is None}
+        if len(live) < len(workers):
+            return False
+        try:
+            if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code != 200:
+                return False
+            members = Fleet(connect(self.redis_url)).members()
+        except (httpx.HTTPError, redis.RedisError):
+            return False
+        ready = {m.get("pid") for m in members if m.get("ready")}
+        return live <= ready
+
+    def ready_worker_pids(self) -> set[int]:
+        """Pids of worker processes that have announced themselves ready (empty while Redis is away)."""
+        try:
+            return {int(m["pid"]) for m in Fleet(connect(self.redis_url)).members() if m.get("ready") and m.get("pid")}
+        except redis.RedisError:
+            return set()
 
     def wait_ready(self, timeout: float = 180.0, workers: int | None = None) -> None:
         """Wait until the API answers /readyz and every worker process reports ready."""
@@ -145,13 +180,17 @@ class Cluster:
         fleet = Fleet(connect(self.redis_url))
         while time.monotonic() < deadline:
             self.check_alive()
-            try:
-                ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
-                # Workers announce themselves in Redis, models or not (a fine-tune worker loads none up front).
-                if ready and sum(1 for m in fleet.members() if m.get("ready")) >= expected:
+            if workers is None:
+                if self.ready():
                     return
-            except (httpx.HTTPError, redis.RedisError):
-                pass
+            else:
+                try:
+                    ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
+                    # Workers started elsewhere (tests) announce themselves in Redis, models or not.
+                    if ready and sum(1 for m in fleet.members() if m.get("ready")) >= expected:
+                        return
+                except (httpx.HTTPError, redis.RedisError):
+                    pass
             time.sleep(0.5)
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s; logs in {self.log_dir}")
 

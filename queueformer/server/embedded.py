@@ -116,6 +116,11 @@ class EmbeddedRedis:
         proc = getattr(self._server, "_process", None)
         return proc.pid if proc is not None else None
 
+    def alive(self) -> bool:
+        """Whether the server process still runs (a crashed one is restarted with ``start`` on the same data)."""
+        proc = getattr(self._server, "_process", None)
+        return proc is not None and proc.poll() is None
+
     def stop(self) -> None:
         if self._server is not None and self._server.is_running():
             self._server.stop(timeout=10)

@@ -1,7 +1,9 @@
 """The live fleet: each worker announces what it serves, refreshed on a short TTL.
 
 A worker that stops refreshing (killed, hung) drops out within one TTL, so ``/v1/models`` shows only
-workers that are alive, with the placement, dtype, quantization and memory each one really loaded.
+workers that are alive, with the placement, dtype, quantization and memory each one really loaded. The
+announcement is also the worker's heartbeat: once it lapses, ``queueformer.server.liveness`` puts the
+worker's messages back on their queues, so the TTL bounds how long a killed worker's work waits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import redis
 
 from queueformer.server import keys
 
-TTL_S = 30
+HEARTBEAT_S = 2.0  # a worker announces itself this often
+TTL_S = 8  # and is taken for dead this long after its last announcement (three missed beats)
 
 
 class Fleet:

@@ -109,7 +109,9 @@ def batch_part(batch_id: str, part: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:{part}"
 
 
-BATCH_PARTS = ("out", "err", "done", "tries", "chunks")
+BATCH_PARTS = ("out", "err", "done", "tries", "chunks", "strikes")
+# ``strikes`` (hash): line -> deaths of a worker while the line was executing; ``<line>:alone`` -> those
+# while it ran alone (see queueformer.server.liveness).
 
 
 def tenant_batches(tenant: str) -> str:
@@ -162,6 +164,26 @@ def worker(worker_id: str) -> str:
 
 
 WORKERS_PATTERN = worker("*")
+
+
+def worker_deliveries(worker_id: str) -> str:
+    """Set: delivery tags of the messages a worker took (running or prefetched) and has not yet acked."""
+    return f"{PREFIX}:deliveries:{worker_id}"
+
+
+DELIVERIES_PATTERN = worker_deliveries("*")
+
+
+def worker_executing(worker_id: str) -> str:
+    """Set: the jobs and batch lines a worker's engines are running now (``job:<id>``, ``line:<batch>:<n>``)."""
+    return f"{PREFIX}:executing:{worker_id}"
+
+
+EXECUTING_PATTERN = worker_executing("*")
+# Lock: held by the API replica that sweeps dead workers, for one sweep.
+LIVENESS_LOCK = f"{PREFIX}:liveness:lock"
+# Hash: worker -> when a sweep first found its heartbeat gone (Redis time); it is buried once confirmed.
+LIVENESS_SUSPECTS = f"{PREFIX}:liveness:suspects"
 
 
 def worker_metrics(worker_id: str) -> str:

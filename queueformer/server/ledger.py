@@ -126,6 +126,15 @@ class Ledger:
             p.hincrby(keys.batch_part(batch_id, "tries"), str(line), 1)
         return [int(x) for x in p.execute()]
 
+    def strikes(self, batch_id: str, lines: Sequence[int]) -> list[tuple[int, int]]:
+        """Per line: worker deaths it was executing at, and those of them while it ran alone."""
+        if not lines:
+            return []
+        fields = [f for line in lines for f in (str(line), f"{line}:alone")]
+        values = cast(list[str | None], self.r.hmget(keys.batch_part(batch_id, "strikes"), fields))
+        counts = [int(v or 0) for v in values]
+        return list(zip(counts[0::2], counts[1::2], strict=True))
+
     def error_lines(self, batch_id: str) -> dict[int, dict[str, Any]]:
         raw = cast(dict[str, str], self.r.hgetall(keys.batch_part(batch_id, "err")))
         return {int(k): json.loads(v) for k, v in raw.items()}
@@ -136,6 +145,7 @@ class Ledger:
             p.hdel(keys.batch_part(batch_id, "err"), str(line))
             p.setbit(keys.batch_part(batch_id, "done"), line, 0)
             p.hdel(keys.batch_part(batch_id, "tries"), str(line))
+            p.hdel(keys.batch_part(batch_id, "strikes"), str(line), f"{line}:alone")
 
     def lines_so_far(self, batch_id: str, errors: bool = False) -> list[bytes]:
         """Committed output (or error) lines still held in Redis, in line order."""

@@ -66,17 +66,12 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def chaos_cluster(own_redis: EmbeddedRedis, tiny_models: Path, tmp_path: Path) -> Iterator[tuple[Cluster, Any]]:
     """The API alone on its own Redis; tests start (and kill) workers with the returned factory."""
-    settings = make_settings(
-        own_redis.url, tmp_path, tiny_models, visibility_timeout_s=10, quota={"max_enqueued_tokens": 10**9}
-    )
-    # Audits of open work every second, so a message lost in delivery is sent again within seconds.
-    upkeep = {"QUEUEFORMER_API__RECONCILE_INTERVAL_S": "1", "QUEUEFORMER_API__RECONCILE_AFTER_S": "3"}
-    cluster = Cluster(settings, api_port=free_port(), worker_groups=[], env=upkeep)
+    # The settings users get: default visibility timeout, delivery limits and audit intervals.
+    settings = make_settings(own_redis.url, tmp_path, tiny_models, quota={"max_enqueued_tokens": 10**9})
+    cluster = Cluster(settings, api_port=free_port(), worker_groups=[])
     cluster.start()
     workers: list[Worker] = []
-    # Deliveries are counted per chunk delivery, not per execution: five kills a minute would push lines
-    # that only sat queued in the engine past the default of 3 (see docs/reliability.md, "Quarantine").
-    env = {**cluster.child_env(own_redis.url), "QUEUEFORMER_WORKER__MAX_DELIVERIES": "10"}
+    env = cluster.child_env(own_redis.url)
 
     def new_worker(queues: list[str]) -> Worker:
         w = Worker(env, queues, tmp_path / f"worker-{len(workers)}.log").start()

@@ -197,3 +197,43 @@ def test_an_urgent_item_takes_a_full_batchs_place_and_the_rows_it_displaced_deco
     for job, it in zip(long, low, strict=True):  # the row sent back to waiting started over, same tokens
         want = reference_tokens(gen, job.prompt, max_new_tokens=200, do_sample=False, eos_token_id=[])[0]
         assert it.future.result(timeout=300)[0].token_ids == want
+
+
+class Recorder:
+    """Records what an engine says it is about to execute, and what was unfinished at that moment."""
+
+    def __init__(self, everything: list[WorkItem]) -> None:
+        self.everything = everything
+        self.calls: list[tuple[list[str], list[str]]] = []
+
+    def begin(self, items: Any) -> None:
+        running = [it.key for it in self.everything if not it.future.done() and it.key not in {i.key for i in items}]
+        self.calls.append(([it.key for it in items], [k for k in running if k is not None]))
+
+
+@pytest.mark.parametrize("which", ["decode", "batch"])
+def test_a_suspect_runs_alone_and_every_item_is_recorded_before_it_runs(gen: Served, cls: Served, which: str) -> None:
+    served = gen if which == "decode" else cls
+    everything: list[WorkItem] = []
+    tracker = Recorder(everything)
+
+    def item(i: int, alone: bool = False) -> WorkItem:
+        if which == "decode":
+            job: Any = GenerateJob(model="g", prompt=f"The weather {i}", max_new_tokens=12, ignore_eos=True)
+        else:
+            job = ClassifyJob(model="c", text=f"I love item {i}")
+        it = WorkItem(served.handler.preprocess(job), key=f"line:b:{i}", alone=alone, tracker=tracker)
+        everything.append(it)
+        return it
+
+    items = [item(i, alone=(i == 3)) for i in range(7)]
+    for it in items:
+        served.engine.submit(it)
+    for it in items:
+        it.future.result(timeout=60)
+    began = [k for keys, _ in tracker.calls for k in keys]
+    assert set(began) == {f"line:b:{i}" for i in range(7)}  # every item was recorded before it ran
+    (suspect_call,) = [c for c in tracker.calls if "line:b:3" in c[0]]
+    assert suspect_call[0] == ["line:b:3"]  # it began alone...
+    if which == "decode":
+        assert not [k for k in suspect_call[1] if k in began[: began.index("line:b:3")]]  # ...with no row running

@@ -19,7 +19,7 @@ import torch
 
 from queueformer.contract.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
-from workers.engine.item import WorkItem
+from workers.engine.item import WorkItem, begin
 from workers.handlers.base import Handler
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,10 @@ class BatchEngine:
                 it.reject(reason)
                 continue
             groups[self.handler.group_key(it.prepared)].append(it)
-        batches: list[list[WorkItem]] = []
+        # Suspects of earlier crashes run alone, so a crash while one runs names it.
+        batches: list[list[WorkItem]] = [[it] for g in groups.values() for it in g if it.alone]
         for group in groups.values():
+            group = [it for it in group if not it.alone]
             group.sort(key=lambda it: self.handler.size(it.prepared))
             current: list[WorkItem] = []
             shortest = 0
@@ -138,6 +140,7 @@ class BatchEngine:
 
     def _run(self, batch: list[WorkItem]) -> None:
         started = time.perf_counter()
+        begin(batch)
         try:
             with torch.inference_mode():
                 outputs = self.handler.forward([it.prepared for it in batch])

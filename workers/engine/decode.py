@@ -33,7 +33,7 @@ from transformers import GenerationConfig
 from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientError
 from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
-from workers.engine.item import WorkItem
+from workers.engine.item import WorkItem, begin
 from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
 from workers.engine.processors import RowDecoding, Scored, pick, prompt_scores, row_decoding
@@ -325,6 +325,7 @@ class DecodeEngine:
             self._waiting.insert(at + offset, seq)
 
     def _run_beams(self, item: WorkItem) -> None:
+        begin([item])
         try:
             item.resolve(self.beam_search(item.prepared))
         except Exception as exc:
@@ -350,6 +351,16 @@ class DecodeEngine:
     # --- admission and prefill -----------------------------------------------------------------
 
     def _admit(self) -> None:
+        if any(s.item.alone for s in self._rows):
+            return  # a suspect of earlier crashes runs alone until it finishes
+        suspect = next((s.item for s in self._waiting if s.item.alone), None)
+        if suspect is not None:
+            if self._rows:
+                return  # let the running batch drain, then run the suspect alone
+            alone = [s for s in self._waiting if s.item is suspect]
+            self._waiting = collections.deque(s for s in self._waiting if s.item is not suspect)
+            self._prefill_and_join(alone)
+            return
         room = self._cap - len(self._rows)
         picked: list[_Seq] = []
         longest = max((s.final_length for s in self._rows), default=0)
@@ -360,8 +371,11 @@ class DecodeEngine:
                 break
             picked.append(self._waiting.popleft())
             longest = new_longest
-        if not picked:
-            return
+        if picked:
+            self._prefill_and_join(picked)
+
+    def _prefill_and_join(self, picked: list[_Seq]) -> None:
+        begin(list({id(s.item): s.item for s in picked}.values()))
         picked.sort(key=lambda s: len(s.req.input_ids))
         groups = self._prefill_groups(picked)
         if not self._mergeable:

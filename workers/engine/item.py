@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from queueformer.contract.errors import Cancelled, DeadlineExceeded
 
 
 def _never() -> bool:
     return False
+
+
+class Tracker(Protocol):
+    """Told which items an engine is about to execute, before it executes them (see ``workers.custody``)."""
+
+    def begin(self, items: Sequence[WorkItem]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -27,6 +33,9 @@ class WorkItem:
     priority: int = 0  # 0 to 9, higher first: engines admit waiting work by priority, then arrival
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # set by the decode engine (time to first token)
+    key: str | None = None  # the job or batch line, as the worker's executing record names it
+    alone: bool = False  # run with nothing else in the engine's batch (a suspect of earlier crashes)
+    tracker: Tracker | None = None
 
     def stop_reason(self) -> Exception | None:
         """Why this item must stop now, if it must."""
@@ -43,3 +52,13 @@ class WorkItem:
     def reject(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+def begin(items: Sequence[WorkItem]) -> None:
+    """Engines call this right before they execute ``items``: each tracker records its items first."""
+    by: dict[int, tuple[Tracker, list[WorkItem]]] = {}
+    for it in items:
+        if it.tracker is not None and it.key is not None:
+            by.setdefault(id(it.tracker), (it.tracker, []))[1].append(it)
+    for tracker, its in by.values():
+        tracker.begin(its)

@@ -61,8 +61,9 @@ class TrainingRunner:
             # Redelivery can hand the same job to two consumers; a lease in Redis lets only one train it.
             lease = self.jobs.r.lock(keys.fine_tune_lease(job_id), timeout=self.lease_s)
             if not lease.acquire(blocking=False):
-                log.info("fine-tune %s is running elsewhere; this delivery steps aside", job_id)
-                return 0
+                # Running elsewhere, or the lease of a dead run has not lapsed yet: try again shortly (the
+                # task retries with backoff); once the job is finished, the retry finds nothing to do.
+                raise TransientError(f"fine-tune {job_id} holds a lease elsewhere; trying again")
             try:
                 return self._train(job_id, lease)
             finally:
