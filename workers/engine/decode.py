@@ -41,6 +41,7 @@ from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
 from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
+from workers.engine.prefix import PrefixKV, PrefixObserver, PrefixReuse, Share
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ class DecodeEngine:
         beam_search: Callable[[GenRequest], list[GenOutput]],
         poll_steps: int = 8,
         observer: StepObserver | None = None,
+        prefix_cache_tokens: int = 0,
+        prefix_observer: PrefixObserver | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -209,6 +212,12 @@ class DecodeEngine:
             model.set_attn_implementation(ATTENTION)
         if not self._mergeable:
             log.warning("%s: sliding-window or hybrid attention; decoding one group at a time", name)
+        # Prefix reuse copies keys and values between rows: only for caches the engine owns (slabs).
+        self.prefix: PrefixReuse | None = (
+            PrefixReuse(name, prefix_cache_tokens, prefix_observer)
+            if self._mergeable and prefix_cache_tokens > 0
+            else None
+        )
         self._stopping = False
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"decode-{name}", daemon=True)
@@ -314,37 +323,45 @@ class DecodeEngine:
         room = self._cap - len(self._rows)
         picked: list[_Seq] = []
         longest = max((s.final_length for s in self._rows), default=0)
+        budget = self.kv_cache_tokens - (self.prefix.tokens if self.prefix is not None else 0)
         while self._waiting and len(picked) < room:
             cand = self._waiting[0]
             new_longest = max(longest, cand.final_length)
-            if picked and (len(self._rows) + len(picked) + 1) * new_longest > self.kv_cache_tokens:
+            if picked and (len(self._rows) + len(picked) + 1) * new_longest > budget:
                 break
             picked.append(self._waiting.popleft())
             longest = new_longest
         if not picked:
             return
         picked.sort(key=lambda s: len(s.req.input_ids))
+        parts: list[_Part] = []
+        if self.prefix is not None:
+            shares, picked = self.prefix.plan(picked, self._rows)
+            for share in shares:
+                parts.extend(self._prefill_share(share))
         groups = self._prefill_groups(picked)
         if not self._mergeable:
             # Unmergeable caches decode one group at a time; the rest go back to the front.
             for s in reversed([s for g in groups[1:] for s in g]):
                 self._waiting.appendleft(s)
             groups = groups[:1]
-        parts: list[_Part] = []
         for group in groups:
             parts.extend(self._prefill(group))
         if parts:
             self._join(parts)
             self._retire()
 
-    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
-        """Cut length-sorted sequences into groups with little padding and bounded prefill tokens."""
+    def _prefill_groups(self, seqs: list[_Seq], skip: int = 0) -> list[list[_Seq]]:
+        """Cut length-sorted sequences into groups with little padding and bounded prefill tokens.
+
+        ``skip`` leading tokens of every prompt are already in the cache (a shared prefix).
+        """
         groups: list[list[_Seq]] = []
         current: list[_Seq] = []
         for s in seqs:
-            n = len(s.req.input_ids)
+            n = len(s.req.input_ids) - skip
             if current:
-                shortest = len(current[0].req.input_ids)
+                shortest = len(current[0].req.input_ids) - skip
                 if (len(current) + 1) * n > self.max_batch_tokens or n > shortest * 1.25 + 4:
                     groups.append(current)
                     current = []
@@ -353,17 +370,68 @@ class DecodeEngine:
             groups.append(current)
         return groups
 
-    def _prefill(self, group: list[_Seq]) -> list[_Part]:
-        """Prefill one group (splitting it on OOM) and pick each row's first token."""
-        ids, mask = pad_left([s.req.input_ids for s in group], self.pad_id, self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    def _prefill_share(self, share: Share) -> list[_Part]:
+        """Prefill rows that start with one prefix: the prefix once (unless held), then each row's suffix."""
+        assert self.prefix is not None
+        if share.kv is None:
+            share.kv = self._build_prefix(share)
+            if share.kv is None:
+                return [p for group in self._prefill_groups(share.rows) for p in self._prefill(group)]
+            self.prefix.cache.put(share.kv)
+        rows = sorted(share.rows, key=lambda s: len(s.req.input_ids))
+        return [p for group in self._prefill_groups(rows, skip=len(share.kv)) for p in self._prefill(group, share.kv)]
+
+    def _build_prefix(self, share: Share) -> PrefixKV | None:
+        """The prefix's keys and values: copied from a running row, or prefilled (on a shorter cached one)."""
+        assert self.prefix is not None
+        n = len(share.tokens)
+        if share.source_row is not None and share.source_row < len(self._rows) and self._mask is not None:
+            # the first n unmasked columns of a running row are its first n prompt tokens
+            columns = self._mask[share.source_row].nonzero().squeeze(1)[:n]
+            return PrefixKV.from_cache(share.tokens, self._cache, share.source_row, columns)
+        base = self.prefix.cache.longest(share.tokens, n - 1)
+        start = len(base) if base is not None else 0
+        ids = torch.tensor([share.tokens[start:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, n, device=self.device)[None]
+        cache = base.expand(1, n - start) if base is not None else SlabCache(self._layers, self._kv_dtype)
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=SlabCache(self._layers, self._kv_dtype) if self._mergeable else None,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            free_memory()
+            return None  # the rows are prefilled whole, each on its own budget
+        return PrefixKV.from_cache(share.tokens, out.past_key_values, 0, torch.arange(n, device=self.device))
+
+    def _prefill(self, group: list[_Seq], prefix: PrefixKV | None = None) -> list[_Part]:
+        """Prefill one group (splitting it on OOM) and pick each row's first token.
+
+        With a ``prefix``, every row starts with it: the cache starts as copies of its keys and values
+        and only the suffixes are prefilled (left-padded after the prefix, masked).
+        """
+        skip = len(prefix) if prefix is not None else 0
+        ids, mask = pad_left([s.req.input_ids[skip:] for s in group], self.pad_id, self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + skip
+        cache: Any = SlabCache(self._layers, self._kv_dtype) if self._mergeable else None
+        if prefix is not None:
+            cache = prefix.expand(len(group), ids.shape[1])
+            mask = torch.cat([mask.new_ones((len(group), skip)), mask], dim=1)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -375,7 +443,7 @@ class DecodeEngine:
                 self._fail(group[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
                 return []
             half = len(group) // 2
-            return self._prefill(group[:half]) + self._prefill(group[half:])
+            return self._prefill(group[:half], prefix) + self._prefill(group[half:], prefix)
         nxt = self._select(group, out.logits[:, -1, :].float())
         next_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)
         return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
