@@ -187,9 +187,9 @@ def scan_file(
                 if check is not None:
                     check(job)
                 line_models[index] = job.model
-                key = prefix_key(job)
-                if key is not None:
-                    line_keys[index] = f"{job.model}\0{key}"
+                shared = prefix_key(job)
+                if shared is not None:
+                    line_keys[index] = f"{job.model}\0{shared}"
                 tokens += estimate_tokens(job)
             except LineError as err:
                 errors.append((index, err.custom_id, err))
