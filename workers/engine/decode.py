@@ -93,6 +93,7 @@ class _Seq:
     generator: torch.Generator | None = None
     processors: LogitsProcessorList | None = None
     constraint: Constraint | None = None
+    retired: bool = False  # finished and answered; its row leaves the batch at the next compaction
 
     def __post_init__(self) -> None:
         if self.req.constraint is not None and self.constraint is None:
@@ -247,7 +248,25 @@ class DecodeEngine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return self._live()
+
+    def _alive(self) -> torch.Tensor:
+        return torch.tensor([0 if s.retired else 1 for s in self._rows], dtype=torch.long, device=self.device)
+
+    def _live(self) -> int:
+        return sum(1 for s in self._rows if not s.retired)
+
+    def _should_admit(self) -> bool:
+        """Admit when there is room, but not a row or two at a time into a large running batch.
+
+        Joining copies the whole cache, so rows wait until an eighth of the batch is free (or every
+        waiting row fits): a few steps' delay for those rows instead of a copy of every row per step.
+        """
+        live = self._live()
+        room = self._cap - live
+        if not self._waiting or room <= 0 or (self._rows and not self._mergeable):
+            return False
+        return live == 0 or room >= max(1, self._cap // 8) or len(self._waiting) <= room
 
     # --- loop -----------------------------------------------------------------------------------
 
@@ -257,7 +276,7 @@ class DecodeEngine:
                 self._pull(block=not self._rows and not self._waiting)
                 if self._steps % self.poll_steps == 0:
                     self._check_stops()
-                if self._waiting and len(self._rows) < self._cap and (not self._rows or self._mergeable):
+                if self._should_admit():
                     self._admit()
                 if self._rows:
                     self._step()
@@ -320,14 +339,15 @@ class DecodeEngine:
     # --- admission and prefill -----------------------------------------------------------------
 
     def _admit(self) -> None:
-        room = self._cap - len(self._rows)
+        live = self._live()
+        room = self._cap - live
         picked: list[_Seq] = []
-        longest = max((s.final_length for s in self._rows), default=0)
+        longest = max((s.final_length for s in self._rows if not s.retired), default=0)
         budget = self.kv_cache_tokens - (self.prefix.tokens if self.prefix is not None else 0)
         while self._waiting and len(picked) < room:
             cand = self._waiting[0]
             new_longest = max(longest, cand.final_length)
-            if picked and (len(self._rows) + len(picked) + 1) * new_longest > budget:
+            if picked and (live + len(picked) + 1) * new_longest > budget:
                 break
             picked.append(self._waiting.popleft())
             longest = new_longest
@@ -449,21 +469,57 @@ class DecodeEngine:
         return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
 
     def _join(self, parts: list[_Part]) -> None:
-        """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run."""
+        """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run.
+
+        The copy also drops retired rows and orders rows by length: decode attention reads each run
+        of rows from its own first used column (``engine_sdpa``), so neighbours of similar length
+        read little padding.
+        """
         if self._rows:
             assert self._mask is not None and self._next is not None and self._pos is not None
             parts = [_Part(self._rows, self._cache, self._mask, self._next, self._pos), *parts]
-        if len(parts) == 1:
+        if len(parts) == 1 and not any(s.retired for s in parts[0].rows):
             p = parts[0]
             self._rows, self._cache, self._mask, self._next, self._pos = list(p.rows), p.cache, p.mask, p.next, p.pos
             return
+        kept = [[r for r, s in enumerate(p.rows) if not s.retired] for p in parts]
+        flat = [p.rows[r] for p, rows in zip(parts, kept, strict=True) for r in rows]
+        if not flat:
+            self._rows, self._cache, self._mask, self._next, self._pos = [], None, None, None, None
+            return
+        order = sorted(range(len(flat)), key=lambda i: -flat[i].length)  # output row -> flat index
+        place = [0] * len(flat)
+        for out_row, i in enumerate(order):
+            place[i] = out_row
+        picks: list[torch.Tensor | None] = []
+        dest: list[torch.Tensor] = []
+        at = 0
+        for p, rows in zip(parts, kept, strict=True):
+            picks.append(None if len(rows) == len(p.rows) else torch.tensor(rows, device=self.device))
+            dest.append(torch.tensor(place[at : at + len(rows)], device=self.device))
+            at += len(rows)
         width = max(p.mask.shape[1] for p in parts)
-        longest = max(s.final_length for p in parts for s in p.rows)
-        self._cache = SlabCache.merged([p.cache for p in parts], headroom=max(8, longest - width))
-        self._mask = torch.cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts], dim=0)
-        self._next = torch.cat([p.next for p in parts])
-        self._pos = torch.cat([p.pos for p in parts])
-        self._rows = [s for p in parts for s in p.rows]
+        longest = max(s.final_length for s in flat)
+        if self._mergeable:
+            self._cache = SlabCache.merged(
+                [p.cache for p in parts], headroom=max(8, longest - width), picks=picks, dest=dest
+            )
+        else:  # one part (unmergeable caches never join): drop retired rows in place
+            assert len(parts) == 1
+            parts[0].cache.batch_select_indices(torch.tensor(kept[0], device=self.device))
+            order = list(range(len(flat)))
+        perm = torch.tensor(order, device=self.device)
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            chosen = [t if pick is None else t.index_select(0, pick) for t, pick in zip(tensors, picks, strict=True)]
+            return torch.cat(chosen, dim=0).index_select(0, perm)
+
+        self._mask = cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts])
+        self._next = cat([p.next for p in parts])
+        self._pos = cat([p.pos for p in parts])
+        self._rows = [flat[i] for i in order]
+        if not self._mergeable:
+            self._cache = parts[0].cache
 
     # --- decoding ---------------------------------------------------------------------------------
 
@@ -488,10 +544,21 @@ class DecodeEngine:
             return
         self._mask = mask
         self._cache = out.past_key_values
-        rows = len(self._rows)
-        nxt = self._select(self._rows, out.logits[:, -1, :].float())
+        live = [i for i, s in enumerate(self._rows) if not s.retired]
+        rows = len(live)
+        logits = out.logits[:, -1, :].float()
+        if rows == len(self._rows):
+            nxt = self._select(self._rows, logits)
+        else:  # retired rows still in the batch decode padding until the next compaction
+            nxt = [self.pad_id] * len(self._rows)
+            idx = torch.tensor(live, device=logits.device)
+            for i, tok in zip(
+                live, self._select([self._rows[i] for i in live], logits.index_select(0, idx)), strict=True
+            ):
+                nxt[i] = tok
         self._next = torch.tensor(nxt, dtype=torch.long, device=self.device)
-        self._pos = self._pos + 1
+        # a retired row keeps its position: it must never run past the model's position limit
+        self._pos = self._pos + (1 if rows == len(self._rows) else self._alive())
         self._steps += 1
         self._ok_steps += 1
         if self._cap < self.max_batch_size and self._ok_steps >= 32:
@@ -510,7 +577,7 @@ class DecodeEngine:
             self._retire()
             return
         keep = len(self._rows) // 2
-        evicted = self._rows[keep:]
+        evicted = [s for s in self._rows[keep:] if not s.retired]
         for s in reversed(evicted):
             s.reset()
             self._waiting.appendleft(s)
@@ -578,11 +645,17 @@ class DecodeEngine:
         return True
 
     def _retire(self) -> None:
-        done = [i for i, s in enumerate(self._rows) if s.finish is not None]
+        """Answer finished rows now; take them out of the batch once an eighth of it has finished.
+
+        Taking rows out copies the whole cache: done every step (rows of long-tail files finish at
+        nearly every step) it cost more than decoding a few finished rows along.
+        """
+        done = [i for i, s in enumerate(self._rows) if s.finish is not None and not s.retired]
         if not done:
             return
         for i in done:
             s = self._rows[i]
+            s.retired = True
             group = self._groups.get(id(s.item))
             if group is not None and s.finish != "cancelled":
                 group.done(s)
@@ -591,7 +664,8 @@ class DecodeEngine:
             elif s.item.future.done():
                 self._groups.pop(id(s.item), None)
         keep = [i for i, s in enumerate(self._rows) if s.finish is None]
-        self._select_rows(keep)
+        if not self._mergeable or not keep or 8 * (len(self._rows) - len(keep)) >= len(self._rows):
+            self._select_rows(keep)
 
     def _select_rows(self, keep: list[int]) -> None:
         if not keep:
