@@ -6,6 +6,8 @@ Llama-style model with grouped-query attention (``bench.models.llama_gqa``, scal
 
 * **loop** — one ``generate`` per line (the tutorial pattern), on 16 lines spread over the lengths;
 * **static** — ``generate`` on length-sorted batches of 32 and 64 (the best is the baseline);
+
+Static and cluster runs take turns (``rounds``) and each figure is the mean of its rounds.
 * **cluster** — API -> Redis -> a worker, with prefix reuse on (the default) and off: the lines share
   no prefix, so reuse must cost nothing (ratio at least 0.97).
 
@@ -42,7 +44,7 @@ def entries(dtypes: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, full: bool = False, rounds: int = 2) -> dict[str, Any]:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,28 +62,35 @@ def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
         f"long tail: {n} lines, prompts {lengths[0]}-{lengths[-1]} tokens (median {lengths[n // 2]}), "
         f"max_tokens 16-160 ({sum(new)} useful tokens); model {model_dir.name}; dtypes {dtypes}"
     )
-    rates: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
+
+    def measure(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+        say(f"  {key}: {value:.1f} tok/s")
+
     by_len = sorted(range(n), key=lambda i: len(ids[i]))
     spread = by_len[:: max(1, n // 16)][:16]
-    for d in dtypes:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[d])).eval()
-        rates[f"loop {d} (one generate per line, 16 lines)"] = loop_rate(
-            model, [ids[i] for i in spread], [new[i] for i in spread]
-        )
-        for batch in (32, 64):
-            rates[f"static {d} (sorted generates of {batch})"] = static_rate(model, ids, new, batch, sort=True)
-        del model
-        for k, v in rates.items():
-            if d in k:
-                say(f"  {k}: {v:.1f} tok/s")
     registry_path = CACHE / "long-tail-registry.yaml"
     registry_path.write_text(registry_yaml(model_dir, entries(dtypes)))
     with cluster(registry_path, model_dir, list(entries(dtypes))) as url:
         for d in dtypes:
-            for name, label in ((f"long-tail-{d}", "reuse on"), (f"long-tail-{d}-noreuse", "reuse off")):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[d])).eval()
+            measure(
+                f"loop {d} (one generate per line, 16 lines)",
+                loop_rate(model, [ids[i] for i in spread], [new[i] for i in spread]),
+            )
+            pairs = [(f"long-tail-{d}", "reuse on"), (f"long-tail-{d}-noreuse", "reuse off")]
+            for name, _ in pairs:
                 batch_rate(url, name, workload(8, seed=1))  # warm-up
-                rates[f"cluster {d} ({label})"] = batch_rate(url, name, lines)
-                say(f"  cluster {d} ({label}): {rates[f'cluster {d} ({label})']:.1f} tok/s")
+            # On a shared host throughput drifts within minutes: the patterns take turns, each figure
+            # is the mean of its rounds, and reuse on/off swap order between rounds.
+            for round_ in range(rounds):
+                for batch in (32, 64):
+                    measure(f"static {d} (sorted generates of {batch})", static_rate(model, ids, new, batch, sort=True))
+                for name, label in pairs if round_ % 2 == 0 else pairs[::-1]:
+                    measure(f"cluster {d} ({label})", batch_rate(url, name, lines))
+            del model
+    rates = {k: sum(v) / len(v) for k, v in samples.items()}
     ratios: dict[str, Any] = {}
     for d in dtypes:
         best_key = max((k for k in rates if k.startswith(f"static {d}")), key=lambda k: rates[k])
@@ -111,7 +120,9 @@ def run(quick: bool = False, full: bool = False) -> dict[str, Any]:
             "useful_tokens": sum(new),
             "model": model_dir.name,
             "dtypes": dtypes,
+            "rounds": rounds,
             "tokens_per_s": rates,
+            "samples": samples,
             "ratios": ratios,
         },
     )
