@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import bulk_generation, encoder_tasks, long_tail, prefix_reuse, queue_overhead, roofline
+from bench import bulk_generation, encoder_tasks, long_tail, prefix_reuse, priority, queue_overhead, roofline
 from bench.common import say
 
 SUITE = {
@@ -23,6 +23,7 @@ SUITE = {
     "bulk_generation": bulk_generation.run,
     "long_tail": long_tail.run,
     "prefix_reuse": prefix_reuse.run,
+    "priority": priority.run,
 }
 
 

@@ -65,7 +65,7 @@ class PrefixKV:
         cache = SlabCache(0)
         n = len(self.tokens)
         for k, v in zip(self.keys, self.values, strict=True):
-            layer = SlabLayer(k.dtype)
+            layer = SlabLayer()
             layer.lazy_initialization(k, v)
             layer._k = k.new_empty((rows, k.shape[1], n + headroom, k.shape[3]))
             layer._v = v.new_empty((rows, v.shape[1], n + headroom, v.shape[3]))
