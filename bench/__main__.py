@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import bulk_generation, encoder_tasks, priority, queue_overhead, roofline
+from bench import bulk_generation, encoder_tasks, long_tail, prefix_reuse, priority, queue_overhead, roofline
 from bench.common import say
 
 SUITE = {
@@ -21,6 +21,8 @@ SUITE = {
     "queue_overhead": queue_overhead.run,
     "encoder_tasks": encoder_tasks.run,
     "bulk_generation": bulk_generation.run,
+    "long_tail": long_tail.run,
+    "prefix_reuse": prefix_reuse.run,
     "priority": priority.run,
 }
 
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import structured
 
             structured.run(quick=args.quick)
-        elif name == "bulk_generation":
-            bulk_generation.run(quick=args.quick, full=args.full)
+        elif name in ("bulk_generation", "long_tail", "prefix_reuse"):
+            SUITE[name](quick=args.quick, full=args.full)
         else:
             SUITE[name](quick=args.quick)
     say(f"\nbenchmarks done in {time.perf_counter() - started:.0f}s")

@@ -145,3 +145,43 @@ def mixed_prompts(n: int = 256, lo: int = 16, hi: int = 128, vocab: int = 50000,
     """``n`` prompts of uniformly mixed lengths, as text (one synthetic word per token)."""
     rng = random.Random(seed)
     return [" ".join(f"w{rng.randrange(vocab)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+LLAMA_SHAPES = {
+    # the shape of a Llama-style model with grouped-query attention (4 query heads per KV head),
+    # at sizes a shared 2-core CPU runs a few thousand lines through in minutes
+    "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 8},
+    "small": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 6, "num_attention_heads": 8},
+}
+LLAMA_VOCAB = 8192
+
+
+def llama_gqa(size: str = "tiny", root: Path = CACHE) -> Path:
+    """A Llama-style decoder with grouped-query attention (8 query heads, 2 KV heads), random weights."""
+    out = root / f"llama-gqa-{size}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = word_tokenizer(LLAMA_VOCAB)
+    shape = LLAMA_SHAPES[size]
+    cfg = LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        num_key_value_heads=shape["num_attention_heads"] // 4,
+        max_position_embeddings=1024,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        **shape,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def words(n: int, rng: random.Random, vocab: int = LLAMA_VOCAB - 1) -> str:
+    """``n`` synthetic words: exactly ``n`` tokens for the word-level tokenizers above."""
+    return " ".join(f"w{rng.randrange(vocab)}" for _ in range(n))

@@ -70,6 +70,8 @@ def serve(
             beam_search=handler.hf_generate,  # type: ignore[attr-defined]
             poll_steps=poll_steps,
             observer=metrics.observe_decode_step,
+            prefix_cache_tokens=min(entry.prefix_cache_tokens, entry.kv_cache_tokens // 2),
+            prefix_observer=metrics.observe_prefix,
         )
     else:
         engine = BatchEngine(

@@ -113,6 +113,18 @@ MODEL_MEMORY = Gauge("queueformer_model_memory_bytes", "Weights of each loaded m
 MODEL_LOADS = Counter(
     "queueformer_model_loads_total", "Times a model was loaded in this process.", ["model"], registry=REGISTRY
 )
+PREFIX_ROWS = Counter(
+    "queueformer_prefix_rows_total",
+    "Sequences admitted to a decode engine, by whether they started from a shared prompt prefix (hit) or not.",
+    ["model", "outcome"],
+    registry=REGISTRY,
+)
+PREFILL_SAVED = Counter(
+    "queueformer_prefill_tokens_saved_total",
+    "Prompt tokens not prefilled because their keys and values were shared from a common prefix.",
+    ["model"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge("queueformer_worker_messages_in_flight", "Queue messages being worked on.", registry=REGISTRY)
 
 
@@ -124,6 +136,13 @@ def observe_forward(model: str, rows: int, _tokens: int, seconds: float) -> None
 def observe_decode_step(model: str, rows: int, tokens: int, seconds: float) -> None:
     observe_forward(model, rows, tokens, seconds)
     TOKENS.labels(model).inc(tokens)
+
+
+def observe_prefix(model: str, rows: int, hits: int, saved: int) -> None:
+    """Hit rate is ``hit / (hit + miss)`` of ``queueformer_prefix_rows_total``."""
+    PREFIX_ROWS.labels(model, "hit").inc(hits)
+    PREFIX_ROWS.labels(model, "miss").inc(rows - hits)
+    PREFILL_SAVED.labels(model).inc(saved)
 
 
 def refresh_device_memory() -> None:

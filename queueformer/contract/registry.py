@@ -63,6 +63,12 @@ class ModelEntry(BaseModel):
     kv_cache_tokens: int = Field(
         65_536, ge=64, description="Most KV-cache positions (batch x padded length) held at once."
     )
+    prefix_cache_tokens: int = Field(
+        8192,
+        ge=0,
+        description="KV positions kept for recent shared prompt prefixes (part of kv_cache_tokens); 0 turns "
+        "prefix reuse off.",
+    )
     trust_remote_code: bool = False
     base_model: str | None = Field(None, description="For fine-tuned models: the registered base model.")
     adapter: bool = Field(False, description="The weights at path are a PEFT adapter over base_model, merged at load.")

@@ -19,6 +19,7 @@ from typing import IO
 
 from queueformer.contract.errors import QueueformerError
 from queueformer.contract.openai_batch import LineError, parse_line
+from queueformer.contract.prefix import prefix_key
 from queueformer.contract.tasks import AnyJob, estimate_tokens
 from queueformer.server.storage import Storage
 
@@ -51,35 +52,59 @@ class Scan:
     line_models: dict[int, str]  # valid line -> its model
     tokens: int
     oversized: set[int] = field(default_factory=set)  # lines over the byte cap: never inside a chunk
+    line_keys: dict[int, str] = field(default_factory=dict)  # valid line -> its prompt-prefix key, when it has one
 
     @property
     def models(self) -> list[str]:
         return sorted(set(self.line_models.values()))
 
     def chunks(self, size: int) -> list[Chunk]:
-        """Consecutive runs of up to ``size`` lines as byte ranges of the input file.
+        """Runs of up to ``size`` lines as byte ranges of the input file.
 
-        A run ends early at an over-long line, so no worker (nor a cancel closing the rest) ever reads one.
+        A run never spans an over-long line, so no worker (nor a cancel closing the rest) ever reads one.
+        Lines whose prompts share a prefix (``line_keys``) go to the same run where they fit, so one
+        worker's engine prefills that prefix once; such a run may skip lines, and then names its lines.
         """
-        runs: list[list[tuple[int, int, int]]] = [[]]
+        segments: list[list[tuple[int, int, int]]] = [[]]
         for line in self.lines:
             if line[0] in self.oversized:
-                runs.append([])
-            elif len(runs[-1]) >= size:
-                runs.append([line])
+                segments.append([])
             else:
-                runs[-1].append(line)
+                segments[-1].append(line)
+        runs = [run for seg in segments if seg for run in self._runs(seg, size)]
+        at = {line[0]: i for i, line in enumerate(self.lines)}  # position among the non-blank lines
         out = []
-        for n, part in enumerate(r for r in runs if r):
+        for n, part in enumerate(runs):
             per_model: dict[str, list[int]] = {}
             for idx, _, _ in part:
                 if idx in self.line_models:
                     per_model.setdefault(self.line_models[idx], []).append(idx)
             if not per_model:
                 continue  # nothing valid to run here: every line is already in the error file
-            models: dict[str, list[int] | None] = dict.fromkeys(per_model) if len(per_model) == 1 else dict(per_model)
-            out.append(Chunk(n, part[0][0], part[0][1], part[-1][2], models, part[-1][0], len(part)))
+            ordered = sorted(part)
+            first = at[ordered[0][0]]
+            contiguous = [at[line[0]] for line in part] == list(range(first, first + len(part)))
+            models: dict[str, list[int] | None] = (
+                dict.fromkeys(per_model) if len(per_model) == 1 and contiguous else dict(per_model)
+            )
+            out.append(Chunk(n, ordered[0][0], ordered[0][1], ordered[-1][2], models, ordered[-1][0], len(part)))
         return out
+
+    def _runs(self, lines: list[tuple[int, int, int]], size: int) -> list[list[tuple[int, int, int]]]:
+        """Lines cut into runs of at most ``size``: consecutive, but lines sharing a prefix key kept together."""
+        groups: dict[object, list[tuple[int, int, int]]] = {}
+        for line in lines:
+            key = self.line_keys.get(line[0])
+            groups.setdefault(key if key is not None else ("line", line[0]), []).append(line)
+        runs: list[list[tuple[int, int, int]]] = [[]]
+        for group in groups.values():  # in order of first appearance: without shared keys, file order
+            if runs[-1] and len(runs[-1]) + len(group) > size and len(group) <= size:
+                runs.append([])  # a group that fits in one run is not split across two
+            for line in group:
+                if len(runs[-1]) >= size:
+                    runs.append([])
+                runs[-1].append(line)
+        return [r for r in runs if r]
 
 
 LineCheck = Callable[[AnyJob], None]
@@ -132,6 +157,7 @@ def scan_file(
     errors: list[tuple[int, str | None, LineError]] = []
     line_models: dict[int, str] = {}
     oversized: set[int] = set()
+    line_keys: dict[int, str] = {}
     seen: set[str] = set()
     tokens = 0
     with storage.open_read(key) as fh:
@@ -161,6 +187,9 @@ def scan_file(
                 if check is not None:
                     check(job)
                 line_models[index] = job.model
+                shared = prefix_key(job)
+                if shared is not None:
+                    line_keys[index] = f"{job.model}\0{shared}"
                 tokens += estimate_tokens(job)
             except LineError as err:
                 errors.append((index, err.custom_id, err))
@@ -168,7 +197,9 @@ def scan_file(
                 errors.append(
                     (index, custom_id_of(raw), LineError(err.code, err.message, custom_id_of(raw), err.param))
                 )
-    return Scan(lines=lines, errors=errors, line_models=line_models, tokens=tokens, oversized=oversized)
+    return Scan(
+        lines=lines, errors=errors, line_models=line_models, tokens=tokens, oversized=oversized, line_keys=line_keys
+    )
 
 
 def custom_id_of(raw: bytes) -> str | None:

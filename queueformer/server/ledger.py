@@ -250,6 +250,10 @@ class Ledger:
         """Commit every remaining line of the batch as an error."""
         entries: list[Entry] = []
         for c in self.chunks(batch_id):
-            entries += self.error_entries(batch_id, c.first, c.start, c.end, None, code, message)
+            # a chunk of lines sharing a prompt prefix names its lines; its byte range holds others' too
+            named = (
+                None if any(v is None for v in c.models.values()) else [i for v in c.models.values() for i in v or ()]
+            )
+            entries += self.error_entries(batch_id, c.first, c.start, c.end, named, code, message)
         for at in range(0, len(entries), 1000):
             self.commit_many(batch_id, entries[at : at + 1000])

@@ -152,6 +152,29 @@ def test_an_all_bad_file_fails_validation(env: tuple[Batches, FileStore, Storage
         check(type("J", (), {"model": "nope", "task": "generate"})())
 
 
+def test_lines_sharing_a_prompt_prefix_are_published_together_and_cancel_closes_each_once(
+    env: tuple[Batches, FileStore, Storage],
+) -> None:
+    store, files, storage = env
+    shots = {
+        k: f"Few-shot block {k}: " + " ".join(f"example {k}{j} -> label {j % 3}." for j in range(12)) for k in "ab"
+    }
+    rows = lines(12)
+    for i, row in enumerate(rows):  # a, b and a unique line, interleaved
+        if i % 3 < 2:
+            row["body"]["prompt"] = f"{shots['ab'[i % 3]]} item {i} ->"
+    batch_id, units = new_batch(store, files, jsonl(rows), chunk=4)
+    groups = [set(u.only or ()) for u in units]
+    assert {0, 3, 6, 9} in groups and {1, 4, 7, 10} in groups
+    assert sorted(i for g in groups for i in g) == list(range(12))
+    store.ledger.commit_many(batch_id, [(0, "out", output_line("r0", 200, {}), 0, 0)])
+    store.cancel(batch_id)
+    raw = store.raw(batch_id)
+    assert raw["status"] == "cancelled" and (raw["completed"], raw["failed"]) == ("1", "11")
+    errs = [json.loads(x) for x in storage.get_bytes(files.key(raw["error_file_id"])).splitlines()]
+    assert sorted(e["custom_id"] for e in errs) == sorted(f"r{i}" for i in range(1, 12))
+
+
 def test_default_retry_leaves_request_errors_and_all_reruns_them(env: tuple[Batches, FileStore, Storage]) -> None:
     store, files, _storage = env
     batch_id, _ = new_batch(store, files, jsonl(lines(6)), chunk=6)

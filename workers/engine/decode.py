@@ -36,6 +36,7 @@ from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem, begin
 from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
+from workers.engine.prefix import PrefixKV, PrefixObserver, PrefixReuse, Share
 from workers.engine.processors import RowDecoding, Scored, pick, prompt_scores, row_decoding
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class _Seq:
     generator: torch.Generator | None = None
     decoding: RowDecoding | None = None
     constraint: Constraint | None = None
+    retired: bool = False  # finished and answered; its row leaves the batch at the next compaction
     scored: list[Scored] = field(default_factory=list)
     prompt_scored: list[Scored | None] | None = None
 
@@ -183,6 +185,8 @@ class DecodeEngine:
         beam_search: Callable[[GenRequest], list[GenOutput]],
         poll_steps: int = 8,
         observer: StepObserver | None = None,
+        prefix_cache_tokens: int = 0,
+        prefix_observer: PrefixObserver | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -213,6 +217,12 @@ class DecodeEngine:
             model.set_attn_implementation(ATTENTION)
         if not self._mergeable:
             log.warning("%s: sliding-window or hybrid attention; decoding one group at a time", name)
+        # Prefix reuse copies keys and values between rows: only for caches the engine owns (slabs).
+        self.prefix: PrefixReuse | None = (
+            PrefixReuse(name, prefix_cache_tokens, prefix_observer)
+            if self._mergeable and prefix_cache_tokens > 0
+            else None
+        )
         self._stopping = False
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"decode-{name}", daemon=True)
@@ -242,7 +252,28 @@ class DecodeEngine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return self._live()
+
+    def _alive(self) -> torch.Tensor:
+        return torch.tensor([0 if s.retired else 1 for s in self._rows], dtype=torch.long, device=self.device)
+
+    def _live(self) -> int:
+        return sum(1 for s in self._rows if not s.retired)
+
+    def _should_admit(self) -> bool:
+        """Admit when there is room, but not a row or two at a time into a large running batch.
+
+        Joining copies the whole cache, so rows wait until an eighth of the batch is free (or every
+        waiting row fits): a few steps' delay for those rows instead of a copy of every row per step.
+        """
+        live = self._live()
+        room = self._cap - live
+        if not self._waiting or room <= 0 or (self._rows and not self._mergeable):
+            return False
+        if live == 0 or room >= max(1, self._cap // 8) or len(self._waiting) <= room:
+            return True
+        # more urgent work than anything running joins at once
+        return self._waiting[0].item.priority > min(s.item.priority for s in self._rows if not s.retired)
 
     @property
     def waiting(self) -> int:
@@ -264,7 +295,7 @@ class DecodeEngine:
                     self._check_stops()
                 if self._waiting and self._rows and self._mergeable:
                     self._preempt()
-                if self._waiting and len(self._rows) < self._cap and (not self._rows or self._mergeable):
+                if self._should_admit():
                     self._admit()
                 if self._rows:
                     self._step()
@@ -351,23 +382,25 @@ class DecodeEngine:
     # --- admission and prefill -----------------------------------------------------------------
 
     def _admit(self) -> None:
-        if any(s.item.alone for s in self._rows):
+        live = self._live()
+        if any(s.item.alone for s in self._rows if not s.retired):
             return  # a suspect of earlier crashes runs alone until it finishes
         suspect = next((s.item for s in self._waiting if s.item.alone), None)
         if suspect is not None:
-            if self._rows:
+            if live:
                 return  # let the running batch drain, then run the suspect alone
             alone = [s for s in self._waiting if s.item is suspect]
             self._waiting = collections.deque(s for s in self._waiting if s.item is not suspect)
             self._prefill_and_join(alone)
             return
-        room = self._cap - len(self._rows)
+        room = self._cap - live
         picked: list[_Seq] = []
-        longest = max((s.final_length for s in self._rows), default=0)
+        longest = max((s.final_length for s in self._rows if not s.retired), default=0)
+        budget = self.kv_cache_tokens - (self.prefix.tokens if self.prefix is not None else 0)
         while self._waiting and len(picked) < room:
             cand = self._waiting[0]
             new_longest = max(longest, cand.final_length)
-            if picked and (len(self._rows) + len(picked) + 1) * new_longest > self.kv_cache_tokens:
+            if picked and (live + len(picked) + 1) * new_longest > budget:
                 break
             picked.append(self._waiting.popleft())
             longest = new_longest
@@ -377,13 +410,20 @@ class DecodeEngine:
     def _prefill_and_join(self, picked: list[_Seq]) -> None:
         begin(list({id(s.item): s.item for s in picked}.values()))
         picked.sort(key=lambda s: len(s.req.input_ids))
+        parts: list[_Part] = []
+        if self.prefix is not None:
+            # rows that score their prompt need logits at every prompt position: prefilled whole
+            whole = [s for s in picked if s.req.prompt_logprobs]
+            shares, picked = self.prefix.plan([s for s in picked if not s.req.prompt_logprobs], self._rows)
+            picked = sorted(picked + whole, key=lambda s: len(s.req.input_ids))
+            for share in shares:
+                parts.extend(self._prefill_share(share))
         groups = self._prefill_groups(picked)
         if not self._mergeable:
             # Unmergeable caches decode one group at a time; the rest go back to the front.
             for s in reversed([s for g in groups[1:] for s in g]):
                 self._waiting.appendleft(s)
             groups = groups[:1]
-        parts: list[_Part] = []
         for group in groups:
             parts.extend(self._prefill(group))
         if parts:
@@ -398,13 +438,18 @@ class DecodeEngine:
         instead of after the longest running line. Streamed rows are never taken back: their tokens
         have been sent.
         """
-        room = self._cap - len(self._rows)
+        live = [s for s in self._rows if not s.retired]
+        room = self._cap - len(live)
         urgent = self._waiting[0].item.priority
-        if room > 0 or urgent <= min(s.item.priority for s in self._rows):
+        if room > 0 or not live or urgent <= min(s.item.priority for s in live):
             return
         want = sum(1 for s in itertools.takewhile(lambda s: s.item.priority == urgent, self._waiting))
         victims = sorted(
-            (i for i, s in enumerate(self._rows) if s.item.priority < urgent and s.item.on_token is None),
+            (
+                i
+                for i, s in enumerate(self._rows)
+                if s.item.priority < urgent and s.item.on_token is None and not s.retired
+            ),
             key=lambda i: (self._rows[i].item.priority, len(self._rows[i].tokens)),
         )[: want - room]
         if not victims:
@@ -416,14 +461,17 @@ class DecodeEngine:
             self._wait([seq])
         self._select_rows([i for i in range(len(self._rows)) if i not in out])
 
-    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
-        """Cut length-sorted sequences into groups with little padding and bounded prefill tokens."""
+    def _prefill_groups(self, seqs: list[_Seq], skip: int = 0) -> list[list[_Seq]]:
+        """Cut length-sorted sequences into groups with little padding and bounded prefill tokens.
+
+        ``skip`` leading tokens of every prompt are already in the cache (a shared prefix).
+        """
         groups: list[list[_Seq]] = []
         current: list[_Seq] = []
         for s in seqs:
-            n = len(s.req.input_ids)
+            n = len(s.req.input_ids) - skip
             if current:
-                shortest = len(current[0].req.input_ids)
+                shortest = len(current[0].req.input_ids) - skip
                 if (len(current) + 1) * n > self.max_batch_tokens or n > shortest * 1.25 + 4:
                     groups.append(current)
                     current = []
@@ -432,21 +480,72 @@ class DecodeEngine:
             groups.append(current)
         return groups
 
-    def _prefill(self, group: list[_Seq]) -> list[_Part]:
-        """Prefill one group (splitting it on OOM) and pick each row's first token."""
-        ids, mask = pad_left([s.req.input_ids for s in group], self.pad_id, self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        echo = any(s.req.prompt_logprobs for s in group)
-        for s in group:
-            if s.decoding is not None:
-                s.decoding.start()
+    def _prefill_share(self, share: Share) -> list[_Part]:
+        """Prefill rows that start with one prefix: the prefix once (unless held), then each row's suffix."""
+        assert self.prefix is not None
+        if share.kv is None:
+            share.kv = self._build_prefix(share)
+            if share.kv is None:
+                return [p for group in self._prefill_groups(share.rows) for p in self._prefill(group)]
+            self.prefix.cache.put(share.kv)
+        rows = sorted(share.rows, key=lambda s: len(s.req.input_ids))
+        return [p for group in self._prefill_groups(rows, skip=len(share.kv)) for p in self._prefill(group, share.kv)]
+
+    def _build_prefix(self, share: Share) -> PrefixKV | None:
+        """The prefix's keys and values: copied from a running row, or prefilled (on a shorter cached one)."""
+        assert self.prefix is not None
+        n = len(share.tokens)
+        if share.source_row is not None and share.source_row < len(self._rows) and self._mask is not None:
+            # the first n unmasked columns of a running row are its first n prompt tokens
+            columns = self._mask[share.source_row].nonzero().squeeze(1)[:n]
+            return PrefixKV.from_cache(share.tokens, self._cache, share.source_row, columns)
+        base = self.prefix.cache.longest(share.tokens, n - 1)
+        start = len(base) if base is not None else 0
+        ids = torch.tensor([share.tokens[start:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, n, device=self.device)[None]
+        cache = base.expand(1, n - start) if base is not None else SlabCache(self._layers)
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=SlabCache(self._layers) if self._mergeable else None,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            free_memory()
+            return None  # the rows are prefilled whole, each on its own budget
+        return PrefixKV.from_cache(share.tokens, out.past_key_values, 0, torch.arange(n, device=self.device))
+
+    def _prefill(self, group: list[_Seq], prefix: PrefixKV | None = None) -> list[_Part]:
+        """Prefill one group (splitting it on OOM) and pick each row's first token.
+
+        With a ``prefix``, every row starts with it: the cache starts as copies of its keys and values
+        and only the suffixes are prefilled (left-padded after the prefix, masked).
+        """
+        skip = len(prefix) if prefix is not None else 0
+        ids, mask = pad_left([s.req.input_ids[skip:] for s in group], self.pad_id, self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + skip
+        echo = any(s.req.prompt_logprobs for s in group)  # never with a prefix: the plan leaves such rows out
+        for s in group:
+            if s.decoding is not None:
+                s.decoding.start()
+        cache: Any = SlabCache(self._layers) if self._mergeable else None
+        if prefix is not None:
+            cache = prefix.expand(len(group), ids.shape[1])
+            mask = torch.cat([mask.new_ones((len(group), skip)), mask], dim=1)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=0 if echo else 1,  # 0: every position, to score the prompt
                 )
@@ -458,7 +557,7 @@ class DecodeEngine:
                 self._fail(group[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
                 return []
             half = len(group) // 2
-            return self._prefill(group[:half]) + self._prefill(group[half:])
+            return self._prefill(group[:half], prefix) + self._prefill(group[half:], prefix)
         for i, s in enumerate(group):
             if s.req.prompt_logprobs:
                 n = len(s.req.input_ids)
@@ -468,21 +567,57 @@ class DecodeEngine:
         return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
 
     def _join(self, parts: list[_Part]) -> None:
-        """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run."""
+        """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run.
+
+        The copy also drops retired rows and orders rows by length: decode attention reads each run
+        of rows from its own first used column (``engine_sdpa``), so neighbours of similar length
+        read little padding.
+        """
         if self._rows:
             assert self._mask is not None and self._next is not None and self._pos is not None
             parts = [_Part(self._rows, self._cache, self._mask, self._next, self._pos), *parts]
-        if len(parts) == 1:
+        if len(parts) == 1 and not any(s.retired for s in parts[0].rows):
             p = parts[0]
             self._rows, self._cache, self._mask, self._next, self._pos = list(p.rows), p.cache, p.mask, p.next, p.pos
             return
+        kept = [[r for r, s in enumerate(p.rows) if not s.retired] for p in parts]
+        flat = [p.rows[r] for p, rows in zip(parts, kept, strict=True) for r in rows]
+        if not flat:
+            self._rows, self._cache, self._mask, self._next, self._pos = [], None, None, None, None
+            return
+        order = sorted(range(len(flat)), key=lambda i: -flat[i].length)  # output row -> flat index
+        place = [0] * len(flat)
+        for out_row, i in enumerate(order):
+            place[i] = out_row
+        picks: list[torch.Tensor | None] = []
+        dest: list[torch.Tensor] = []
+        at = 0
+        for p, rows in zip(parts, kept, strict=True):
+            picks.append(None if len(rows) == len(p.rows) else torch.tensor(rows, device=self.device))
+            dest.append(torch.tensor(place[at : at + len(rows)], device=self.device))
+            at += len(rows)
         width = max(p.mask.shape[1] for p in parts)
-        longest = max(s.final_length for p in parts for s in p.rows)
-        self._cache = SlabCache.merged([p.cache for p in parts], headroom=max(8, longest - width))
-        self._mask = torch.cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts], dim=0)
-        self._next = torch.cat([p.next for p in parts])
-        self._pos = torch.cat([p.pos for p in parts])
-        self._rows = [s for p in parts for s in p.rows]
+        longest = max(s.final_length for s in flat)
+        if self._mergeable:
+            self._cache = SlabCache.merged(
+                [p.cache for p in parts], headroom=max(8, longest - width), picks=picks, dest=dest
+            )
+        else:  # one part (unmergeable caches never join): drop retired rows in place
+            assert len(parts) == 1
+            parts[0].cache.batch_select_indices(torch.tensor(kept[0], device=self.device))
+            order = list(range(len(flat)))
+        perm = torch.tensor(order, device=self.device)
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            chosen = [t if pick is None else t.index_select(0, pick) for t, pick in zip(tensors, picks, strict=True)]
+            return torch.cat(chosen, dim=0).index_select(0, perm)
+
+        self._mask = cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts])
+        self._next = cat([p.next for p in parts])
+        self._pos = cat([p.pos for p in parts])
+        self._rows = [flat[i] for i in order]
+        if not self._mergeable:
+            self._cache = parts[0].cache
 
     # --- decoding ---------------------------------------------------------------------------------
 
@@ -507,10 +642,21 @@ class DecodeEngine:
             return
         self._mask = mask
         self._cache = out.past_key_values
-        rows = len(self._rows)
-        nxt = self._select(self._rows, out.logits[:, -1, :].float())
+        live = [i for i, s in enumerate(self._rows) if not s.retired]
+        rows = len(live)
+        logits = out.logits[:, -1, :].float()
+        if rows == len(self._rows):
+            nxt = self._select(self._rows, logits)
+        else:  # retired rows still in the batch decode padding until the next compaction
+            nxt = [self.pad_id] * len(self._rows)
+            idx = torch.tensor(live, device=logits.device)
+            for i, tok in zip(
+                live, self._select([self._rows[i] for i in live], logits.index_select(0, idx)), strict=True
+            ):
+                nxt[i] = tok
         self._next = torch.tensor(nxt, dtype=torch.long, device=self.device)
-        self._pos = self._pos + 1
+        # a retired row keeps its position: it must never run past the model's position limit
+        self._pos = self._pos + (1 if rows == len(self._rows) else self._alive())
         self._steps += 1
         self._ok_steps += 1
         if self._cap < self.max_batch_size and self._ok_steps >= 32:
@@ -529,7 +675,7 @@ class DecodeEngine:
             self._retire()
             return
         keep = len(self._rows) // 2
-        evicted = self._rows[keep:]
+        evicted = [s for s in self._rows[keep:] if not s.retired]
         for s in reversed(evicted):
             s.reset()
             self._waiting.appendleft(s)
@@ -585,11 +731,17 @@ class DecodeEngine:
         return True
 
     def _retire(self) -> None:
-        done = [i for i, s in enumerate(self._rows) if s.finish is not None]
+        """Answer finished rows now; take them out of the batch once an eighth of it has finished.
+
+        Taking rows out copies the whole cache: done every step (rows of long-tail files finish at
+        nearly every step) it cost more than decoding a few finished rows along.
+        """
+        done = [i for i, s in enumerate(self._rows) if s.finish is not None and not s.retired]
         if not done:
             return
         for i in done:
             s = self._rows[i]
+            s.retired = True
             group = self._groups.get(id(s.item))
             if group is not None and s.finish != "cancelled":
                 group.done(s)
@@ -598,7 +750,8 @@ class DecodeEngine:
             elif s.item.future.done():
                 self._groups.pop(id(s.item), None)
         keep = [i for i, s in enumerate(self._rows) if s.finish is None]
-        self._select_rows(keep)
+        if not self._mergeable or not keep or 8 * (len(self._rows) - len(keep)) >= len(self._rows):
+            self._select_rows(keep)
 
     def _select_rows(self, keep: list[int]) -> None:
         if not keep:

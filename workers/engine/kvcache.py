@@ -102,9 +102,24 @@ class SlabLayer(DynamicLayer):
         self.start += n
 
     @staticmethod
-    def merged(layers: list[SlabLayer], headroom: int) -> SlabLayer:
-        """The rows of every layer stacked in order, right-aligned on the longest (the rest left-padded)."""
-        keys = [(x.keys, x.values) for x in layers]
+    def merged(
+        layers: list[SlabLayer],
+        headroom: int,
+        picks: list[torch.Tensor | None] | None = None,
+        dest: list[torch.Tensor] | None = None,
+    ) -> SlabLayer:
+        """The rows of every layer stacked, right-aligned on the longest (the rest left-padded).
+
+        ``picks`` keeps only those rows of a layer (None: all); ``dest`` places each layer's (kept) rows
+        at those rows of the result instead of in order.
+        """
+        keys = []
+        for i, x in enumerate(layers):
+            k, v = x.keys, x.values
+            pick = picks[i] if picks is not None else None
+            if pick is not None and k is not None and v is not None:
+                k, v = k.index_select(0, pick), v.index_select(0, pick)
+            keys.append((k, v))
         width = max(k.shape[2] for k, _ in keys if k is not None)
         rows = sum(k.shape[0] for k, _ in keys if k is not None)
         k0, v0 = keys[0]
@@ -115,11 +130,15 @@ class SlabLayer(DynamicLayer):
         out._k = k0.new_zeros((rows, k0.shape[1], width + headroom, k0.shape[3]))
         out._v = v0.new_zeros((rows, v0.shape[1], width + headroom, v0.shape[3]))
         at = 0
-        for k, v in keys:
+        for i, (k, v) in enumerate(keys):
             assert k is not None and v is not None
             n, length = k.shape[0], k.shape[2]
-            out._k[at : at + n, :, width - length : width] = k
-            out._v[at : at + n, :, width - length : width] = v
+            if dest is not None:
+                out._k[:, :, width - length : width].index_copy_(0, dest[i], k)
+                out._v[:, :, width - length : width].index_copy_(0, dest[i], v)
+            else:
+                out._k[at : at + n, :, width - length : width] = k
+                out._v[at : at + n, :, width - length : width] = v
             at += n
         out.start, out.end = 0, width
         return out
@@ -153,11 +172,18 @@ class SlabCache(DynamicCache):
             layer.trim_left(n)
 
     @classmethod
-    def merged(cls, caches: list[SlabCache], headroom: int = _MIN_HEADROOM) -> SlabCache:
-        """One cache holding every row of ``caches`` in order, with ``headroom`` free columns to grow into."""
+    def merged(
+        cls,
+        caches: list[SlabCache],
+        headroom: int = _MIN_HEADROOM,
+        picks: list[torch.Tensor | None] | None = None,
+        dest: list[torch.Tensor] | None = None,
+    ) -> SlabCache:
+        """One cache holding the rows of ``caches`` (see ``SlabLayer.merged``), with ``headroom`` free columns."""
         out = cls(0)
         out.layers = [
-            SlabLayer.merged(list(per_layer), headroom) for per_layer in zip(*(c.slabs for c in caches), strict=True)
+            SlabLayer.merged(list(per_layer), headroom, picks, dest)
+            for per_layer in zip(*(c.slabs for c in caches), strict=True)
         ]
         return out
 
