@@ -46,6 +46,8 @@ class Enqueuer:
         queues: dict[str, str] = {}
         tokens: dict[str, int] = {}
         pairs: list[tuple[str, AnyJob]] = []
+        default = self.s.tenants.get(tenant).priority
+        priorities: dict[str, int] = {}
         for spec in specs:
             entry = registry.get(spec.model, spec.task, tenant=tenant)
             if isinstance(spec, FineTuneJob):
@@ -55,16 +57,17 @@ class Enqueuer:
             job_id = new_id("job")
             queues[job_id] = registry.queue_for(entry, spec.task)
             tokens[job_id] = estimate_tokens(spec)
+            priorities[job_id] = default if spec.priority is None else spec.priority
             pairs.append((job_id, spec))
         self.check_quota(tenant, sum(tokens.values()))
-        self.s.jobs.create_many(pairs, tenant=tenant, queue=queues, estimate_tokens=tokens)
-        groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+        self.s.jobs.create_many(pairs, tenant=tenant, queue=queues, estimate_tokens=tokens, priority=priorities)
+        groups: dict[tuple[str, str, str, int], list[str]] = defaultdict(list)
         for job_id, spec in pairs:
-            groups[(spec.model, queues[job_id], spec.task)].append(job_id)
+            groups[(spec.model, queues[job_id], spec.task, priorities[job_id])].append(job_id)
         self.publish(groups)
         return [job_id for job_id, _ in pairs]
 
-    def publish(self, groups: dict[tuple[str, str, str], list[str]]) -> None:
+    def publish(self, groups: dict[tuple[str, str, str, int], list[str]]) -> None:
         sent: set[str] = set()
         try:
             with self.s.celery.producer_or_acquire() as producer:

@@ -76,12 +76,14 @@ class History:
 
 
 def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
-    """Messages waiting in each queue (kombu keeps a Redis list per queue), in one round trip."""
+    """Messages waiting in each queue (kombu keeps a Redis list per queue and priority), in one round trip."""
     names = sorted(queues)
     p = client.pipeline(transaction=False)
     for q in names:
-        p.llen(q)
-    return {q: int(depth) for q, depth in zip(names, p.execute(), strict=True)}
+        for name in keys.queue_lists(q):
+            p.llen(name)
+    lengths = iter(p.execute())
+    return {q: sum(int(next(lengths)) for _ in keys.PRIORITY_STEPS) for q in names}
 
 
 def rates(counts: Sequence[Point], since: float = 0.0) -> list[Point]:

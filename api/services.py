@@ -5,6 +5,7 @@ Built once in the app's lifespan (settings read at startup) and reached by route
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -23,7 +24,7 @@ from queueformer.server.fleet import Fleet
 from queueformer.server.jobs import JobStore
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
-from queueformer.server.tenants import ApiKeys
+from queueformer.server.tenants import ApiKeys, TenantDefaults
 from queueformer.server.webhooks import Deliverer, DeliveryConfig
 
 
@@ -42,7 +43,10 @@ class Services:
     overlay: ModelOverlay
     webhooks: Deliverer
     training: TrainingData
+    tenants: TenantDefaults
     extras: dict[str, object] = field(default_factory=dict)
+    # /v1/models' `created` for registry entries without one: when this API loaded the registry.
+    registry_loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -75,6 +79,7 @@ class Services:
             overlay=ModelOverlay(client, storage, registry.fine_tune.serve_queue),
             webhooks=webhooks,
             training=TrainingData(files, settings.training_data_uris, settings.storage_options),
+            tenants=TenantDefaults(client),
         )
 
     def registry(self) -> Registry:

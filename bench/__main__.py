@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import bulk_generation, encoder_tasks, queue_overhead, roofline
+from bench import bulk_generation, encoder_tasks, priority, queue_overhead, roofline
 from bench.common import say
 
 SUITE = {
@@ -21,6 +21,7 @@ SUITE = {
     "queue_overhead": queue_overhead.run,
     "encoder_tasks": encoder_tasks.run,
     "bulk_generation": bulk_generation.run,
+    "priority": priority.run,
 }
 
 

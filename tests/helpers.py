@@ -36,3 +36,28 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
     import json
 
     return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def queued(client: Any, queue: str) -> int:
+    """Messages waiting in ``queue``: kombu keeps one Redis list per priority."""
+    from queueformer.server import keys
+
+    return sum(int(client.llen(name)) for name in keys.queue_lists(queue))
+
+
+def pop(client: Any, queue: str) -> Any:
+    """Take the next message as a consumer would (the most urgent priority list first), or None."""
+    from queueformer.server import keys
+
+    for name in keys.queue_lists(queue):
+        raw = client.rpop(name)
+        if raw is not None:
+            return raw
+    return None
+
+
+def messages(client: Any, queue: str) -> list[Any]:
+    """Every message waiting in ``queue``, across its priority lists."""
+    from queueformer.server import keys
+
+    return [m for name in keys.queue_lists(queue) for m in client.lrange(name, 0, -1)]

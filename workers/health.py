@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from workers import metrics
-from workers.engine.device import memory_stats
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,7 @@ class Health:
                     ok = health.ready and health.alive
                     self._reply(200 if ok else 503, b"ready" if ok else b"not ready")
                 elif self.path == "/metrics":
-                    for key, value in memory_stats().items():
-                        device, _, kind = key.partition(".")
-                        metrics.DEVICE_MEMORY.labels(device, kind).set(value)
+                    metrics.refresh_device_memory()
                     self._reply(200, generate_latest(metrics.REGISTRY), CONTENT_TYPE_LATEST)
                 else:
                     self._reply(404, b"not found")

@@ -84,6 +84,9 @@ class LineRunner:
         try:
             deadline = time.monotonic() + (int(raw["expires_at"]) - time.time())
             immediate, lines = self._submit(served, unit, raw["endpoint"], rows, deliveries, flag.is_set, deadline)
+            waited = max(0.0, time.time() - float(raw["created_at"]))
+            for _ in lines:
+                metrics.WAIT.labels(served.entry.name, "batch_line").observe(waited)
             remaining = self._commit(unit.batch, immediate, served.entry.name)
             pending: list[Entry] = []
             for ln in lines:
@@ -102,7 +105,12 @@ class LineRunner:
 
     @commit_retry
     def _commit(self, batch_id: str, entries: list[Entry], model: str) -> int | None:
-        return self.batches.ledger.commit_many(batch_id, entries, model)
+        remaining = self.batches.ledger.commit_many(batch_id, entries, model)
+        for outcome_ in ("out", "err"):
+            count = sum(1 for e in entries if e[1] == outcome_)
+            if count:
+                metrics.LINES.labels(model, "completed" if outcome_ == "out" else "failed").inc(count)
+        return remaining
 
     def _submit(
         self,
@@ -135,7 +143,9 @@ class LineRunner:
             except QueueformerError as exc:
                 immediate.append((index, "err", error_line_for(parsed.custom_id, exc), 0, 0))
                 continue
-            item = served.engine.submit(WorkItem(prepared, cancelled=cancelled, deadline=deadline))
+            item = served.engine.submit(
+                WorkItem(prepared, cancelled=cancelled, deadline=deadline, priority=unit.priority)
+            )
             lines.append(_Line(index, parsed.custom_id, Pending(parsed.custom_id, prepared, item, time.perf_counter())))
         return immediate, lines
 

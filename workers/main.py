@@ -22,7 +22,7 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from queueformer.contract import limits
 from queueformer.contract.errors import WorkerFatal
-from queueformer.contract.registry import Registry
+from queueformer.contract.registry import ModelEntry, Registry
 from queueformer.contract.settings import Settings, get_settings
 from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
@@ -38,6 +38,7 @@ from workers.health import Health
 from workers.holder import ModelHolder, serve
 from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
+from workers.metrics import EngineView, MetricsPublisher
 from workers.runner import Runner
 from workers.tasks import register
 from workers.training.runner import TrainingRunner
@@ -73,10 +74,35 @@ def configure_logging(level: str) -> None:
     transformers.logging.disable_progress_bar()
 
 
+def load_failure(settings: Settings, entry: ModelEntry, exc: WorkerFatal) -> str:
+    """Which entry could not load, why, and what to do about it, in one line for the log and the fleet."""
+    models_dir = settings.resolved_models_dir
+    if "does not exist" in exc.message and entry.path is not None:
+        todo = (
+            f"build the tiny models with `queueformer models build-tiny {models_dir}` if it is one of them, or fix "
+            f"the entry's path (relative paths start at models_dir, {models_dir})"
+        )
+    else:
+        todo = f"fix or remove the entry in the registry ({settings.registry}), then restart the worker"
+    return (
+        f"model entry {entry.name!r} could not load: {exc.message}. To fix: {todo}. This worker serves its other "
+        f"queues; jobs for {entry.name!r} wait on queue {entry.queue!r} until a worker loads it."
+    )
+
+
 def load_models(
-    settings: Settings, registry: Registry, queues: list[str], storage: Storage, overlay: ModelOverlay
+    settings: Settings,
+    registry: Registry,
+    queues: list[str],
+    storage: Storage,
+    overlay: ModelOverlay,
+    failed: dict[str, str] | None = None,
 ) -> ModelHolder:
-    """Every pinned model of these queues, loaded now; fine-tuned ones later, on demand, when served here."""
+    """Every pinned model of these queues, loaded now; fine-tuned ones later, on demand, when served here.
+
+    With ``failed`` given, a model that cannot load is recorded there (name -> what went wrong and what
+    to do) and the others still load; without it, the first failure is raised.
+    """
     on_demand = (
         FineTunedModels(overlay, registry, storage, settings.resolved_models_dir, settings.worker.cancel_poll_steps)
         if registry.fine_tune.serve_queue in queues
@@ -85,14 +111,20 @@ def load_models(
     holder = ModelHolder(on_demand, capacity=settings.worker.finetuned_cache_size)
     for entry in registry:
         if entry.queue in queues:
-            holder.add(
-                serve(
+            try:
+                served = serve(
                     entry,
                     settings.resolved_models_dir,
                     settings.worker.offload_folder,
                     settings.worker.cancel_poll_steps,
                 )
-            )
+            except WorkerFatal as exc:
+                if failed is None:
+                    raise
+                failed[entry.name] = load_failure(settings, entry, exc)
+                log.error("%s", failed[entry.name])
+                continue
+            holder.add(served)
     return holder
 
 
@@ -209,10 +241,14 @@ def run_worker(
     fleet = Fleet(client)
 
     overlay = ModelOverlay(client, storage, registry.fine_tune.serve_queue)
-    try:
-        holder = load_models(settings, registry, queues, storage, overlay)
-    except WorkerFatal as exc:
-        log.error("%s", exc)
+    failed: dict[str, str] = {}
+    holder = load_models(settings, registry, queues, storage, overlay, failed)
+    # A queue whose every model failed is left alone: its jobs wait for a worker that loads one, instead
+    # of being taken here and failed. The rest are served.
+    lost = {e.queue for e in registry if e.name in failed} - {e.queue for e in registry if e.name in holder}
+    queues = [q for q in queues if q not in lost]
+    if not queues:
+        log.error("no model of this worker's queues could load; nothing to serve")
         return 3
 
     health = Health(alive=lambda: holder.healthy)
@@ -223,9 +259,12 @@ def run_worker(
     lease = LeaseKeeper(client, settings.visibility_timeout_s, settings.worker.lease_renew_s)
     runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay)
     app = make_celery(settings, registry)
-    register(app, runner, lease)
     slots = concurrency or default_concurrency(settings, registry, queues)
-    info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots}
+    # One slot is kept from batch chunks, for jobs (see workers.tasks.register).
+    line_slots = slots - 1 if slots > 1 else slots
+    register(app, runner, lease, line_slots=line_slots if line_slots < slots else None)
+    info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots, "failed": failed}
+    info["line_slots"] = line_slots
     announcer = Announcer(fleet, worker_id, info, holder, health, runner.lines)
 
     @worker_ready.connect(weak=False)
@@ -240,6 +279,15 @@ def run_worker(
             runner.training.draining.set()  # a running fine-tune checkpoints and re-queues itself
 
     announcer.start()
+    publisher = MetricsPublisher(
+        client,
+        worker_id,
+        lambda: [
+            EngineView(s.entry.name, s.engine, s.entry.max_batch_size, s.entry.kv_cache_tokens) for s in holder.all()
+        ],
+        settings.worker.metrics_interval_s,
+    )
+    publisher.start()
     worker = app.Worker(
         hostname=f"{worker_id}-{uuid.uuid4().hex[:6]}",
         queues=queues,
@@ -254,6 +302,7 @@ def run_worker(
         worker.start()
     finally:
         announcer.stop()
+        publisher.stop()
         runner.stop()
         lease.stop()
         holder.stop()

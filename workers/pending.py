@@ -51,4 +51,6 @@ def outcome(served: Served, p: Pending) -> BaseModel | QueueformerError:
         return InternalError(f"{type(exc).__name__}: {exc}")
     finally:
         metrics.RUN.labels(served.entry.name).observe(time.perf_counter() - p.started)
+        if p.item.first_token_at is not None:
+            metrics.FIRST_TOKEN.labels(served.entry.name).observe(p.item.first_token_at - p.item.submitted_at)
     return result

@@ -112,7 +112,7 @@ class Runner:
         for job_id, data, attempt in zip(unit.ids, records, attempts, strict=True):
             if not attempt:
                 continue  # gone, or already finished by an earlier delivery
-            admitted = self._admit_job(served, job_id, data, attempt)
+            admitted = self._admit_job(served, job_id, data, attempt, unit.priority)
             if isinstance(admitted, Pending):
                 pending.append(admitted)
             else:
@@ -134,11 +134,13 @@ class Runner:
             self.watcher.unwatch(p.key for p in pending)
         return {"jobs": len(pending), "skipped": len(unit.ids) - len(pending)}
 
-    def _admit_job(self, served: Served, job_id: str, data: dict[str, str], attempt: int) -> Pending | ErrorInfo:
+    def _admit_job(
+        self, served: Served, job_id: str, data: dict[str, str], attempt: int, priority: int
+    ) -> Pending | ErrorInfo:
         """Hand a started job to the engine, or the error that ends it now."""
         if attempt > self.max_deliveries:
             return WorkerLost(f"delivered {attempt} times without finishing; quarantined").info()
-        metrics.WAIT.labels(served.entry.name).observe(max(0.0, time.time() - float(data["created_at"])))
+        metrics.WAIT.labels(served.entry.name, "job").observe(max(0.0, time.time() - float(data["created_at"])))
         deadline = float(data["deadline"]) if data.get("deadline") else None
         if deadline is not None and time.time() > deadline:
             return DeadlineExceeded("the job's deadline passed before it started").info()
@@ -155,6 +157,7 @@ class Runner:
             cancelled=flag.is_set,
             deadline=time.monotonic() + (deadline - time.time()) if deadline is not None else None,
             on_token=self.tokens.callback(job_id) if getattr(spec, "stream", False) else None,
+            priority=priority,
         )
         served.engine.submit(item)
         return Pending(job_id, prepared, item, time.perf_counter())

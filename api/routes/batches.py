@@ -17,7 +17,7 @@ from api.deps import ServicesDep, TenantDep
 from api.errors import AUTHED, BODY, responses
 from api.links import link, links
 from api.services import Services
-from queueformer.contract.errors import NotFound
+from queueformer.contract.errors import InvalidInput
 from queueformer.contract.jobs import check_fits
 from queueformer.contract.openai_batch import BatchCreate
 from queueformer.contract.tasks import AnyJob
@@ -39,7 +39,8 @@ def lines_per_chunk(workers: list[dict[str, Any]], max_batch_size: int, target_s
     rate is known, one engine batch per message.
     """
     rates = [float(w["lines_per_s"]) for w in workers if w.get("lines_per_s")]
-    slots = [int(w["slots"]) for w in workers if w.get("slots")]
+    # A worker keeps one slot from batch chunks for jobs; workers that do not say so use them all.
+    slots = [int(w.get("line_slots") or w["slots"]) for w in workers if w.get("slots")]
     fill = -(-max_batch_size // min(slots)) if slots else 1
     size = max(int(sum(rates) / len(rates) * target_s), fill) if rates else max_batch_size
     return max(MIN_CHUNK, min(MAX_CHUNK, size))
@@ -67,8 +68,15 @@ def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) ->
         # A literal private address or loopback name is refused now; names are checked when sent.
         services.webhooks.policy.check_literal(body.webhook_url)
     registry = services.registry()
+    priority = services.tenants.get(tenant).batch_priority if body.priority is None else body.priority
 
     def registered(job: AnyJob) -> None:
+        if job.priority is not None and job.priority != priority:
+            # One message carries many lines, so a line cannot run at a priority of its own.
+            raise InvalidInput(
+                f"lines run at their batch's priority ({priority}); set it on the batch, not on a line",
+                param="body.priority",
+            )
         entry = registry.get(job.model, job.task, tenant=tenant)
         registry.queue_for(entry, job.task)
         check_fits(job, entry.max_input_tokens, "body.max_new_tokens")
@@ -78,7 +86,13 @@ def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) ->
         return min((chunk_size(services, e.name, e.max_batch_size) for e in entries), default=MIN_CHUNK)
 
     raw = services.batches.create(
-        body, tenant, services.settings.quota, registered, size, lambda units: _publish(services, units, tenant)
+        body,
+        tenant,
+        services.settings.quota,
+        registered,
+        size,
+        lambda units: _publish(services, units, tenant),
+        priority=priority,
     )
     return to_openai(raw)
 
@@ -145,22 +159,23 @@ def partial_output(batch_id: str, services: ServicesDep, tenant: TenantDep, erro
 class RetryRequest(BaseModel):
     codes: list[str] | None = Field(
         None,
-        description="Error codes to retry (e.g. batch_expired, worker_lost, out_of_memory); "
-        "default: every failure that was not a 400.",
+        description="Error codes to retry (e.g. batch_expired, worker_lost, out_of_memory, invalid_input); "
+        "default: every failure that may go differently on a new run, i.e. not request errors (a 4xx that "
+        "is not retryable, such as an invalid body or an unknown model).",
     )
+    all: bool = Field(False, description="Re-run every failed line, request errors included.")
 
 
 @router.post(
     "/{batch_id}/retry",
     responses=responses(*AUTHED, *BODY, 404, 409),
-    summary="Extension: re-run only the failed or expired lines of a finished batch",
+    summary="Extension: re-run failed or expired lines of a finished batch (409 when there is nothing to re-run)",
 )
 def retry_batch(
     batch_id: str, services: ServicesDep, tenant: TenantDep, body: RetryRequest | None = None
 ) -> dict[str, Any]:
     services.batches.get_raw(batch_id, tenant)
     codes = set(body.codes) if body and body.codes else None
-    lines = services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant))
-    if not lines:
-        raise NotFound("no failed lines match; nothing to retry", param="codes")
+    every = bool(body and body.all)
+    services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant), every=every)
     return to_openai(services.batches.raw(batch_id))

@@ -34,7 +34,12 @@ def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse(status_code=200 if ok else 503, content={"status": "ready" if ok else "not ready", **checks})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of the whole cluster: this API and every live worker",
+    response_class=Response,
+)
 def prometheus(services: ServicesDep) -> Response:
     metrics.refresh_queue_depths(services)
-    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(metrics.REGISTRY) + generate_latest(metrics.cluster_registry(services.redis))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -19,7 +19,7 @@ from api.services import Services
 from queueformer.contract.errors import Conflict, NotFound
 from queueformer.contract.ids import valid_object_id
 from queueformer.contract.jobs import GenerateJob, check_fits
-from queueformer.contract.records import TERMINAL, JobRecord, JobState
+from queueformer.contract.records import TERMINAL, CancelAnswer, JobRecord, JobState
 from queueformer.contract.tasks import AnyJob, JobSpec
 from queueformer.server import keys
 from queueformer.server.jobs import public_event
@@ -202,14 +202,16 @@ def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Any:
 @router.post(
     "/{job_id}/cancel",
     responses=responses(*AUTHED, 404, 422),
-    response_model=JobRecord,
+    response_model=CancelAnswer,
     summary="Cancel a queued or running job",
 )
-def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
+def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> CancelAnswer:
     _check_id(job_id)
     services.jobs.get(job_id, tenant)
     services.jobs.request_cancel(job_id)
-    return services.jobs.get(job_id, tenant)
+    record = services.jobs.get(job_id, tenant)
+    status = record.state.value if record.state.terminal else "cancelling"
+    return CancelAnswer(**record.model_dump(exclude={"status_url"}), status_url=f"/v1/jobs/{job_id}", status=status)
 
 
 @router.get(

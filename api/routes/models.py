@@ -28,6 +28,7 @@ def list_models(services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
                 "object": "model",
                 "owned_by": entry.tenant or "queueformer",
                 **entry.public(),
+                "created": entry.created or services.registry_loaded_at,
                 "workers": live.get(entry.name, []),
             }
         )

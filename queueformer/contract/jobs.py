@@ -27,6 +27,7 @@ from pydantic_core import CoreSchema, core_schema
 
 from queueformer.contract import limits
 from queueformer.contract.errors import InputTooLong
+from queueformer.contract.priority import Priority
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 _HARD_TEXT_CHARS = 1_000_000
@@ -122,6 +123,13 @@ Metadata = Annotated[
     Field(description="Free-form string pairs kept with the job."),
 ]
 StopString = Annotated[str, Field(min_length=1, max_length=1024), _limit("max_stop_chars")]
+# transformers 5 moved diverse beam search out of generate into Hub code (custom_generate), which workers never run.
+GROUP_BEAM_SEARCH_GONE = (
+    "diverse beam search (num_beam_groups > 1, diversity_penalty > 0) is not available: transformers' generate "
+    "no longer includes it"
+)
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenSequence = Annotated[list[TokenId], Field(min_length=1, max_length=64)]
 
 
 def _task_required(schema: dict[str, Any]) -> None:
@@ -143,6 +151,7 @@ class JobBase(BaseModel):
         le=7 * 24 * 3600,
         description="Seconds from submission after which the job fails (deadline_exceeded).",
     )
+    priority: Priority | None = None
 
     def estimated_tokens(self) -> int:
         """A cheap token estimate for quotas (about 4 characters per token, plus tokens to generate)."""
@@ -203,6 +212,36 @@ class GenerateJob(JobBase):
     stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
     # 2**53 - 1: the largest integer every JSON reader keeps exactly
     seed: int | None = Field(None, ge=0, le=2**53 - 1)
+    # transformers' GenerationConfig fields, with its meaning; None takes the model's generation config.
+    min_new_tokens: int | None = Field(None, ge=0, le=32_768, description="EOS is suppressed until this many tokens.")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=1024, description="No n-gram of this size occurs twice.")
+    length_penalty: float | None = Field(None, ge=-100, le=100, description="Beam search: exponent on the length.")
+    early_stopping: bool | Literal["never"] | None = Field(None, description="Beam search: when to stop searching.")
+    bad_words_ids: Annotated[list[TokenSequence], Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="Token sequences that are never generated."
+    )
+    suppress_tokens: Annotated[list[TokenId], Field(min_length=1, max_length=65_536)] | None = Field(
+        None, description="Token ids that are never generated."
+    )
+    sequence_bias: Annotated[list[tuple[TokenSequence, float]], Field(min_length=1, max_length=1024)] | None = Field(
+        None,
+        description="[[token ids], bias] pairs: the bias goes to the last token's logit after the others.",
+    )
+    typical_p: float | None = Field(None, gt=0, le=1, description="Sampling: locally typical mass to keep.")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Sampling: drop tokens under min_p x the top probability."
+    )
+    eos_token_id: TokenId | Annotated[list[TokenId], Field(max_length=64)] | None = Field(
+        None, description="End-of-sequence token(s), instead of the model's."
+    )
+    num_beam_groups: int | None = Field(
+        None, ge=1, le=64, description="Only 1 (diverse beam search is gone from generate)."
+    )
+    diversity_penalty: float | None = Field(None, ge=0, le=100, description="Only 0: needs num_beam_groups > 1.")
+    max_time: float | None = Field(None, gt=0, le=7 * 24 * 3600, description="Seconds of decoding before it stops.")
+    logprobs: bool = Field(False, description="Return each generated token's log-probability.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: this many most likely tokens per position.")
+    prompt_logprobs: bool = Field(False, description="Return the prompt tokens' log-probabilities too (echo).")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (benchmarks).")
     truncate: bool = Field(False, description="Drop the oldest prompt tokens instead of failing when too long.")
     stream: bool = Field(False, description="Publish tokens to the job's event stream as they are generated.")
@@ -219,6 +258,19 @@ class GenerateJob(JobBase):
         if value and (info.data.get("num_beams") or 1) > 1:
             raise ValueError("ignore_eos is not supported with beam search (num_beams > 1)")
         return value
+
+    @field_validator("num_beam_groups", "diversity_penalty")
+    @classmethod
+    def _no_group_beam_search(cls, value: float | None) -> float | None:
+        if value not in (None, 0, 1):
+            raise ValueError(GROUP_BEAM_SEARCH_GONE)
+        return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> GenerateJob:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateJob:
@@ -284,7 +336,7 @@ class ClassifyJob(JobBase):
         return sum(len(t) for t in self.texts) // 4 + 1
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=131_072)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=131_072)]
 
 
 EmbedInput = (

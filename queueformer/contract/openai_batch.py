@@ -40,6 +40,7 @@ from queueformer.contract.jobs import (
     ModelName,
     TranslateJob,
 )
+from queueformer.contract.priority import MAX_PRIORITY, MIN_PRIORITY
 from queueformer.contract.records import (
     ClassifyResult,
     EchoResult,
@@ -481,6 +482,13 @@ class BatchCreate(BaseModel):
     )
     output_expires_after: ExpiresAfter | None = Field(
         None, description="Expiry of the batch's output and error files, counted from their creation."
+    )
+    priority: int | None = Field(
+        None,
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description="Extension: 0 to 9, higher first; every line runs at it. Default: the tenant's default batch "
+        "priority, else 2 (below a job's default 5: a batch is background work with a completion window).",
     )
     webhook_url: str | None = Field(
         None,

@@ -40,8 +40,18 @@ class JobRecord(BaseModel):
     error: ErrorInfo | None = None
     result_url: str | None = Field(None, description="Where a succeeded job's result is read (an API path).")
     attempts: int = 0
+    priority: int = Field(5, description="0 to 9, higher first: the job's own, else its tenant's default.")
     metadata: dict[str, str] = Field(default_factory=dict)
     status_url: str | None = None
+
+
+class CancelAnswer(JobRecord):
+    """What ``POST /v1/jobs/{id}/cancel`` answers: the job, and where its cancel stands."""
+
+    status: Literal["cancelled", "cancelling", "succeeded", "failed"] = Field(
+        description="cancelled: stopped (a queued job at once); cancelling: its worker stops it at the next "
+        "check, then the job reads cancelled; succeeded or failed: it had finished before the cancel came."
+    )
 
 
 # --- results, one shape per job type ---------------------------------------------------------------
@@ -56,17 +66,42 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopLogprob(BaseModel):
+    """One likely token at a position, with its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A token's log-probability under the scores it was chosen from, and the most likely tokens there.
+
+    Generated tokens are scored after every logits processor of the job (temperature, top-k, penalties,
+    structured output), exactly the distribution the token was picked from; tokens those processors rule
+    out are left out of ``top_logprobs``. Prompt tokens are scored by the model's raw logits; the first
+    has no log-probability.
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Generation(BaseModel):
     index: int
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length", "cancelled"]
+    logprobs: list[TokenLogprob] | None = Field(None, description="Per generated token, with logprobs=true.")
 
 
 class GenerateResult(BaseModel):
     task: Literal["generate"] = "generate"
     model: str
     generations: list[Generation]
+    prompt_logprobs: list[TokenLogprob] | None = Field(None, description="Per prompt token, with prompt_logprobs=true.")
     usage: Usage
 
 

@@ -181,6 +181,9 @@ class WorkerSettings(BaseModel):
             "than fill one engine batch across a worker's consumer slots."
         ),
     )
+    metrics_interval_s: float = Field(
+        5.0, gt=0, le=300, description="How often a worker publishes its Prometheus samples to Redis for the API."
+    )
     offload_folder: Path | None = None
     finetuned_cache_size: int = Field(2, ge=1, description="Fine-tuned models kept loaded at once on a serving worker.")
 

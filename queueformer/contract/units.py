@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from queueformer.contract.jobs import Task
+from queueformer.contract.priority import DEFAULT_BATCH_PRIORITY, DEFAULT_JOB_PRIORITY, Priority
 
 RUN_TASK = "queueformer.run"
 ENVELOPE_VERSION = 1
@@ -27,6 +28,7 @@ class JobsUnit(BaseModel):
     model: str
     ids: list[str] = Field(min_length=1, max_length=10_000)
     task: str | None = Field(None, description="Set for fine-tunes, which run on the training path, not an engine.")
+    priority: Priority = DEFAULT_JOB_PRIORITY
 
 
 class LinesUnit(BaseModel):
@@ -43,18 +45,22 @@ class LinesUnit(BaseModel):
     start: int = Field(ge=0)
     end: int = Field(ge=0)
     only: list[int] | None = Field(None, description="Process only these line indices of the range (retries).")
+    priority: Priority = DEFAULT_BATCH_PRIORITY
 
 
-def job_units(groups: Mapping[tuple[str, str, str], list[str]], per_message: int) -> Iterator[tuple[JobsUnit, str]]:
-    """Messages for job ids grouped by (model, queue, task), with their queues: ``per_message`` ids each.
+def job_units(
+    groups: Mapping[tuple[str, str, str, int], list[str]], per_message: int
+) -> Iterator[tuple[JobsUnit, str]]:
+    """Messages for job ids grouped by (model, queue, task, priority), with their queues: ``per_message`` ids each.
 
     A fine-tune is hours of work: one per message, so each is redelivered on its own.
     """
-    for (model, queue, task), ids in groups.items():
+    for (model, queue, task, priority), ids in groups.items():
         fine_tune = task == Task.FINE_TUNE
         step = 1 if fine_tune else per_message
         for start in range(0, len(ids), step):
-            yield JobsUnit(model=model, ids=ids[start : start + step], task=task if fine_tune else None), queue
+            chunk = ids[start : start + step]
+            yield JobsUnit(model=model, ids=chunk, task=task if fine_tune else None, priority=priority), queue
 
 
 WorkUnit = Annotated[JobsUnit | LinesUnit, Field(discriminator="kind")]

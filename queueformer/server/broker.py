@@ -11,9 +11,11 @@ from typing import Any
 
 from celery import Celery
 
+from queueformer.contract.priority import MAX_PRIORITY
 from queueformer.contract.registry import Registry
 from queueformer.contract.settings import Settings
 from queueformer.contract.units import RUN_TASK, JobsUnit, LinesUnit
+from queueformer.server import keys
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -41,6 +43,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 30,
             "socket_connect_timeout": 5,
             "health_check_interval": 10,
+            # One Redis list per priority step; a consumer's BRPOP names them in step order, so a queued
+            # message of a higher step is taken before any of a lower one (queues rotate within a step,
+            # kombu's default round_robin, so one busy model never starves another's queue).
+            "priority_steps": list(keys.PRIORITY_STEPS),
+            "sep": keys.PRIORITY_SEP,
         },
         "task_create_missing_queues": True,
         "task_default_queue": "queueformer-default",
@@ -69,6 +76,17 @@ def make_celery(settings: Settings, registry: Registry, name: str = "queueformer
     return app
 
 
+def broker_priority(priority: int) -> int:
+    """The message priority for a job priority: kombu's Redis transport takes its lowest step first."""
+    return MAX_PRIORITY - priority
+
+
 def publish(app: Celery, unit: JobsUnit | LinesUnit, queue: str, producer: Any = None) -> None:
-    """Send one work unit to ``queue`` (explicit, so run-time fine-tuned models route too)."""
-    app.send_task(RUN_TASK, kwargs={"unit": unit.model_dump()}, queue=queue, producer=producer)
+    """Send one work unit to ``queue`` (explicit, so run-time fine-tuned models route too), at its priority."""
+    app.send_task(
+        RUN_TASK,
+        kwargs={"unit": unit.model_dump()},
+        queue=queue,
+        producer=producer,
+        priority=broker_priority(unit.priority),
+    )

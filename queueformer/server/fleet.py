@@ -47,6 +47,7 @@ class Fleet:
                         "ready": w.get("ready", False),
                         "healthy": w.get("healthy", True),
                         "slots": w.get("slots"),
+                        "line_slots": w.get("line_slots"),
                         **loaded,
                     }
                 )

@@ -17,6 +17,7 @@ import redis
 
 from queueformer.contract.errors import ErrorInfo, NotFound
 from queueformer.contract.jobs import Task
+from queueformer.contract.priority import DEFAULT_JOB_PRIORITY
 from queueformer.contract.records import JobRecord, JobState
 from queueformer.contract.tasks import AnyJob, parse_job
 from queueformer.server import keys
@@ -78,12 +79,14 @@ class JobStore:
         tenant: str,
         queue: Mapping[str, str],
         estimate_tokens: Mapping[str, int] | None = None,
+        priority: Mapping[str, int] | None = None,
         pipe: redis.client.Pipeline | None = None,
     ) -> list[str]:
         """Write queued records for ``(job_id, spec)`` pairs in one round trip."""
         now = time.time()
         p = pipe or self.r.pipeline(transaction=False)
         for job_id, spec in jobs:
+            own = DEFAULT_JOB_PRIORITY if spec.priority is None else spec.priority
             fields: dict[Any, Any] = {
                 "id": job_id,
                 "tenant": tenant,
@@ -95,6 +98,7 @@ class JobStore:
                 "spec": spec.model_dump_json(),
                 "attempts": "0",
                 "tokens": str((estimate_tokens or {}).get(job_id, 0)),
+                "priority": str((priority or {}).get(job_id, own)),
             }
             if spec.timeout_s:
                 fields["deadline"] = repr(now + spec.timeout_s)
@@ -327,5 +331,6 @@ def record_from_raw(data: Mapping[str, str]) -> JobRecord:
         error=ErrorInfo.model_validate_json(err) if err else None,
         result_url=result_url(data["id"]) if data.get("result_uri") else None,
         attempts=int(data.get("attempts", "0")),
+        priority=int(data.get("priority") or DEFAULT_JOB_PRIORITY),
         metadata=json.loads(data["spec"]).get("metadata", {}) if data.get("spec") else {},
     )

@@ -75,6 +75,11 @@ def tenant_keys(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:keys"
 
 
+def tenant_record(tenant: str) -> str:
+    """Hash: a tenant's own settings (``priority``, ``batch_priority``: its defaults)."""
+    return f"{PREFIX}:tenant:{tenant}:record"
+
+
 def api_key(key_hash: str) -> str:
     """String: the tenant an API key (by SHA-256) belongs to."""
     return f"{PREFIX}:apikey:{key_hash}"
@@ -108,7 +113,7 @@ BATCH_PARTS = ("out", "err", "done", "tries", "chunks")
 
 
 def tenant_batches(tenant: str) -> str:
-    """Sorted set: a tenant's batches by creation time."""
+    """Sorted set: a tenant's batches by creation time (microseconds, strictly increasing)."""
     return f"{PREFIX}:batches:{tenant}"
 
 
@@ -158,6 +163,17 @@ def worker(worker_id: str) -> str:
 
 WORKERS_PATTERN = worker("*")
 
+
+def worker_metrics(worker_id: str) -> str:
+    """String with a short TTL: a live worker's Prometheus samples (JSON), merged into the API's /metrics."""
+    return f"{PREFIX}:worker-metrics:{worker_id}"
+
+
+WORKER_METRICS_PATTERN = worker_metrics("*")
+
+# Hash: batch status -> times a batch reached it (ended statuses only; a retried batch can end again).
+BATCHES_ENDED = f"{PREFIX}:batches-ended"
+
 # --- the dashboard's series ----------------------------------------------------------------------
 
 # Hash: model -> tokens generated for it so far (workers add at commit; the dashboard's tokens/s).
@@ -188,7 +204,8 @@ RECONCILE_RESENT = f"{PREFIX}:reconcile:resent"
 UNACKED = "unacked"  # hash: delivery tag -> [payload, exchange, routing key]
 UNACKED_INDEX = "unacked_index"  # sorted set: delivery tag -> delivery time
 PRIORITY_SEP = "\x06\x16"  # a queue's priority lists are "<queue><sep><priority>"
-PRIORITY_STEPS = (0, 3, 6, 9)
+# One list per priority (kombu's default is four steps, 0/3/6/9): ten, so every job priority is its own.
+PRIORITY_STEPS = tuple(range(10))
 
 
 def queue_lists(queue: str) -> list[str]:

@@ -19,6 +19,7 @@ from redis.client import NEVER_DECODE
 
 from queueformer.contract.errors import ErrorInfo
 from queueformer.contract.openai_batch import error_line
+from queueformer.contract.priority import DEFAULT_BATCH_PRIORITY
 from queueformer.contract.units import LinesUnit
 from queueformer.server import keys
 from queueformer.server.batch_input import Chunk, custom_id_of, iter_range
@@ -157,9 +158,22 @@ class Ledger:
     def _input_key(self, batch_id: str) -> str:
         return self.files.key(cast(str, self.r.hget(keys.batch(batch_id), "input_file_id")))
 
-    def _chunk_units(self, batch_id: str, c: Chunk) -> list[LinesUnit]:
+    def _priority(self, batch_id: str) -> int:
+        raw = cast(str | None, self.r.hget(keys.batch(batch_id), "priority"))
+        return int(raw) if raw else DEFAULT_BATCH_PRIORITY
+
+    def _chunk_units(self, batch_id: str, c: Chunk, priority: int = DEFAULT_BATCH_PRIORITY) -> list[LinesUnit]:
         return [
-            LinesUnit(model=model, batch=batch_id, chunk=c.index, first=c.first, start=c.start, end=c.end, only=lines)
+            LinesUnit(
+                model=model,
+                batch=batch_id,
+                chunk=c.index,
+                first=c.first,
+                start=c.start,
+                end=c.end,
+                only=lines,
+                priority=priority,
+            )
             for model, lines in c.models.items()
         ]
 
@@ -170,8 +184,9 @@ class Ledger:
     def units(self, batch_id: str, only: set[int] | None = None) -> list[LinesUnit]:
         """Work units, one per (chunk, model); with ``only``, just the units holding those lines."""
         units = []
+        priority = self._priority(batch_id)
         for c in self.chunks(batch_id):
-            for unit in self._chunk_units(batch_id, c):
+            for unit in self._chunk_units(batch_id, c, priority):
                 if only is not None:
                     lines = unit.only if unit.only is not None else self._chunk_lines(batch_id, c)
                     picked = [x for x in lines if x in only]
@@ -185,8 +200,9 @@ class Ledger:
         """The batch's work units that still have uncommitted lines: one read of its chunks and bitmap."""
         done = self.done(batch_id)
         out = []
+        priority = self._priority(batch_id)
         for c in self.chunks(batch_id):
-            for unit in self._chunk_units(batch_id, c):
+            for unit in self._chunk_units(batch_id, c, priority):
                 if unit.only is not None:
                     left = any(not done.has(i) for i in unit.only)
                 elif c.last is None or c.count is None:  # recorded before chunks kept their line count

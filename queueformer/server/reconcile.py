@@ -27,6 +27,7 @@ from typing import Any, cast
 import redis
 
 from queueformer.contract.errors import WorkerLost
+from queueformer.contract.priority import DEFAULT_JOB_PRIORITY
 from queueformer.contract.units import RUN_TASK, JobsUnit, LinesUnit, job_units
 from queueformer.server import keys
 from queueformer.server.batches import Batches
@@ -291,14 +292,15 @@ class Reconciler:
         p.expire(keys.RECONCILE_RESENT, 7 * 24 * 3600)
         times = dict(zip(suspects, (int(n) for n in p.execute()[:-1]), strict=True))
         lost = WorkerLost(f"no worker finished this after it was sent again {self.max_resends} times")
-        groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+        groups: dict[tuple[str, str, str, int], list[str]] = defaultdict(list)
         for job_id in job_ids:
             if times[f"job:{job_id}"] > self.max_resends:
                 self.jobs.fail(job_id, lost.info())
                 report.ended_jobs.append(job_id)
                 continue
             rec = work.jobs[job_id]
-            groups[(rec["model"], rec["queue"], rec.get("task", ""))].append(job_id)
+            priority = int(rec.get("priority") or DEFAULT_JOB_PRIORITY)
+            groups[(rec["model"], rec["queue"], rec.get("task", ""), priority)].append(job_id)
             report.resent_jobs.append(job_id)
         for unit, queue in job_units(groups, JOBS_PER_MESSAGE):
             self.send(unit, queue)

@@ -21,6 +21,7 @@ from typing import cast
 
 import redis
 
+from queueformer.contract.priority import DEFAULT_BATCH_PRIORITY, DEFAULT_JOB_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from queueformer.server import keys
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -138,3 +139,44 @@ class ApiKeys:
         p.hdel(keys.API_KEY_INFO, key_id(h))
         p.execute()
         return KeyInfo(key_id(h), tenant, meta.get("created_at"), meta.get("prefix"))
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A tenant's defaults for work submitted without them."""
+
+    priority: int = DEFAULT_JOB_PRIORITY
+    batch_priority: int = DEFAULT_BATCH_PRIORITY
+
+
+class TenantDefaults:
+    """Per-tenant defaults kept in the tenant's record (one Redis hash), read on every submission."""
+
+    FIELDS = ("priority", "batch_priority")
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def get(self, tenant: str) -> Defaults:
+        raw = cast(list[str | None], self.r.hmget(keys.tenant_record(tenant), list(self.FIELDS)))
+        base = Defaults()
+        job, batch = (int(v) if v is not None else None for v in raw)
+        return Defaults(
+            priority=base.priority if job is None else job,
+            batch_priority=base.batch_priority if batch is None else batch,
+        )
+
+    def set(self, tenant: str, *, priority: int | None = None, batch_priority: int | None = None) -> Defaults:
+        """Set either default (``None`` leaves it as is); returns the tenant's defaults now."""
+        if not TENANT_RE.fullmatch(tenant):
+            raise ValueError(f"tenant {tenant!r} must be lowercase letters, digits, '-' or '_'")
+        fields = {k: v for k, v in zip(self.FIELDS, (priority, batch_priority), strict=True) if v is not None}
+        for name, value in fields.items():
+            if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+                raise ValueError(f"{name} must be {MIN_PRIORITY} to {MAX_PRIORITY} (higher first), not {value}")
+        if fields:
+            self.r.hset(keys.tenant_record(tenant), mapping={k: str(v) for k, v in fields.items()})
+        return self.get(tenant)
+
+    def reset(self, tenant: str) -> None:
+        self.r.hdel(keys.tenant_record(tenant), *self.FIELDS)

@@ -18,7 +18,7 @@ from queueformer.contract.registry import Registry
 from queueformer.contract.units import RUN_TASK
 from queueformer.server.broker import make_celery
 from queueformer.server.cluster import Cluster
-from tests.helpers import eventually, jsonl, make_settings
+from tests.helpers import eventually, jsonl, make_settings, queued
 
 GEN = {"task": "generate", "model": "tiny-gpt2", "prompt": "hello"}
 
@@ -262,14 +262,14 @@ def test_a_pickled_celery_message_is_refused(chaos_cluster: tuple[Cluster, Any],
     publisher.send_task(RUN_TASK, kwargs={"unit": unit}, queue="echo", serializer=HOSTILE_ENCODING)
     assert cluster.settings.redis_url is not None
     r = redis.Redis.from_url(cluster.settings.redis_url.get_secret_value())
-    assert r.llen("echo") == 1
+    assert queued(r, "echo") == 1
     worker = new_worker(["echo"])
     with Client(cluster.api_url) as qf:
         # The pickle sits ahead of this job in the queue; the job runs once the worker has dealt with it.
         assert (
             qf.wait(qf.submit({"task": "echo", "model": "echo", "text": "after"}), timeout=120)["state"] == "succeeded"
         )
-    eventually(lambda: r.llen("echo") == 0 and r.hlen("unacked") == 0, timeout=30)  # dropped, not redelivered
+    eventually(lambda: queued(r, "echo") == 0 and r.hlen("unacked") == 0, timeout=30)  # dropped, not redelivered
     assert not marker.exists()
     log = worker.log_path.read_text(errors="replace")
     assert "ContentDisallowed" in log or "untrusted content" in log, log[-2000:]

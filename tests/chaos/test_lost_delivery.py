@@ -13,7 +13,7 @@ from queueformer.client import Client
 from queueformer.server.cluster import Cluster
 from queueformer.server.reconcile import unit_of
 from tests.chaos.test_worker_kills import batch_lines
-from tests.helpers import jsonl
+from tests.helpers import jsonl, pop
 
 
 def test_jobs_and_batch_lines_whose_messages_were_lost_still_finish(chaos_cluster: tuple[Cluster, Any]) -> None:
@@ -28,7 +28,7 @@ def test_jobs_and_batch_lines_whose_messages_were_lost_still_finish(chaos_cluste
         ids = qf.submit_many(jobs)
         # Every message is popped the way kombu's consumer pops it, and never recorded as unacknowledged.
         lost = []
-        while (raw := r.rpop("tiny-gpt2")) is not None:
+        while (raw := pop(r, "tiny-gpt2")) is not None:
             lost.append(unit_of(json.loads(raw)))
         assert {u["kind"] for u in lost if u} == {"lines", "jobs"}
         started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from queueformer.server.jobs import JobStore
 from queueformer.server.tenants import ApiKeys
-from tests.helpers import jsonl, make_settings
+from tests.helpers import jsonl, make_settings, queued
 
 GEN = {"task": "generate", "model": "tiny-gpt2", "prompt": "The weather today", "max_new_tokens": 8}
 
@@ -29,7 +31,7 @@ def test_valid_job_is_recorded_and_enqueued_on_its_model_queue(client: TestClien
     job_id = resp.json()["id"]
     record = client.get(f"/v1/jobs/{job_id}").json()
     assert record["state"] == "queued" and record["model"] == "tiny-gpt2"
-    assert redis.Redis.from_url(redis_url).llen("tiny-gpt2") == 1
+    assert queued(redis.Redis.from_url(redis_url), "tiny-gpt2") == 1
     assert client.get(f"/v1/jobs/{job_id}/result").status_code == 409
 
 
@@ -68,7 +70,7 @@ def test_bulk_submission_groups_jobs_into_few_messages(client: TestClient, redis
         "/v1/jobs/bulk", json={"jobs": [{"task": "echo", "model": "echo", "text": str(i)} for i in range(300)]}
     )
     assert resp.status_code == 202 and len(resp.json()["data"]) == 300
-    assert redis.Redis.from_url(redis_url).llen("echo") == 3  # 128 jobs per message
+    assert queued(redis.Redis.from_url(redis_url), "echo") == 3  # 128 jobs per message
 
 
 def test_tenants_are_isolated_and_keys_required(redis_url: str, tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_batch_create_reports_bad_lines_and_enqueues_the_rest(client: TestClient
         (6, "duplicate_custom_id"),
         (7, "invalid_request"),
     ]
-    assert redis.Redis.from_url(redis_url).llen("tiny-gpt2") >= 1
+    assert queued(redis.Redis.from_url(redis_url), "tiny-gpt2") >= 1
     listed = client.get("/v1/batches", params={"limit": 1}).json()
     assert listed["data"][0]["id"] == batch["id"] and listed["has_more"] is False
     cancelled = client.post(f"/v1/batches/{batch['id']}/cancel").json()
@@ -195,7 +197,7 @@ def test_fine_tuning_jobs_are_validated_queued_and_tenant_isolated(redis_url: st
         job = resp.json()
         assert job["object"] == "fine_tuning.job" and job["status"] == "queued" and job["fine_tuned_model"] is None
         assert job["hyperparameters"]["n_epochs"] == 2 and job["method"]["training"] == "qlora"
-        assert redis.Redis.from_url(redis_url).llen("fine-tune") == 1  # one message per fine-tune, own queue
+        assert queued(redis.Redis.from_url(redis_url), "fine-tune") == 1  # one message per fine-tune, own queue
         # The file must be the caller's, the model registered and generative, the knobs in range.
         assert c.post("/v1/fine_tuning/jobs", json=body, headers=b).status_code == 404
         wrong = c.post("/v1/fine_tuning/jobs", json={**body, "model": "tiny-bert"}, headers=a)
@@ -212,3 +214,28 @@ def test_fine_tuning_jobs_are_validated_queued_and_tenant_isolated(redis_url: st
         assert cancelled["status"] == "cancelled"
         events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=a).json()["data"]
         assert [e["message"] for e in events][:1] == ["Job is cancelled"]
+
+
+def test_cancel_answers_where_the_cancel_stands_with_a_status_url(client: TestClient, redis_url: str) -> None:
+    queued = client.post("/v1/jobs", json=GEN).json()["id"]
+    answer = client.post(f"/v1/jobs/{queued}/cancel").json()
+    assert answer["status"] == "cancelled" and answer["state"] == "cancelled"
+    assert answer["status_url"] == f"/v1/jobs/{queued}"
+    assert client.get(answer["status_url"]).json()["state"] == "cancelled"
+
+    running = client.post("/v1/jobs", json=GEN).json()["id"]
+    jobs = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    assert jobs.start(running)[0]  # claimed, as a worker claims it
+    answer = client.post(f"/v1/jobs/{running}/cancel").json()
+    assert answer["status"] == "cancelling" and answer["status_url"] == f"/v1/jobs/{running}"
+    assert jobs.cancel_requested([running]) == {running}
+
+    jobs.succeed(running, "file:///nowhere")
+    assert client.post(f"/v1/jobs/{running}/cancel").json()["status"] == "succeeded"
+
+
+def test_models_carry_created(client: TestClient) -> None:
+    before = int(time.time())
+    models = client.get("/v1/models").json()["data"]
+    assert models and all(isinstance(m["created"], int) and 0 < m["created"] <= before + 1 for m in models)
+    assert {m["object"] for m in models} == {"model"}

@@ -27,7 +27,7 @@ from queueformer.server.jobs import JobStore
 from queueformer.server.ledger import Bitmap
 from queueformer.server.reconcile import Reconciler, unit_key, unit_of
 from queueformer.server.storage import Storage
-from tests.helpers import jsonl, make_settings
+from tests.helpers import jsonl, make_settings, messages, pop
 
 QUEUE = "tiny-gpt2"
 
@@ -81,7 +81,7 @@ class Env:
 
     def take(self) -> dict[str, Any]:
         """Pop a message the way a consumer does, and never record it: the delivery a SIGKILL loses."""
-        raw = self.r.rpop(QUEUE)
+        raw = pop(self.r, QUEUE)
         assert raw is not None
         return json.loads(raw)
 
@@ -92,7 +92,7 @@ class Env:
         return payload
 
     def queued_units(self) -> list[dict[str, Any]]:
-        return [u for m in self.r.lrange(QUEUE, 0, -1) if (u := unit_of(json.loads(m))) is not None]
+        return [u for m in messages(self.r, QUEUE) if (u := unit_of(json.loads(m))) is not None]
 
 
 @pytest.fixture
@@ -202,13 +202,13 @@ def test_work_that_never_runs_ends_as_worker_lost_instead_of_looping(env: Env) -
     rec = env.reconciler(confirm_s=10)
     now = 1e10
     for _ in range(3):  # sent again three times, and each time taken and never run
-        while env.r.rpop(QUEUE) is not None:
+        while pop(env.r, QUEUE) is not None:
             pass
         rec.audit(now=now)
         report = rec.audit(now=now + 10)
         assert report.resent_jobs == [job] and len(report.resent_units) == 1
         now += 100
-    while env.r.rpop(QUEUE) is not None:
+    while pop(env.r, QUEUE) is not None:
         pass
     rec.audit(now=now)
     report = rec.audit(now=now + 10)
@@ -231,7 +231,7 @@ def test_batches_whose_mover_died_are_moved_on(env: Env) -> None:
     env.r.hset(f"qf:batch:{cancelling}", mapping={"status": "cancelling", "cancelling_at": old})
     validating = env.batch(2, chunk=2)  # the API died while it validated the file
     env.r.hset(f"qf:batch:{validating}", mapping={"status": "validating", "created_at": old})
-    while env.r.rpop(QUEUE) is not None:
+    while pop(env.r, QUEUE) is not None:
         pass
     report = env.reconciler(after_s=60).audit()
     assert sorted(report.tended_batches) == sorted([finished, cancelling, validating])

@@ -29,7 +29,7 @@ from queueformer.server import keys
 from queueformer.server.batch_input import scan_file
 from queueformer.server.checkpoints import Checkpoints
 from queueformer.server.tenants import ApiKeys
-from tests.helpers import eventually, jsonl, make_settings
+from tests.helpers import eventually, jsonl, make_settings, queued
 
 A = {"Authorization": "Bearer qf-acme-bootstrap-key-0001"}
 B = {"Authorization": "Bearer qf-globex-bootstrap-key-001"}
@@ -132,7 +132,7 @@ def test_a_tenant_cannot_train_on_or_probe_another_tenants_objects(c: TestClient
     # A tenant's own file of another purpose is not training data either.
     wrong = fine_tune(A, batch_file)
     assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "training_file"
-    assert not s.redis.llen("fine-tune")  # nothing refused was queued
+    assert not queued(s.redis, "fine-tune")  # nothing refused was queued
 
     # The owner trains on its file; the job keeps the id, never a storage path.
     job = fine_tune(A, private).json()
@@ -410,6 +410,6 @@ def test_hostile_registry_entries_in_redis_are_never_honoured_by_the_api(c: Test
     for name in (*hostile, "ft:tiny-gpt2:junk:0123456789ab"):
         resp = c.post("/v1/jobs", json={"task": "generate", "model": name, "prompt": "x"}, headers=A)
         if name == "ft:tiny-gpt2:remote:0123456789ab":
-            assert resp.status_code == 202 and s.redis.llen("fine-tuned") == 1
+            assert resp.status_code == 202 and queued(s.redis, "fine-tuned") == 1
         else:
             assert resp.status_code == 404 and resp.json()["error"]["param"] == "model", name

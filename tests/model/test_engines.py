@@ -181,3 +181,19 @@ def test_oom_in_an_encoder_batch_is_isolated_by_splitting(cls: Served, monkeypat
     assert items[0].future.result(timeout=30) and items[2].future.result(timeout=30)
     with pytest.raises(OutOfMemory):
         items[1].future.result(timeout=30)
+
+
+def test_an_urgent_item_takes_a_full_batchs_place_and_the_rows_it_displaced_decode_as_before(gen: Served) -> None:
+    # gen's batch holds 8 rows: 8 long low-priority rows fill it, 8 more of them wait behind.
+    long = [GenerateJob(model="g", prompt=f"The weather {i}", max_new_tokens=200, ignore_eos=True) for i in range(16)]
+    low = [gen.engine.submit(WorkItem(gen.handler.preprocess(j), priority=2)) for j in long]
+    time.sleep(0.2)  # the first 8 are decoding
+    urgent_job = GenerateJob(model="g", prompt="The cat", max_new_tokens=6)
+    urgent = gen.engine.submit(WorkItem(gen.handler.preprocess(urgent_job), priority=9))
+    got = urgent.future.result(timeout=60)[0].token_ids
+    # It did not wait for a running row to finish, nor for the 8 waiting ones to be admitted first.
+    assert not any(it.future.done() for it in low)
+    assert got == reference_tokens(gen, "The cat", max_new_tokens=6, do_sample=False)[0]
+    for job, it in zip(long, low, strict=True):  # the row sent back to waiting started over, same tokens
+        want = reference_tokens(gen, job.prompt, max_new_tokens=200, do_sample=False, eos_token_id=[])[0]
+        assert it.future.result(timeout=300)[0].token_ids == want

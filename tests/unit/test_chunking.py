@@ -30,3 +30,9 @@ def test_chunk_sizes_stay_within_bounds() -> None:
     assert lines_per_chunk([{"slots": 1, "lines_per_s": 1e6}], max_batch_size=64, target_s=2.0) == MAX_CHUNK
     # Workers announced before slots were part of the announcement: the rate alone decides.
     assert lines_per_chunk([{"lines_per_s": 10.0}], max_batch_size=256, target_s=2.0) == 20
+
+
+def test_chunks_fill_an_engine_batch_across_the_slots_a_worker_gives_batch_lines() -> None:
+    # A worker keeps one of its 16 slots for jobs: 15 chunks must fill 256 rows, so 18 lines each.
+    workers = [{"slots": 16, "line_slots": 15, "lines_per_s": 7.0}]
+    assert lines_per_chunk(workers, max_batch_size=256, target_s=2.0) == 18

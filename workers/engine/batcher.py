@@ -132,6 +132,8 @@ class BatchEngine:
                 current.append(it)
             if current:
                 batches.append(current)
+        # The most urgent batch first (a stable sort: arrival order within a priority).
+        batches.sort(key=lambda batch: -max(it.priority for it in batch))
         return batches
 
     def _run(self, batch: list[WorkItem]) -> None:

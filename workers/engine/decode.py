@@ -17,30 +17,26 @@ time, without merging.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig
 
 from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientError
 from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
-from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention
+from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
+from workers.engine.processors import RowDecoding, Scored, pick, prompt_scores, row_decoding
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +49,27 @@ class GenRequest:
 
     input_ids: tuple[int, ...]
     max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    num_return_sequences: int = 1
+    # The job's fields merged over the model's generation config (workers.engine.processors.resolve):
+    # the engine's per-row processors and model.generate both decode from it.
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     stop: tuple[str, ...] = ()
     eos: frozenset[int] = frozenset()
     seed: int | None = None
     constraint: Grammar | None = None  # structured output: what every sequence must match
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest there
+    prompt_logprobs: bool = False
+
+    @property
+    def do_sample(self) -> bool:
+        return bool(self.generation.do_sample)
+
+    @property
+    def num_beams(self) -> int:
+        return int(self.generation.num_beams or 1)
+
+    @property
+    def num_return_sequences(self) -> int:
+        return int(self.generation.num_return_sequences or 1)
 
     def __post_init__(self) -> None:
         if self.constraint is not None and self.num_beams > 1:
@@ -78,6 +84,8 @@ class GenOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     stop_index: int | None = None  # where a stop string begins in the decoded text
+    logprobs: list[Scored] | None = None  # per token, when the request asked for them
+    prompt_logprobs: list[Scored | None] | None = None
 
 
 @dataclass(eq=False)
@@ -90,12 +98,21 @@ class _Seq:
     stop_index: int | None = None
     emitted: int = 0  # characters already streamed
     generator: torch.Generator | None = None
-    processors: LogitsProcessorList | None = None
+    decoding: RowDecoding | None = None
     constraint: Constraint | None = None
+    scored: list[Scored] = field(default_factory=list)
+    prompt_scored: list[Scored | None] | None = None
 
     def __post_init__(self) -> None:
         if self.req.constraint is not None and self.constraint is None:
             self.constraint = self.req.constraint.constraint()
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.req.logprobs
+
+    def ids(self) -> torch.Tensor:
+        return torch.tensor([[*self.req.input_ids, *self.tokens]], dtype=torch.long)
 
     @property
     def length(self) -> int:
@@ -108,6 +125,7 @@ class _Seq:
     def reset(self) -> None:
         """Back to the prompt (after an OOM eviction): same seed, so the same tokens come again."""
         self.tokens.clear()
+        self.scored.clear()
         self.emitted = 0
         self.generator = _generator(self.req, self.index)
         if self.constraint is not None:
@@ -119,23 +137,9 @@ def _generator(req: GenRequest, index: int) -> torch.Generator | None:
         return None
     g = torch.Generator()
     seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    g.manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    # The first sequence draws as ``torch.manual_seed(seed); model.generate(...)`` draws for one prompt.
+    g.manual_seed(seed if index == 0 else (seed * 1_000_003 + index) % (2**63 - 1))
     return g
-
-
-def _processors(req: GenRequest) -> LogitsProcessorList | None:
-    """transformers' own processors, in ``generate``'s order: penalties first, then sampling warpers."""
-    procs = LogitsProcessorList()
-    if req.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(penalty=req.repetition_penalty))
-    if req.do_sample:
-        if req.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(req.temperature))
-        if req.top_k:
-            procs.append(TopKLogitsWarper(top_k=req.top_k, min_tokens_to_keep=1))
-        if req.top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=req.top_p, min_tokens_to_keep=1))
-    return procs or None
 
 
 @dataclass
@@ -158,7 +162,8 @@ class _Group:
 
     def done(self, seq: _Seq) -> None:
         assert seq.finish is not None
-        self.outputs[seq.index] = GenOutput(list(seq.tokens), seq.finish, seq.stop_index)
+        logprobs = list(seq.scored) if seq.req.logprobs is not None else None
+        self.outputs[seq.index] = GenOutput(list(seq.tokens), seq.finish, seq.stop_index, logprobs, seq.prompt_scored)
         if all(o is not None for o in self.outputs):
             self.item.resolve(list(self.outputs))
 
@@ -204,7 +209,6 @@ class DecodeEngine:
         self._steps = 0
         self._mergeable = plain_attention(model.config)
         self._layers = num_layers(model.config) if self._mergeable else 0
-        self._kv_dtype = cache_dtype(model) if self._mergeable else None
         if self._mergeable and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(ATTENTION)
         if not self._mergeable:
@@ -240,6 +244,16 @@ class DecodeEngine:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Token positions the running batch holds in its cache (rows x width); read from other threads."""
+        mask = self._mask
+        return int(mask.shape[0] * mask.shape[1]) if mask is not None else 0
+
     # --- loop -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -248,6 +262,8 @@ class DecodeEngine:
                 self._pull(block=not self._rows and not self._waiting)
                 if self._steps % self.poll_steps == 0:
                     self._check_stops()
+                if self._waiting and self._rows and self._mergeable:
+                    self._preempt()
                 if self._waiting and len(self._rows) < self._cap and (not self._rows or self._mergeable):
                     self._admit()
                 if self._rows:
@@ -280,10 +296,33 @@ class DecodeEngine:
                 self._run_beams(item)
                 continue
             self._groups[id(item)] = _Group(item, req.num_return_sequences)
+            seqs = []
             for i in range(req.num_return_sequences):
-                self._waiting.append(
-                    _Seq(item=item, req=req, index=i, generator=_generator(req, i), processors=_processors(req))
+                decoding = row_decoding(self.model, req.generation, len(req.input_ids), self.device)
+                seqs.append(
+                    _Seq(
+                        item=item,
+                        req=req,
+                        index=i,
+                        generator=_generator(req, i),
+                        decoding=decoding if decoding.processors or decoding.criteria else None,
+                    )
                 )
+            self._wait(seqs)
+
+    def _wait(self, seqs: list[_Seq]) -> None:
+        """Queue sequences by priority, then arrival: behind every waiting one of at least their priority.
+
+        The next admission takes the front, so an urgent job waits for at most one admission however many
+        batch lines wait before it.
+        """
+        priority = seqs[0].item.priority
+        if not self._waiting or self._waiting[-1].item.priority >= priority:
+            self._waiting.extend(seqs)
+            return
+        at = next(i for i, s in enumerate(self._waiting) if s.item.priority < priority)
+        for offset, seq in enumerate(seqs):
+            self._waiting.insert(at + offset, seq)
 
     def _run_beams(self, item: WorkItem) -> None:
         try:
@@ -337,6 +376,32 @@ class DecodeEngine:
             self._join(parts)
             self._retire()
 
+    def _preempt(self) -> None:
+        """Make room for waiting rows of a higher priority than running ones when the batch is full.
+
+        The running rows of the lowest priority with the fewest tokens go back to waiting and start over
+        from their prompt later (same seed, same tokens), so an urgent job is admitted at the next step
+        instead of after the longest running line. Streamed rows are never taken back: their tokens
+        have been sent.
+        """
+        room = self._cap - len(self._rows)
+        urgent = self._waiting[0].item.priority
+        if room > 0 or urgent <= min(s.item.priority for s in self._rows):
+            return
+        want = sum(1 for s in itertools.takewhile(lambda s: s.item.priority == urgent, self._waiting))
+        victims = sorted(
+            (i for i, s in enumerate(self._rows) if s.item.priority < urgent and s.item.on_token is None),
+            key=lambda i: (self._rows[i].item.priority, len(self._rows[i].tokens)),
+        )[: want - room]
+        if not victims:
+            return
+        out = set(victims)
+        for i in victims:
+            seq = self._rows[i]
+            seq.reset()
+            self._wait([seq])
+        self._select_rows([i for i in range(len(self._rows)) if i not in out])
+
     def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
         """Cut length-sorted sequences into groups with little padding and bounded prefill tokens."""
         groups: list[list[_Seq]] = []
@@ -357,15 +422,19 @@ class DecodeEngine:
         """Prefill one group (splitting it on OOM) and pick each row's first token."""
         ids, mask = pad_left([s.req.input_ids for s in group], self.pad_id, self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        echo = any(s.req.prompt_logprobs for s in group)
+        for s in group:
+            if s.decoding is not None:
+                s.decoding.start()
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=SlabCache(self._layers, self._kv_dtype) if self._mergeable else None,
+                    past_key_values=SlabCache(self._layers) if self._mergeable else None,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if echo else 1,  # 0: every position, to score the prompt
                 )
         except Exception as exc:
             if not is_oom(exc):
@@ -376,6 +445,10 @@ class DecodeEngine:
                 return []
             half = len(group) // 2
             return self._prefill(group[:half]) + self._prefill(group[half:])
+        for i, s in enumerate(group):
+            if s.req.prompt_logprobs:
+                n = len(s.req.input_ids)
+                s.prompt_scored = prompt_scores(out.logits[i, -n:], s.req.input_ids, s.req.logprobs or 0)
         nxt = self._select(group, out.logits[:, -1, :].float())
         next_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)
         return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
@@ -455,32 +528,18 @@ class DecodeEngine:
         """Pick each row's next token, append it and mark rows that finish."""
         # Structured output first, so every processor (penalties, top-k/top-p) works on allowed tokens only.
         mask_rows(logits, [s.constraint for s in seqs])
-        plain = [i for i, s in enumerate(seqs) if s.processors is None and s.generator is None]
-        chosen: list[int] = [0] * len(seqs)
-        if len(plain) == len(seqs):
-            chosen = torch.argmax(logits, dim=-1).tolist()
-        elif plain:
-            idx = torch.tensor(plain, device=logits.device)
-            for i, tok in zip(plain, torch.argmax(logits.index_select(0, idx), dim=-1).tolist(), strict=True):
-                chosen[i] = tok
-        for i, s in enumerate(seqs):
-            if s.processors is None and s.generator is None:
-                continue
-            scores = logits[i : i + 1]
-            if s.processors is not None:
-                ids = torch.tensor([[*s.req.input_ids, *s.tokens]], dtype=torch.long, device=logits.device)
-                scores = s.processors(cast(torch.LongTensor, ids), scores)
-            if s.generator is not None:
-                probs = torch.softmax(scores, dim=-1).cpu()
-                chosen[i] = int(torch.multinomial(probs, 1, generator=s.generator).item())
-            else:
-                chosen[i] = int(torch.argmax(scores, dim=-1).item())
+        chosen, scored = pick(logits, seqs)
+        for s, sc in zip(seqs, scored, strict=True):
+            if sc is not None:
+                s.scored.append(sc)
         for s, tok in zip(seqs, chosen, strict=True):
             self._append(s, tok)
         return list(chosen)
 
     def _append(self, s: _Seq, tok: int) -> None:
         s.tokens.append(tok)
+        if s.item.first_token_at is None:
+            s.item.first_token_at = time.monotonic()
         if s.constraint is not None and not s.constraint.accept(tok):
             self._fail(s, s.constraint.failure(tok))
             s.finish = "cancelled"
@@ -489,6 +548,8 @@ class DecodeEngine:
             s.finish = "stop"
         elif len(s.tokens) >= s.req.max_new_tokens:
             s.finish = "length"
+        elif s.decoding is not None and s.decoding.criteria and s.decoding.stopped(s.ids(), torch.empty(0)):
+            s.finish = "length"  # a budget other than tokens ran out (max_time)
         if s.item.on_token is not None:
             text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
             end = s.stop_index if s.stop_index is not None else len(text)

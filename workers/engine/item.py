@@ -24,6 +24,9 @@ class WorkItem:
     cancelled: Callable[[], bool] = _never
     deadline: float | None = None  # time.monotonic() value
     on_token: Callable[[int, int, str], None] | None = None  # (sequence index, token id, text delta)
+    priority: int = 0  # 0 to 9, higher first: engines admit waiting work by priority, then arrival
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None  # set by the decode engine (time to first token)
 
     def stop_reason(self) -> Exception | None:
         """Why this item must stop now, if it must."""
