@@ -177,6 +177,13 @@ def _generate_rules(schema: dict[str, Any]) -> None:
             "required": ["ignore_eos", "num_beams"],
             "properties": {"ignore_eos": {"const": True}, "num_beams": {"minimum": 2}},
         },
+        {
+            "required": ["top_logprobs"],
+            "properties": {"top_logprobs": {"minimum": 1}, "logprobs": {"not": {"const": True}}},
+        },
+        # group beam search is gone from generate: only its neutral values pass
+        {"required": ["num_beam_groups"], "properties": {"num_beam_groups": {"not": {"enum": [None, 1]}}}},
+        {"required": ["diversity_penalty"], "properties": {"diversity_penalty": {"not": {"enum": [None, 0, 1]}}}},
     ]
     for n in range(2, limits.active().max_return_sequences + 1):
         beams = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": n - 1}]}
