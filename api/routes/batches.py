@@ -119,7 +119,7 @@ def get_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> dict[s
     return _current(services, batch_id, tenant)
 
 
-@router.get("", responses=responses(*AUTHED, 422), summary="List batches, newest first")
+@router.get("", responses=responses(*AUTHED, 404, 422), summary="List batches, newest first")
 def list_batches(
     services: ServicesDep, tenant: TenantDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
