@@ -181,8 +181,9 @@ def _generate_rules(schema: dict[str, Any]) -> None:
             "required": ["top_logprobs"],
             "properties": {"top_logprobs": {"minimum": 1}, "logprobs": {"not": {"const": True}}},
         },
-        {"required": ["num_beam_groups"], "properties": {"num_beam_groups": {"minimum": 2}}},
-        {"required": ["diversity_penalty"], "properties": {"diversity_penalty": {"exclusiveMinimum": 0}}},
+        # group beam search is gone from generate: only its neutral values pass
+        {"required": ["num_beam_groups"], "properties": {"num_beam_groups": {"not": {"enum": [None, 1]}}}},
+        {"required": ["diversity_penalty"], "properties": {"diversity_penalty": {"not": {"enum": [None, 0, 1]}}}},
     ]
     for n in range(2, limits.active().max_return_sequences + 1):
         beams = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": n - 1}]}

@@ -27,7 +27,7 @@ from tests.helpers import make_settings
 
 KEY = "qf-acme-bootstrap-key-0001"
 OTHER = "qf-globex-bootstrap-key-001"
-EXAMPLES = 10  # per operation in fuzzing; the coverage and stateful phases add their own (~3,700 cases in all)
+EXAMPLES = 5  # per operation and phase; the coverage phase adds its own (boundaries, missing fields, methods)
 SEED = 20261201  # a fixed seed: the same requests on every run, so a failure reproduces
 
 
@@ -72,6 +72,7 @@ def run_schemathesis(api_url: str, report: Path) -> subprocess.CompletedProcess[
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, cwd=report.parent)
 
 
+@pytest.mark.timeout(900)  # about 3 minutes alone on 2 cores; more when other suites share them
 def test_schemathesis_with_every_check_finds_nothing(api_url: str, tmp_path: Path) -> None:
     report_path = tmp_path / "schemathesis.json"
     proc = run_schemathesis(api_url, report_path)
@@ -89,4 +90,4 @@ def test_schemathesis_with_every_check_finds_nothing(api_url: str, tmp_path: Pat
     # The schema gives no examples (a model name in one would be tried for every task), so that phase skips.
     phases = {name: phase["status"] for name, phase in report["phases"].items()}
     assert phases == {"examples": "skip", "coverage": "success", "fuzzing": "success", "stateful": "success"}, phases
-    assert cases["generated"] > 500, cases
+    assert cases["generated"] > 1000, cases
