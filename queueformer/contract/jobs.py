@@ -96,6 +96,44 @@ class ChatTurn(BaseModel):
     name: str | None = Field(None, max_length=64)
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named schema; ``strict`` enforces it exactly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema the output must validate against.")
+    strict: bool | None = Field(
+        False,
+        description="true: every keyword is enforced, and a schema using one the grammar cannot enforce is refused; "
+        "false: enforced as far as the grammar can, other keywords ignored.",
+    )
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is json_schema")
+        return self
+
+
+# Output constraints of a generate job: at most one of these fields.
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "response_format")
+LogitBias = Annotated[
+    dict[Annotated[int, Field(ge=0, lt=2**31)], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=1024),
+]
+
+
 class GenerateJob(JobBase):
     """Continue a prompt (or a chat, through the model's chat template) with a causal LM and the KV cache."""
 
@@ -114,6 +152,26 @@ class GenerateJob(JobBase):
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: subtracted from the logit of every token already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: subtracted once per earlier occurrence of a token in the output."
+    )
+    logit_bias: LogitBias = Field(
+        default_factory=dict, description="Token id -> bias (-100..100) added to its logit before sampling."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="The output must be JSON valid against this schema (enforced token by token)."
+    )
+    regex: str | None = Field(None, min_length=1, max_length=4096, description="The output must match this regex.")
+    choice: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1, max_length=256)]
+        | None
+    ) = Field(None, description="The output must be exactly one of these strings.")
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's response_format: text, json_object, or json_schema with strict."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (benchmarks).")
     truncate: bool = Field(False, description="Drop the oldest prompt tokens instead of failing when too long.")
     stream: bool = Field(False, description="Publish tokens to the job's event stream as they are generated.")
@@ -127,6 +185,24 @@ class GenerateJob(JobBase):
     def _prompt_or_messages(self) -> GenerateJob:
         if self.messages is not None and self.prompt:
             raise ValueError("give either prompt or messages, not both")
+        return self
+
+    @property
+    def constrained(self) -> str | None:
+        """The field that constrains the output, if any (``response_format`` of type text does not)."""
+        for name in CONSTRAINT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, ResponseFormat) and value.type == "text"):
+                return name
+        return None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerateJob:
+        given = [n for n in CONSTRAINT_FIELDS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(CONSTRAINT_FIELDS)}; got {', '.join(given)}")
+        if self.constrained and (self.num_beams or 1) > 1:
+            raise ValueError(f"{self.constrained} cannot be combined with num_beams > 1")
         return self
 
     @model_validator(mode="after")

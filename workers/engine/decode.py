@@ -28,6 +28,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -64,6 +65,9 @@ class GenRequest:
     eos: frozenset[int] = frozenset()
     seed: int | None = None
     constraint: Grammar | None = None  # structured output: what every sequence must match
+    # Processors the handler built (OpenAI penalties, logit bias): after the penalties, before the warpers,
+    # where ``generate`` puts a custom ``logits_processor``. Stateless, so rows of a request share them.
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.constraint is not None and self.num_beams > 1:
@@ -128,6 +132,7 @@ def _processors(req: GenRequest) -> LogitsProcessorList | None:
     procs = LogitsProcessorList()
     if req.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(penalty=req.repetition_penalty))
+    procs.extend(req.logits_processors)
     if req.do_sample:
         if req.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(req.temperature))

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from queueformer.contract.errors import InputTooLong, InvalidInput, NoChatTemplate
 from queueformer.contract.jobs import GenerateJob, Task
 from queueformer.contract.records import GenerateResult, Generation, Usage
-from workers.engine.constraint import Grammars
+from workers.engine.constraint import ConstraintSpec, Grammar, Grammars
 from workers.engine.decode import GenOutput, GenRequest
+from workers.engine.penalties import openai_processors
 from workers.handlers.base import Handler
 
 _DEFAULTS = {
@@ -81,6 +83,32 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             stop=tuple(job.stop),
             eos=frozenset() if job.ignore_eos else self.eos_ids(),
             seed=job.seed,
+            constraint=self.constraint(job, num_beams),
+            logits_processors=self.openai_processors(job, len(ids)),
+        )
+
+    def constraint(self, job: GenerateJob, num_beams: int) -> Grammar | None:
+        """The compiled grammar of the job's structured-output field; a spec the grammar refuses is a 422."""
+        spec = ConstraintSpec.of_job(job)
+        if spec is None:
+            return None
+        if num_beams > 1:  # the model's generation config may ask for beams the job did not
+            raise InvalidInput(f"{spec.field_name} cannot be combined with num_beams > 1", param="num_beams")
+        return self.grammars.compile(spec)
+
+    def openai_processors(self, job: GenerateJob, prompt_len: int) -> tuple[Any, ...]:
+        """Presence/frequency penalties and logit bias; bias ids outside the model's vocabulary are a 422."""
+        width = int(self.model.config.get_text_config().vocab_size)
+        bad = sorted(t for t in job.logit_bias if t >= width)
+        if bad:
+            raise InvalidInput(
+                f"logit_bias names token ids {bad[:8]} outside the model's vocabulary of {width}", param="logit_bias"
+            )
+        return openai_processors(
+            presence=job.presence_penalty,
+            frequency=job.frequency_penalty,
+            logit_bias=job.logit_bias,
+            prompt_len=prompt_len,
         )
 
     @functools.cached_property
@@ -130,6 +158,8 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             kwargs["eos_token_id"] = []  # ignore_eos: EOS may be generated but does not stop the sequence
         if req.stop:
             kwargs.update(stop_strings=list(req.stop), tokenizer=self.tokenizer)
+        if req.logits_processors:
+            kwargs["logits_processor"] = LogitsProcessorList(req.logits_processors)
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         results = []
