@@ -479,6 +479,7 @@ def _engine_rates(model_dir: Path, rows: int, new_tokens: int, rounds: int) -> d
     """Generated tokens/s of ``rows`` sampled rows with none, half or all of them held to SCHEMA, and
     the share of decode-step time spent in ``mask_rows`` (timed inside the engine)."""
     import transformers
+    from transformers import GenerationConfig
 
     import workers.engine.decode as decode
     from queueformer.contract.registry import ModelEntry
@@ -512,8 +513,7 @@ def _engine_rates(model_dir: Path, rows: int, new_tokens: int, rounds: int) -> d
             GenRequest(
                 input_ids=tuple(p),
                 max_new_tokens=new_tokens,
-                do_sample=True,
-                top_k=0,
+                generation=GenerationConfig(do_sample=True, top_k=0),
                 seed=i,
                 # Free rows ignore EOS so every row decodes its full budget; constrained rows end
                 # when their document is complete, so rates are per generated token.

@@ -64,6 +64,13 @@ Metadata = Annotated[
     Field(description="Free-form string pairs kept with the job."),
 ]
 StopString = Annotated[str, Field(min_length=1, max_length=1024), _limit("max_stop_chars")]
+# transformers 5 moved diverse beam search out of generate into Hub code (custom_generate), which workers never run.
+GROUP_BEAM_SEARCH_GONE = (
+    "diverse beam search (num_beam_groups > 1, diversity_penalty > 0) is not available: transformers' generate "
+    "no longer includes it"
+)
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenSequence = Annotated[list[TokenId], Field(min_length=1, max_length=64)]
 
 
 class JobBase(BaseModel):
@@ -128,10 +135,6 @@ class ResponseFormat(BaseModel):
 
 # Output constraints of a generate job: at most one of these fields.
 CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "response_format")
-LogitBias = Annotated[
-    dict[Annotated[int, Field(ge=0, lt=2**31)], Annotated[float, Field(ge=-100, le=100)]],
-    Field(max_length=1024),
-]
 
 
 class GenerateJob(JobBase):
@@ -152,14 +155,41 @@ class GenerateJob(JobBase):
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # transformers' GenerationConfig fields, with its meaning; None takes the model's generation config.
+    min_new_tokens: int | None = Field(None, ge=0, le=32_768, description="EOS is suppressed until this many tokens.")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=1024, description="No n-gram of this size occurs twice.")
+    length_penalty: float | None = Field(None, ge=-100, le=100, description="Beam search: exponent on the length.")
+    early_stopping: bool | Literal["never"] | None = Field(None, description="Beam search: when to stop searching.")
+    bad_words_ids: Annotated[list[TokenSequence], Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="Token sequences that are never generated."
+    )
+    suppress_tokens: Annotated[list[TokenId], Field(min_length=1, max_length=65_536)] | None = Field(
+        None, description="Token ids that are never generated."
+    )
+    sequence_bias: Annotated[list[tuple[TokenSequence, float]], Field(min_length=1, max_length=1024)] | None = Field(
+        None,
+        description="[[token ids], bias] pairs: the bias goes to the last token's logit after the others.",
+    )
+    typical_p: float | None = Field(None, gt=0, le=1, description="Sampling: locally typical mass to keep.")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Sampling: drop tokens under min_p x the top probability."
+    )
+    eos_token_id: TokenId | Annotated[list[TokenId], Field(max_length=64)] | None = Field(
+        None, description="End-of-sequence token(s), instead of the model's."
+    )
+    num_beam_groups: int | None = Field(
+        None, ge=1, le=64, description="Only 1 (diverse beam search is gone from generate)."
+    )
+    diversity_penalty: float | None = Field(None, ge=0, le=100, description="Only 0: needs num_beam_groups > 1.")
+    max_time: float | None = Field(None, gt=0, le=7 * 24 * 3600, description="Seconds of decoding before it stops.")
+    logprobs: bool = Field(False, description="Return each generated token's log-probability.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: this many most likely tokens per position.")
+    prompt_logprobs: bool = Field(False, description="Return the prompt tokens' log-probabilities too (echo).")
     presence_penalty: float = Field(
         0.0, ge=-2, le=2, description="OpenAI's: subtracted from the logit of every token already generated."
     )
     frequency_penalty: float = Field(
         0.0, ge=-2, le=2, description="OpenAI's: subtracted once per earlier occurrence of a token in the output."
-    )
-    logit_bias: LogitBias = Field(
-        default_factory=dict, description="Token id -> bias (-100..100) added to its logit before sampling."
     )
     json_schema: dict[str, Any] | None = Field(
         None, description="The output must be JSON valid against this schema (enforced token by token)."
@@ -180,6 +210,19 @@ class GenerateJob(JobBase):
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("num_beam_groups", "diversity_penalty")
+    @classmethod
+    def _no_group_beam_search(cls, value: float | None) -> float | None:
+        if value not in (None, 0, 1):
+            raise ValueError(GROUP_BEAM_SEARCH_GONE)
+        return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> GenerateJob:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateJob:
@@ -263,7 +306,7 @@ class ClassifyJob(JobBase):
         return sum(len(t) for t in self.texts) // 4 + 1
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=131_072)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=131_072)]
 
 
 class EmbedJob(JobBase):

@@ -56,17 +56,42 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopLogprob(BaseModel):
+    """One likely token at a position, with its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A token's log-probability under the scores it was chosen from, and the most likely tokens there.
+
+    Generated tokens are scored after every logits processor of the job (temperature, top-k, penalties,
+    structured output), exactly the distribution the token was picked from; tokens those processors rule
+    out are left out of ``top_logprobs``. Prompt tokens are scored by the model's raw logits; the first
+    has no log-probability.
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Generation(BaseModel):
     index: int
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length", "cancelled"]
+    logprobs: list[TokenLogprob] | None = Field(None, description="Per generated token, with logprobs=true.")
 
 
 class GenerateResult(BaseModel):
     task: Literal["generate"] = "generate"
     model: str
     generations: list[Generation]
+    prompt_logprobs: list[TokenLogprob] | None = Field(None, description="Per prompt token, with prompt_logprobs=true.")
     usage: Usage
 
 

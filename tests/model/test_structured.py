@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor
 
 from queueformer.contract.errors import InvalidInput
 from queueformer.contract.jobs import GenerateJob
@@ -213,4 +213,4 @@ def test_a_constrained_request_never_takes_the_generate_path(gen: Served) -> Non
     with pytest.raises(InvalidInput):
         gen.handler.hf_generate(req)
     with pytest.raises(InvalidInput, match="num_beams"):
-        dataclasses.replace(req, num_beams=2)
+        dataclasses.replace(req, generation=GenerationConfig(num_beams=2))

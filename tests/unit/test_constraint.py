@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from queueformer.contract.errors import InternalError, InvalidInput
 from workers.engine.constraint import Constraint, ConstraintSpec, Grammar, Grammars, apply_bitmask, mask_rows
@@ -348,6 +349,6 @@ def test_a_model_without_eos_cannot_take_constraints() -> None:
 def test_beam_search_with_a_constraint_is_refused_when_the_request_is_built() -> None:
     grammar = grammars().compile(ConstraintSpec.json_object())
     with pytest.raises(InvalidInput) as err:
-        GenRequest(input_ids=(1, 2), max_new_tokens=8, num_beams=2, constraint=grammar)
+        GenRequest(input_ids=(1, 2), max_new_tokens=8, generation=GenerationConfig(num_beams=2), constraint=grammar)
     assert err.value.param == "response_format"
     assert GenRequest(input_ids=(1, 2), max_new_tokens=8, constraint=grammar).constraint is grammar

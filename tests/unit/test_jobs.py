@@ -59,8 +59,6 @@ def test_each_job_type_parses_through_the_discriminated_union() -> None:
         ({"unknown_field": 1}, "unknown_field"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
-        ({"logit_bias": {"7": 101}}, "logit_bias"),
-        ({"logit_bias": {"-1": 1}}, "logit_bias"),
         ({"choice": []}, "choice"),
         ({"regex": ""}, "regex"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),

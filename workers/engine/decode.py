@@ -23,25 +23,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.generation.logits_process import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig, LogitsProcessor
 
 from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientError
 from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem
-from workers.engine.kvcache import ATTENTION, SlabCache, cache_dtype, num_layers, plain_attention
+from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
 from workers.engine.padding import pad_left, pad_token_id
+from workers.engine.processors import RowDecoding, Scored, pick, prompt_scores, row_decoding
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +48,30 @@ class GenRequest:
 
     input_ids: tuple[int, ...]
     max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    num_return_sequences: int = 1
+    # The job's fields merged over the model's generation config (workers.engine.processors.resolve):
+    # the engine's per-row processors and model.generate both decode from it.
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     stop: tuple[str, ...] = ()
     eos: frozenset[int] = frozenset()
     seed: int | None = None
     constraint: Grammar | None = None  # structured output: what every sequence must match
-    # Processors the handler built (OpenAI penalties, logit bias): after the penalties, before the warpers,
-    # where ``generate`` puts a custom ``logits_processor``. Stateless, so rows of a request share them.
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest there
+    prompt_logprobs: bool = False
+    # Processors beyond generate's own (OpenAI penalties): stateless, given to every row and to generate as
+    # its custom ``logits_processor``, which it runs after its own processors and before the warpers.
     logits_processors: tuple[LogitsProcessor, ...] = ()
+
+    @property
+    def do_sample(self) -> bool:
+        return bool(self.generation.do_sample)
+
+    @property
+    def num_beams(self) -> int:
+        return int(self.generation.num_beams or 1)
+
+    @property
+    def num_return_sequences(self) -> int:
+        return int(self.generation.num_return_sequences or 1)
 
     def __post_init__(self) -> None:
         if self.constraint is not None and self.num_beams > 1:
@@ -82,6 +86,8 @@ class GenOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     stop_index: int | None = None  # where a stop string begins in the decoded text
+    logprobs: list[Scored] | None = None  # per token, when the request asked for them
+    prompt_logprobs: list[Scored | None] | None = None
 
 
 @dataclass(eq=False)
@@ -94,12 +100,21 @@ class _Seq:
     stop_index: int | None = None
     emitted: int = 0  # characters already streamed
     generator: torch.Generator | None = None
-    processors: LogitsProcessorList | None = None
+    decoding: RowDecoding | None = None
     constraint: Constraint | None = None
+    scored: list[Scored] = field(default_factory=list)
+    prompt_scored: list[Scored | None] | None = None
 
     def __post_init__(self) -> None:
         if self.req.constraint is not None and self.constraint is None:
             self.constraint = self.req.constraint.constraint()
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.req.logprobs
+
+    def ids(self) -> torch.Tensor:
+        return torch.tensor([[*self.req.input_ids, *self.tokens]], dtype=torch.long)
 
     @property
     def length(self) -> int:
@@ -112,6 +127,7 @@ class _Seq:
     def reset(self) -> None:
         """Back to the prompt (after an OOM eviction): same seed, so the same tokens come again."""
         self.tokens.clear()
+        self.scored.clear()
         self.emitted = 0
         self.generator = _generator(self.req, self.index)
         if self.constraint is not None:
@@ -123,24 +139,9 @@ def _generator(req: GenRequest, index: int) -> torch.Generator | None:
         return None
     g = torch.Generator()
     seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    g.manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    # The first sequence draws as ``torch.manual_seed(seed); model.generate(...)`` draws for one prompt.
+    g.manual_seed(seed if index == 0 else (seed * 1_000_003 + index) % (2**63 - 1))
     return g
-
-
-def _processors(req: GenRequest) -> LogitsProcessorList | None:
-    """transformers' own processors, in ``generate``'s order: penalties first, then sampling warpers."""
-    procs = LogitsProcessorList()
-    if req.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(penalty=req.repetition_penalty))
-    procs.extend(req.logits_processors)
-    if req.do_sample:
-        if req.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(req.temperature))
-        if req.top_k:
-            procs.append(TopKLogitsWarper(top_k=req.top_k, min_tokens_to_keep=1))
-        if req.top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=req.top_p, min_tokens_to_keep=1))
-    return procs or None
 
 
 @dataclass
@@ -163,7 +164,8 @@ class _Group:
 
     def done(self, seq: _Seq) -> None:
         assert seq.finish is not None
-        self.outputs[seq.index] = GenOutput(list(seq.tokens), seq.finish, seq.stop_index)
+        logprobs = list(seq.scored) if seq.req.logprobs is not None else None
+        self.outputs[seq.index] = GenOutput(list(seq.tokens), seq.finish, seq.stop_index, logprobs, seq.prompt_scored)
         if all(o is not None for o in self.outputs):
             self.item.resolve(list(self.outputs))
 
@@ -209,7 +211,6 @@ class DecodeEngine:
         self._steps = 0
         self._mergeable = plain_attention(model.config)
         self._layers = num_layers(model.config) if self._mergeable else 0
-        self._kv_dtype = cache_dtype(model) if self._mergeable else None
         if self._mergeable and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(ATTENTION)
         if not self._mergeable:
@@ -286,8 +287,17 @@ class DecodeEngine:
                 continue
             self._groups[id(item)] = _Group(item, req.num_return_sequences)
             for i in range(req.num_return_sequences):
+                decoding = row_decoding(
+                    self.model, req.generation, len(req.input_ids), self.device, req.logits_processors
+                )
                 self._waiting.append(
-                    _Seq(item=item, req=req, index=i, generator=_generator(req, i), processors=_processors(req))
+                    _Seq(
+                        item=item,
+                        req=req,
+                        index=i,
+                        generator=_generator(req, i),
+                        decoding=decoding if decoding.processors or decoding.criteria else None,
+                    )
                 )
 
     def _run_beams(self, item: WorkItem) -> None:
@@ -362,15 +372,19 @@ class DecodeEngine:
         """Prefill one group (splitting it on OOM) and pick each row's first token."""
         ids, mask = pad_left([s.req.input_ids for s in group], self.pad_id, self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        echo = any(s.req.prompt_logprobs for s in group)
+        for s in group:
+            if s.decoding is not None:
+                s.decoding.start()
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=SlabCache(self._layers, self._kv_dtype) if self._mergeable else None,
+                    past_key_values=SlabCache(self._layers) if self._mergeable else None,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if echo else 1,  # 0: every position, to score the prompt
                 )
         except Exception as exc:
             if not is_oom(exc):
@@ -381,6 +395,10 @@ class DecodeEngine:
                 return []
             half = len(group) // 2
             return self._prefill(group[:half]) + self._prefill(group[half:])
+        for i, s in enumerate(group):
+            if s.req.prompt_logprobs:
+                n = len(s.req.input_ids)
+                s.prompt_scored = prompt_scores(out.logits[i, -n:], s.req.input_ids, s.req.logprobs or 0)
         nxt = self._select(group, out.logits[:, -1, :].float())
         next_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)
         return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
@@ -460,26 +478,10 @@ class DecodeEngine:
         """Pick each row's next token, append it and mark rows that finish."""
         # Structured output first, so every processor (penalties, top-k/top-p) works on allowed tokens only.
         mask_rows(logits, [s.constraint for s in seqs])
-        plain = [i for i, s in enumerate(seqs) if s.processors is None and s.generator is None]
-        chosen: list[int] = [0] * len(seqs)
-        if len(plain) == len(seqs):
-            chosen = torch.argmax(logits, dim=-1).tolist()
-        elif plain:
-            idx = torch.tensor(plain, device=logits.device)
-            for i, tok in zip(plain, torch.argmax(logits.index_select(0, idx), dim=-1).tolist(), strict=True):
-                chosen[i] = tok
-        for i, s in enumerate(seqs):
-            if s.processors is None and s.generator is None:
-                continue
-            scores = logits[i : i + 1]
-            if s.processors is not None:
-                ids = torch.tensor([[*s.req.input_ids, *s.tokens]], dtype=torch.long, device=logits.device)
-                scores = s.processors(cast(torch.LongTensor, ids), scores)
-            if s.generator is not None:
-                probs = torch.softmax(scores, dim=-1).cpu()
-                chosen[i] = int(torch.multinomial(probs, 1, generator=s.generator).item())
-            else:
-                chosen[i] = int(torch.argmax(scores, dim=-1).item())
+        chosen, scored = pick(logits, seqs)
+        for s, sc in zip(seqs, scored, strict=True):
+            if sc is not None:
+                s.scored.append(sc)
         for s, tok in zip(seqs, chosen, strict=True):
             self._append(s, tok)
         return list(chosen)
@@ -494,6 +496,8 @@ class DecodeEngine:
             s.finish = "stop"
         elif len(s.tokens) >= s.req.max_new_tokens:
             s.finish = "length"
+        elif s.decoding is not None and s.decoding.criteria and s.decoding.stopped(s.ids(), torch.empty(0)):
+            s.finish = "length"  # a budget other than tokens ran out (max_time)
         if s.item.on_token is not None:
             text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
             end = s.stop_index if s.stop_index is not None else len(text)

@@ -25,16 +25,14 @@ _MIN_HEADROOM = 64
 class SlabLayer(DynamicLayer):
     """One layer's keys and values in a growable slab; ``keys``/``values`` are views of the filled span.
 
-    ``store_dtype`` may differ from the model's: a bf16 model on a CPU decodes faster with an fp32 cache,
-    because CPU attention kernels for a single query row run at a fraction of their fp32 speed in bf16.
+    The slab keeps the model's own dtype: attention then computes exactly what ``model.generate`` does.
     """
 
-    def __init__(self, store_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self.start = 0
         self.end = 0
-        self.store_dtype = store_dtype
         super().__init__(**kwargs)
 
     # DynamicLayer's code reads and assigns ``keys``/``values``; route them to the slab.
@@ -79,9 +77,6 @@ class SlabLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         first = self.end == self.start
-        given_k, given_v = key_states, value_states
-        if self.store_dtype is not None and key_states.dtype != self.store_dtype:
-            key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
         n = key_states.shape[-2]
         self._reserve(n, key_states, value_states)
         assert self._k is not None and self._v is not None
@@ -89,8 +84,9 @@ class SlabLayer(DynamicLayer):
         self._v[:, :, self.end : self.end + n] = value_states
         self.end += n
         if first:
-            # A prefill attends only to what it just wrote: hand those back in the model's own dtype.
-            return given_k, given_v
+            # A prefill attends only to what it just wrote: hand back those contiguous tensors, as
+            # DynamicCache does, rather than a strided view of the slab.
+            return key_states, value_states
         return self._k[:, :, self.start : self.end], self._v[:, :, self.start : self.end]
 
     def get_seq_length(self) -> int:
@@ -113,7 +109,7 @@ class SlabLayer(DynamicLayer):
         rows = sum(k.shape[0] for k, _ in keys if k is not None)
         k0, v0 = keys[0]
         assert k0 is not None and v0 is not None
-        out = SlabLayer(layers[0].store_dtype)
+        out = SlabLayer()
         out.lazy_initialization(k0, v0)
         # zeros, not empty: padding columns are masked, but NaN garbage would survive 0 * NaN in attention
         out._k = k0.new_zeros((rows, k0.shape[1], width + headroom, k0.shape[3]))
@@ -145,8 +141,8 @@ class SlabCache(DynamicCache):
     ``past_key_values or DynamicCache(...)`` would silently swap it out.
     """
 
-    def __init__(self, num_layers: int, store_dtype: torch.dtype | None = None) -> None:
-        Cache.__init__(self, layers=[SlabLayer(store_dtype) for _ in range(num_layers)])
+    def __init__(self, num_layers: int) -> None:
+        Cache.__init__(self, layers=[SlabLayer() for _ in range(num_layers)])
 
     @property
     def slabs(self) -> list[SlabLayer]:
@@ -197,18 +193,13 @@ def engine_sdpa(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
-    """SDPA for the decode engine: meets a cache kept in a wider dtype, and skips left padding.
+    """SDPA for the decode engine: skips left padding.
 
     Rows of the running batch are left-padded to its longest sequence; a decode step would read every
     padding column of the KV cache and mask it out, and reading the cache is most of a CPU decode step's
     attention time. Rows that join the batch together are ordered by prompt length, so each run of 32
     rows attends only from its own first used column on: the same result, from fewer bytes.
     """
-    if key.dtype != query.dtype:
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.to(key.dtype)
-        out, weights = engine_sdpa(module, query.to(key.dtype), key, value, attention_mask, **kwargs)
-        return out.to(query.dtype), weights
     rows = DECODE_ROWS_PER_CALL
     if (
         query.device.type != "cpu"  # measured on CPUs only; elsewhere one kernel call per layer stays
@@ -237,10 +228,3 @@ AttentionInterface.register(ATTENTION, engine_sdpa)
 # Same masks as sdpa (bool, or none at all where is_causal suffices): an unknown name would fall back
 # to eager's dense additive masks and slow every prefill down.
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
-def cache_dtype(model: Any) -> torch.dtype | None:
-    """fp32 for a half-precision model on CPU (see ``SlabLayer``); otherwise the model's own dtype."""
-    if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return None

@@ -1,4 +1,4 @@
-"""OpenAI's sampling adjustments as transformers logits processors: presence/frequency penalties and logit bias.
+"""OpenAI's presence and frequency penalties as a transformers logits processor.
 
 ``generate`` has no processor with OpenAI's additive penalties (its ``repetition_penalty`` divides
 or multiplies a logit, and counts the prompt), so ``OpenAIPenalties`` implements OpenAI's formula:
@@ -6,17 +6,14 @@ or multiplies a logit, and counts the prompt), so ``OpenAIPenalties`` implements
     logit[j] -= frequency_penalty * c[j] + presence_penalty * (c[j] > 0)
 
 where ``c[j]`` counts token ``j`` among the tokens generated so far (the prompt does not count).
-``TokenBias`` adds a bias to single tokens, as ``SequenceBiasLogitsProcessor`` does for length-one
-sequences, without that class's check-and-raise at the first step (ids are checked when the job is
-prepared, so a bad id is a 422, never an error inside the decode loop). Both are stateless per row
-and follow transformers' processor protocol, so the decode engine, ``model.generate`` (custom
-``logits_processor``) and beam search apply them alike, after the model's own penalties and before
-temperature, top-k and top-p.
+It is stateless and follows transformers' processor protocol: the decode engine passes it to
+``_get_logits_processor`` and ``model.generate`` takes it as a custom ``logits_processor``, so both
+apply it where ``generate`` puts custom processors, after the model's own processors and before
+temperature, top-k and top-p. (OpenAI's ``logit_bias`` is transformers' ``sequence_bias`` with
+one-token sequences.)
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from transformers import LogitsProcessor
@@ -42,31 +39,9 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - penalty  # type: ignore[return-value]
 
 
-class TokenBias(LogitsProcessor):
-    """Add a fixed bias to the logits of given token ids (OpenAI's ``logit_bias``)."""
-
-    def __init__(self, bias: Mapping[int, float]) -> None:
-        self.ids = torch.tensor(list(bias), dtype=torch.long)
-        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        del input_ids
-        out = scores.clone()
-        ids = self.ids.to(scores.device)
-        out[:, ids] += self.values.to(scores.device, scores.dtype)
-        return out  # type: ignore[return-value]
+def openai_penalties(presence: float, frequency: float, prompt_len: int) -> tuple[LogitsProcessor, ...]:
+    """The processors a request's OpenAI penalties need (none for the defaults)."""
+    return (OpenAIPenalties(presence, frequency, prompt_len),) if presence or frequency else ()
 
 
-def openai_processors(
-    *, presence: float, frequency: float, logit_bias: Mapping[int, float], prompt_len: int
-) -> tuple[LogitsProcessor, ...]:
-    """The processors a request's OpenAI knobs need (none for the defaults)."""
-    procs: list[LogitsProcessor] = []
-    if logit_bias:
-        procs.append(TokenBias(logit_bias))
-    if presence or frequency:
-        procs.append(OpenAIPenalties(presence, frequency, prompt_len))
-    return tuple(procs)
-
-
-__all__ = ["OpenAIPenalties", "TokenBias", "openai_processors"]
+__all__ = ["OpenAIPenalties", "openai_penalties"]

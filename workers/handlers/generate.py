@@ -8,29 +8,48 @@ so a job answers as ``model.generate`` would. Example job::
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 from queueformer.contract.errors import InputTooLong, InvalidInput, NoChatTemplate
 from queueformer.contract.jobs import GenerateJob, Task
-from queueformer.contract.records import GenerateResult, Generation, Usage
+from queueformer.contract.records import GenerateResult, Generation, TokenLogprob, TopLogprob, Usage
 from workers.engine.constraint import ConstraintSpec, Grammar, Grammars
 from workers.engine.decode import GenOutput, GenRequest
-from workers.engine.penalties import openai_processors
+from workers.engine.padding import pad_token_id
+from workers.engine.penalties import openai_penalties
+from workers.engine.processors import Scored, eos_ids, resolve
 from workers.handlers.base import Handler
 
-_DEFAULTS = {
-    "do_sample": False,
-    "temperature": 1.0,
-    "top_k": 50,
-    "top_p": 1.0,
-    "repetition_penalty": 1.0,
-    "num_beams": 1,
-}
+# GenerateJob fields that are GenerationConfig fields of the same name and meaning.
+GENERATION_FIELDS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "min_p",
+    "num_beams",
+    "num_return_sequences",
+    "repetition_penalty",
+    "min_new_tokens",
+    "no_repeat_ngram_size",
+    "length_penalty",
+    "early_stopping",
+    "bad_words_ids",
+    "suppress_tokens",
+    "sequence_bias",
+    "eos_token_id",
+    "num_beam_groups",
+    "diversity_penalty",
+    "max_time",
+)
 
 
 class GenerateHandler(Handler[GenerateJob, GenRequest]):
@@ -39,11 +58,16 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
     task = Task.GENERATE
     batching = "decode"
 
-    def _param(self, job: GenerateJob, name: str) -> Any:
-        value = getattr(job, name)
-        if value is None:
-            value = getattr(self.model.generation_config, name, None)
-        return _DEFAULTS[name] if value is None else value
+    def generation_config(self, job: GenerateJob) -> GenerationConfig:
+        """The job's decoding fields over the model's generation config, as ``model.generate`` merges them."""
+        fields = {name: getattr(job, name) for name in GENERATION_FIELDS}
+        if fields["sequence_bias"] is not None:
+            fields["sequence_bias"] = [[list(ids), bias] for ids, bias in fields["sequence_bias"]]
+        if fields["eos_token_id"] is None and self.model.generation_config.eos_token_id is None:
+            fields["eos_token_id"] = self.tokenizer.eos_token_id
+        if job.ignore_eos:
+            fields["eos_token_id"] = []  # EOS may be generated but does not end the sequence
+        return resolve(self.model, fields, pad_token_id(self.tokenizer, self.model.config))
 
     def eos_ids(self) -> frozenset[int]:
         eos = self.model.generation_config.eos_token_id
@@ -54,13 +78,21 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         return frozenset(eos if isinstance(eos, list) else [eos])
 
     def preprocess(self, job: GenerateJob) -> GenRequest:
-        do_sample = bool(self._param(job, "do_sample"))
-        num_beams = int(self._param(job, "num_beams"))
+        config = self.generation_config(job)
+        do_sample, num_beams = bool(config.do_sample), int(config.num_beams or 1)
         if job.num_return_sequences > 1 and not do_sample and num_beams < job.num_return_sequences:
             raise InvalidInput(
                 "num_return_sequences > 1 needs do_sample=true or num_beams >= num_return_sequences",
                 param="num_return_sequences",
             )
+        if num_beams > 1 and (job.logprobs or job.prompt_logprobs):
+            raise InvalidInput(
+                "log-probabilities are not available with beam search (num_beams > 1)",
+                param="logprobs" if job.logprobs else "prompt_logprobs",
+            )
+        # Stop strings of the model's generation config stop every path, cut at the stop like the job's.
+        stop = tuple(dict.fromkeys([*job.stop, *_as_list(config.stop_strings)]))
+        config.stop_strings = None
         if job.messages is not None:
             ids = self.chat_ids(job)
         else:
@@ -73,18 +105,14 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         return GenRequest(
             input_ids=tuple(ids),
             max_new_tokens=job.max_new_tokens,
-            do_sample=do_sample,
-            temperature=float(self._param(job, "temperature")),
-            top_k=int(self._param(job, "top_k")),
-            top_p=float(self._param(job, "top_p")),
-            repetition_penalty=float(self._param(job, "repetition_penalty")),
-            num_beams=num_beams,
-            num_return_sequences=job.num_return_sequences,
-            stop=tuple(job.stop),
-            eos=frozenset() if job.ignore_eos else self.eos_ids(),
+            generation=config,
+            stop=stop,
+            eos=eos_ids(config),
             seed=job.seed,
+            logprobs=job.top_logprobs if job.logprobs else None,
+            prompt_logprobs=job.prompt_logprobs,
             constraint=self.constraint(job, num_beams),
-            logits_processors=self.openai_processors(job, len(ids)),
+            logits_processors=openai_penalties(job.presence_penalty, job.frequency_penalty, len(ids)),
         )
 
     def constraint(self, job: GenerateJob, num_beams: int) -> Grammar | None:
@@ -95,21 +123,6 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         if num_beams > 1:  # the model's generation config may ask for beams the job did not
             raise InvalidInput(f"{spec.field_name} cannot be combined with num_beams > 1", param="num_beams")
         return self.grammars.compile(spec)
-
-    def openai_processors(self, job: GenerateJob, prompt_len: int) -> tuple[Any, ...]:
-        """Presence/frequency penalties and logit bias; bias ids outside the model's vocabulary are a 422."""
-        width = int(self.model.config.get_text_config().vocab_size)
-        bad = sorted(t for t in job.logit_bias if t >= width)
-        if bad:
-            raise InvalidInput(
-                f"logit_bias names token ids {bad[:8]} outside the model's vocabulary of {width}", param="logit_bias"
-            )
-        return openai_processors(
-            presence=job.presence_penalty,
-            frequency=job.frequency_penalty,
-            logit_bias=job.logit_bias,
-            prompt_len=prompt_len,
-        )
 
     @functools.cached_property
     def grammars(self) -> Grammars:
@@ -142,24 +155,17 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         if req.constraint is not None:
             raise InvalidInput("structured output runs in the decode engine only", param=req.constraint.spec.field_name)
         ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": req.max_new_tokens,
-            "do_sample": req.do_sample,
-            "num_beams": req.num_beams,
-            "num_return_sequences": req.num_return_sequences,
-            "repetition_penalty": req.repetition_penalty,
-            "use_cache": True,
-        }
-        if req.do_sample:
-            kwargs.update(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-        if not req.eos:
-            kwargs["eos_token_id"] = []  # ignore_eos: EOS may be generated but does not stop the sequence
-        if req.stop:
-            kwargs.update(stop_strings=list(req.stop), tokenizer=self.tokenizer)
+        config = copy.deepcopy(req.generation)
+        config.max_new_tokens = req.max_new_tokens
+        config.max_length = None  # max_new_tokens decides, without generate's warning about both
+        kwargs: dict[str, Any] = {"generation_config": config, "use_cache": True}
         if req.logits_processors:
             kwargs["logits_processor"] = LogitsProcessorList(req.logits_processors)
+        if req.do_sample and req.seed is not None:
+            torch.manual_seed(req.seed)
+        if req.stop:
+            config.stop_strings = list(req.stop)
+            kwargs["tokenizer"] = self.tokenizer
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         results = []
@@ -182,10 +188,42 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             if out.stop_index is not None:
                 text = text[: out.stop_index]
-            generations.append(Generation(index=i, text=text, token_ids=out.token_ids, finish_reason=out.finish_reason))
+            logprobs = None if out.logprobs is None else self.token_logprobs(out.token_ids, out.logprobs)
+            generations.append(
+                Generation(
+                    index=i, text=text, token_ids=out.token_ids, finish_reason=out.finish_reason, logprobs=logprobs
+                )
+            )
         completion = sum(len(o.token_ids) for o in raw)
+        prompt = raw[0].prompt_logprobs if raw else None
         return GenerateResult(
             model=self.entry.name,
             generations=generations,
+            prompt_logprobs=None if prompt is None else self.token_logprobs(list(item.input_ids), prompt),
             usage=Usage(prompt_tokens=len(item.input_ids), completion_tokens=completion),
         )
+
+    def token_logprobs(self, tokens: Sequence[int], scored: Sequence[Scored | None]) -> list[TokenLogprob]:
+        """Scores as the result's entries; each token's text is its own decode (specials included)."""
+        text = self._token_text
+        return [
+            TokenLogprob(
+                token_id=tok,
+                token=text(tok),
+                logprob=None if sc is None else sc.logprob,
+                top_logprobs=[]
+                if sc is None
+                else [TopLogprob(token_id=t, token=text(t), logprob=v) for t, v in sc.top],
+            )
+            for tok, sc in zip(tokens, scored, strict=True)
+        ]
+
+    @functools.lru_cache(maxsize=65_536)  # noqa: B019 - one handler per loaded model, kept for its lifetime
+    def _token_text(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
