@@ -43,6 +43,7 @@ class _Line:
     index: int
     custom_id: str
     pending: Pending
+    body: dict[str, Any]  # the request, for what shapes its answer (echo)
 
 
 class LineRunner:
@@ -136,7 +137,8 @@ class LineRunner:
                 immediate.append((index, "err", error_line_for(parsed.custom_id, exc), 0, 0))
                 continue
             item = served.engine.submit(WorkItem(prepared, cancelled=cancelled, deadline=deadline))
-            lines.append(_Line(index, parsed.custom_id, Pending(parsed.custom_id, prepared, item, time.perf_counter())))
+            pending = Pending(parsed.custom_id, prepared, item, time.perf_counter())
+            lines.append(_Line(index, parsed.custom_id, pending, parsed.body))
         return immediate, lines
 
     def _entry(self, served: Served, endpoint: str, ln: _Line) -> Entry:
@@ -153,7 +155,7 @@ class LineRunner:
         return (
             ln.index,
             "out",
-            output_line(ln.custom_id, 200, response_body(endpoint, result, served.entry.name)),
+            output_line(ln.custom_id, 200, response_body(endpoint, result, served.entry.name, ln.body)),
             tin,
             tout,
         )

@@ -100,6 +100,8 @@ def test_chat_batch_with_penalties_response_format_and_content_parts(cluster: Cl
             "max_completion_tokens": 12,
             "stop": ["\n"],
             "response_format": {"type": "text"},
+            "logprobs": True,
+            "top_logprobs": 2,
         },
         "unenforceable": {
             **base,
@@ -126,6 +128,11 @@ def test_chat_batch_with_penalties_response_format_and_content_parts(cluster: Cl
     penalised = chats["penalised"].choices[0]
     assert penalised.finish_reason == "length" and chats["penalised"].usage is not None
     assert chats["penalised"].usage.completion_tokens == 12
+    content = penalised.logprobs.content if penalised.logprobs else None
+    assert content is not None and len(content) == 12
+    assert "".join(c.token for c in content) == penalised.message.content
+    for c in content:  # greedy: the chosen token is the likeliest one
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token and c.logprob <= 0
 
     refused = err["unenforceable"]["response"]
     assert refused["status_code"] == 422
@@ -142,6 +149,7 @@ def test_completions_batch_with_openai_sampling_fields(cluster: Cluster, tmp_pat
     base = {"model": "tiny-gpt2", "prompt": "The weather today", "max_tokens": 10}
     bodies: dict[str, dict[str, Any]] = {
         "greedy": {**base, "temperature": 0, "best_of": 3, "suffix": None, "stream": False, "stream_options": None},
+        "echo": {**base, "temperature": 0, "logprobs": 3, "echo": True},
         "penalised": {
             **base,
             "temperature": 0,
@@ -154,9 +162,15 @@ def test_completions_batch_with_openai_sampling_fields(cluster: Cluster, tmp_pat
         "insert": {**base, "suffix": " and then rain."},
     }
     out, err = run_batch(client, "/v1/completions", bodies, tmp_path)
-    assert sorted(out) == ["greedy", "penalised", "sampled"] and sorted(err) == ["insert", "regex"]
+    assert sorted(out) == ["echo", "greedy", "penalised", "sampled"] and sorted(err) == ["insert", "regex"]
     done = {k: Completion.model_validate(v["response"]["body"]) for k, v in out.items()}
     assert done["greedy"].choices[0].text.startswith(" is sunny")
+    echo = out["echo"]["response"]["body"]["choices"][0]  # raw: the first echoed token has a null logprob
+    assert echo["text"] == base["prompt"] + done["greedy"].choices[0].text
+    logprobs = echo["logprobs"]
+    assert "".join(logprobs["tokens"]) == echo["text"] and logprobs["token_logprobs"][0] is None
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:]) and logprobs["text_offset"][0] == 0
+    assert all(len(top) <= 3 for top in logprobs["top_logprobs"][1:])
     assert done["penalised"].choices[0].text.startswith(" is") and "sunny" not in done["penalised"].choices[0].text
     assert len(done["sampled"].choices) == 3 and all("." not in c.text for c in done["sampled"].choices)
     assert err["regex"]["response"]["body"]["error"]["param"] == "body.extra_body_is_not_a_field"

@@ -3,8 +3,8 @@
 Structured output (``json_schema``, ``regex``, ``choice``, ``response_format``) is asked for in the
 job itself: every output parses and validates, constrained and free jobs share batches, and a schema
 the grammar cannot enforce is refused naming the field. OpenAI's presence/frequency penalties and
-logit bias (``sequence_bias`` of single tokens) are checked against a plain re-implementation of OpenAI's formula over transformers'
-forward pass, alone and batched.
+logit bias (``sequence_bias`` of single tokens) are checked against a plain re-implementation of
+OpenAI's formula over transformers' forward pass, alone and batched.
 """
 
 from __future__ import annotations
