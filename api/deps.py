@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.services import Services
 from queueformer.contract.errors import Unauthorized
@@ -16,7 +17,20 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_tenant(request: Request, services: Annotated[Services, Depends(get_services)]) -> str:
+# Declares the bearer scheme in the OpenAPI document for every route that names the tenant; the key is
+# checked below (auto_error off: with auth off a missing key is the default tenant, not a 403).
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An API key from `queueformer keys create`, sent as `Authorization: Bearer qf-...`.",
+)
+
+
+def get_tenant(
+    request: Request,
+    services: Annotated[Services, Depends(get_services)],
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
     """The tenant of the Bearer key.
 
     With auth off (a single-user local cluster) a missing or unknown key means the default tenant, so

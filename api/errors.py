@@ -17,8 +17,9 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from queueformer.contract.errors import BrokerUnavailable, QueueformerError
 from queueformer.contract.tasks import TASK_NAMES
@@ -31,12 +32,19 @@ def error_body(code: str, message: str, param: str | None = None, **extra: Any) 
 
 
 def _loc_param(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # a union names the member that failed after the field ("constrained-float", "literal['auto']")
+    parts = parts[:1] + [p for p in parts[1:] if not _is_union_member(p)]
     # discriminated unions put the tag first ("generate", "prompt"); the field is what callers want
     return ".".join(parts[1:] if len(parts) > 1 and parts[0] in _TASK_TAGS else parts)
 
 
 _TASK_TAGS = TASK_NAMES
+_MEMBER_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_member(part: str) -> bool:
+    return part in _MEMBER_TYPES or any(c in part for c in "[]()'-,")
 
 
 _HTTP_CODES = {
@@ -48,6 +56,44 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every refusal; 422s from validation also carry FastAPI's ``detail`` list naming each failing field."""
+
+    error: ErrorDetail
+    detail: list[dict[str, Any]] | None = None
+
+
+_WHEN = {
+    400: "The body is not JSON (or not a form) that parses",
+    401: "Missing or unknown API key (with auth required)",
+    403: "A policy of the operator refuses it (a webhook to a non-public address)",
+    404: "No such object for this tenant, or no such model",
+    409: "The object is not in a state that allows this",
+    413: "The body or upload is over its size limit, or the tenant's storage quota is spent",
+    422: "A field is invalid; `error.param` names it",
+    429: "A quota of the tenant is spent; Retry-After says when to try again",
+    503: "The queue (Redis) or storage is unavailable; retry",
+    504: "The job did not finish in time",
+    507: "The device ran out of memory on this request",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the refusals an operation really answers with, all in the one error shape."""
+    return {code: {"model": ErrorBody, "description": _WHEN[code]} for code in codes}
+
+
+AUTHED = (401, 503)  # every operation that names the tenant: its key, and the queue it reads
+BODY = (400, 413, 422)  # every operation that reads a body
 
 
 def invalid_json(message: str) -> JSONResponse:
@@ -82,6 +128,16 @@ def validation_response(errors: Sequence[Any]) -> JSONResponse:
     )
 
 
+def _allowed(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(QueueformerError)
     async def _qf(_request: Request, exc: QueueformerError) -> JSONResponse:
@@ -90,11 +146,14 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:
             return _unparsable_body(exc.__cause__)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return JSONResponse(status_code=exc.status_code, content=error_body(code, str(exc.detail)), headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(request)
+        return JSONResponse(status_code=exc.status_code, content=error_body(code, str(exc.detail)), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,6 +5,7 @@ Built once in the app's lifespan (settings read at startup) and reached by route
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -43,6 +44,8 @@ class Services:
     webhooks: Deliverer
     training: TrainingData
     extras: dict[str, object] = field(default_factory=dict)
+    # /v1/models' `created` for registry entries without one: when this API loaded the registry.
+    registry_loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

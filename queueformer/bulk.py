@@ -3,19 +3,24 @@
 A line is either an OpenAI batch line (``custom_id``/``method``/``url``/``body``) or a plain request
 such as ``{"prompt": "..."}`` or ``{"task": "classify", "text": "..."}``, which gets the default
 model and parameters from the command line. Files larger than one batch are split; results are
-written in input order, one line per request, as they are collected.
+written in input order, one line per request, as they are collected: for a file of OpenAI batch
+lines, OpenAI's batch output lines (``id``, ``custom_id``, ``response``, ``error``), failures
+included; for plain lines, ``{"custom_id", "status": "ok", "response": <result>}`` or
+``{"custom_id", "status": "error", "error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from queueformer.client import Client
+from queueformer.contract.errors import InvalidInput
 from queueformer.contract.tasks import TASK_NAMES, spec_of
 
 
@@ -28,6 +33,9 @@ class BulkReport:
     input_tokens: int = 0
     output_tokens: int = 0
     batches: list[str] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)  # error code -> failed requests
+    examples: dict[str, str] = field(default_factory=dict)  # error code -> "custom_id: message" of the first
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one native row per request, in input order
 
     @property
     def requests_per_s(self) -> float:
@@ -38,17 +46,37 @@ class BulkReport:
         return self.output_tokens / self.seconds if self.seconds else 0.0
 
 
+def is_openai_line(obj: Any) -> bool:
+    return isinstance(obj, dict) and "url" in obj and "body" in obj
+
+
+def read_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is refused by number."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    for n, raw in enumerate(path.read_text("utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(
+                f"{path} line {n} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                "every line must be one JSON object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise InvalidInput(f"{path} line {n} is not a JSON object; every line must be one")
+        out.append((n, obj))
+    return out
+
+
 def to_batch_lines(
     path: Path, model: str | None, task: str, defaults: dict[str, Any]
 ) -> tuple[str, list[dict[str, Any]]]:
     """(endpoint, OpenAI batch lines) for an input file."""
     lines: list[dict[str, Any]] = []
     endpoint: str | None = None
-    for n, raw in enumerate(path.read_text("utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        obj = json.loads(raw)
-        if "url" in obj and "body" in obj:
+    for n, obj in read_lines(path):
+        if is_openai_line(obj):
             line = {"method": "POST", **obj}
             line.setdefault("custom_id", f"line-{n}")
         else:
@@ -83,8 +111,13 @@ def run(
     *,
     max_lines: int = 50_000,
     on_progress: Callable[[int, int], None] | None = None,
+    openai_format: bool = False,
 ) -> BulkReport:
-    """Submit ``lines`` as batches of at most ``max_lines``, wait, and write results in input order."""
+    """Submit ``lines`` as batches of at most ``max_lines``, wait, and write results in input order.
+
+    ``openai_format``: write OpenAI's batch output lines (as the output and error files hold them)
+    instead of the native rows.
+    """
     report = BulkReport(requests=len(lines))
     started = time.perf_counter()
     submitted: list[str] = []
@@ -103,25 +136,42 @@ def run(
             on_progress(sum(done.values()), len(lines))
 
     by_id: dict[str, dict[str, Any]] = {}
+    raw: dict[str, dict[str, Any]] = {}
     for batch_id in submitted:
         batch = qf.wait_batch(batch_id, on_progress=progress)
         outputs, errors = qf.batch_results(batch)
         for o in outputs:
-            by_id[o["custom_id"]] = {"custom_id": o["custom_id"], "status": "ok", "response": o["response"]["body"]}
+            body = o["response"]["body"]
+            if o["response"].get("status_code", 200) < 400:
+                by_id[o["custom_id"]] = {"custom_id": o["custom_id"], "status": "ok", "response": body}
+            else:
+                by_id[o["custom_id"]] = {"custom_id": o["custom_id"], "status": "error", "error": _error_of(o)}
+            raw[o["custom_id"]] = o
         for e in errors:
             by_id.setdefault(e["custom_id"], {"custom_id": e["custom_id"], "status": "error", "error": _error_of(e)})
+            raw.setdefault(e["custom_id"], e)
         usage = batch.get("usage") or {}
         report.input_tokens += usage.get("input_tokens", 0)
         report.output_tokens += usage.get("output_tokens", 0)
     report.seconds = time.perf_counter() - started
     with out_path.open("w", encoding="utf-8") as out:
         for line in lines:
-            row = by_id.get(
-                line["custom_id"], {"custom_id": line["custom_id"], "status": "error", "error": {"code": "missing"}}
-            )
-            report.succeeded += row["status"] == "ok"
-            report.failed += row["status"] != "ok"
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            cid = line["custom_id"]
+            missing = {"code": "missing", "message": "the batch returned no line for this request"}
+            row = by_id.get(cid, {"custom_id": cid, "status": "error", "error": missing})
+            report.rows.append(row)
+            if row["status"] == "ok":
+                report.succeeded += 1
+            else:
+                report.failed += 1
+                code = str(row["error"].get("code") or "unknown")
+                report.failures[code] += 1
+                report.examples.setdefault(code, f"{cid}: {row['error'].get('message', '')}")
+            if openai_format:
+                written = raw.get(cid, {"id": None, "custom_id": cid, "response": None, "error": missing})
+            else:
+                written = row
+            out.write(json.dumps(written, ensure_ascii=False) + "\n")
     return report
 
 

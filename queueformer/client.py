@@ -73,6 +73,14 @@ class Client:
         result: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/result")
         return result
 
+    def jobs(self, limit: int = 20, before: float | None = None) -> list[dict[str, Any]]:
+        """Your most recent jobs, newest first (``before``: the ``created_at`` of the last one of a page)."""
+        params: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        data: list[dict[str, Any]] = self._call("GET", "/v1/jobs", params=params)["data"]
+        return data
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/cancel")
         return result
@@ -149,12 +157,30 @@ class Client:
         result: dict[str, Any] = self._call("GET", f"/v1/batches/{batch_id}")
         return result
 
+    def batches(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        """A page of your batches, newest first: ``{"data": [...], "has_more": ..., "last_id": ...}``."""
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        result: dict[str, Any] = self._call("GET", "/v1/batches", params=params)
+        return result
+
+    def partial_output(self, batch_id: str, errors: bool = False) -> bytes:
+        """Output (or error) lines a batch has committed so far, while it runs."""
+        params = {"errors": "true"} if errors else {}
+        data = self._call("GET", f"/v1/batches/{batch_id}/output", params=params)
+        return data if isinstance(data, bytes) else json.dumps(data).encode()
+
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", f"/v1/batches/{batch_id}/cancel")
         return result
 
-    def retry_batch(self, batch_id: str, codes: list[str] | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", f"/v1/batches/{batch_id}/retry", json={"codes": codes})
+    def retry_batch(self, batch_id: str, codes: list[str] | None = None, all_failed: bool = False) -> dict[str, Any]:
+        """Re-run failed lines: by default those that may succeed again; ``codes`` by error code; ``all_failed`` all."""
+        body: dict[str, Any] = {"codes": codes}
+        if all_failed:
+            body["all"] = True
+        result: dict[str, Any] = self._call("POST", f"/v1/batches/{batch_id}/retry", json=body)
         return result
 
     def wait_batch(

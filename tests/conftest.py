@@ -78,14 +78,32 @@ def redis_url(redis_server: str) -> Iterator[str]:
         client.close()
 
 
+# The one folder of tiny models per checkout: `make setup` builds it (and `make demo` serves from it,
+# as data_dir/models); the tests read it.
+TINY_MODELS = ROOT / ".queueformer" / "models"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build missing tiny models before the first test runs, outside every test's timeout.
+
+    `make setup` has normally built them already; this covers a bare `pytest` on a fresh checkout, and
+    only when a selected test uses them. Built models are recognised by their recipe stamp and skipped.
+    """
+    if any("tiny_models" in getattr(item, "fixturenames", ()) for item in session.items):
+        from workers.tiny_models import NAMES, _built, recipe
+
+        want = recipe()
+        if not all(_built(TINY_MODELS / name, want) for name in NAMES):
+            from workers.tiny_models import build_all
+
+            session.config.get_terminal_writer().line(f"building the tiny models into {TINY_MODELS} (once)")
+            build_all(TINY_MODELS)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    """The tiny offline models, built once per machine into .queueformer/test-models."""
-    from workers.tiny_models import build_all
-
-    root = ROOT / ".queueformer" / "test-models"
-    build_all(root)
-    return root
+    """The tiny offline models (built by setup, or before the first test that needs them)."""
+    return TINY_MODELS
 
 
 @pytest.fixture(scope="module")

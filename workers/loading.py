@@ -112,6 +112,9 @@ def load(entry: ModelEntry, models_dir: Path, offload_folder: Path | None = None
     if auto is None:
         raise WorkerFatal(f"model {entry.name!r}: task {entry.task.value!r} has no model to load")
     source, kwargs = load_kwargs(entry, models_dir, offload_folder)
+    if entry.path is not None and "://" not in entry.path and not Path(source).is_dir():
+        # Said plainly: from_pretrained would take a missing directory for a hub id and complain about its form.
+        raise WorkerFatal(f"model {entry.name!r}: its directory {source} does not exist")
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(

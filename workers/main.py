@@ -22,7 +22,7 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from queueformer.contract import limits
 from queueformer.contract.errors import WorkerFatal
-from queueformer.contract.registry import Registry
+from queueformer.contract.registry import ModelEntry, Registry
 from queueformer.contract.settings import Settings, get_settings
 from queueformer.server.batches import Batches
 from queueformer.server.broker import make_celery
@@ -73,10 +73,35 @@ def configure_logging(level: str) -> None:
     transformers.logging.disable_progress_bar()
 
 
+def load_failure(settings: Settings, entry: ModelEntry, exc: WorkerFatal) -> str:
+    """Which entry could not load, why, and what to do about it, in one line for the log and the fleet."""
+    models_dir = settings.resolved_models_dir
+    if "does not exist" in exc.message and entry.path is not None:
+        todo = (
+            f"build the tiny models with `queueformer models build-tiny {models_dir}` if it is one of them, or fix "
+            f"the entry's path (relative paths start at models_dir, {models_dir})"
+        )
+    else:
+        todo = f"fix or remove the entry in the registry ({settings.registry}), then restart the worker"
+    return (
+        f"model entry {entry.name!r} could not load: {exc.message}. To fix: {todo}. This worker serves its other "
+        f"queues; jobs for {entry.name!r} wait on queue {entry.queue!r} until a worker loads it."
+    )
+
+
 def load_models(
-    settings: Settings, registry: Registry, queues: list[str], storage: Storage, overlay: ModelOverlay
+    settings: Settings,
+    registry: Registry,
+    queues: list[str],
+    storage: Storage,
+    overlay: ModelOverlay,
+    failed: dict[str, str] | None = None,
 ) -> ModelHolder:
-    """Every pinned model of these queues, loaded now; fine-tuned ones later, on demand, when served here."""
+    """Every pinned model of these queues, loaded now; fine-tuned ones later, on demand, when served here.
+
+    With ``failed`` given, a model that cannot load is recorded there (name -> what went wrong and what
+    to do) and the others still load; without it, the first failure is raised.
+    """
     on_demand = (
         FineTunedModels(overlay, registry, storage, settings.resolved_models_dir, settings.worker.cancel_poll_steps)
         if registry.fine_tune.serve_queue in queues
@@ -85,14 +110,20 @@ def load_models(
     holder = ModelHolder(on_demand, capacity=settings.worker.finetuned_cache_size)
     for entry in registry:
         if entry.queue in queues:
-            holder.add(
-                serve(
+            try:
+                served = serve(
                     entry,
                     settings.resolved_models_dir,
                     settings.worker.offload_folder,
                     settings.worker.cancel_poll_steps,
                 )
-            )
+            except WorkerFatal as exc:
+                if failed is None:
+                    raise
+                failed[entry.name] = load_failure(settings, entry, exc)
+                log.error("%s", failed[entry.name])
+                continue
+            holder.add(served)
     return holder
 
 
@@ -209,10 +240,14 @@ def run_worker(
     fleet = Fleet(client)
 
     overlay = ModelOverlay(client, storage, registry.fine_tune.serve_queue)
-    try:
-        holder = load_models(settings, registry, queues, storage, overlay)
-    except WorkerFatal as exc:
-        log.error("%s", exc)
+    failed: dict[str, str] = {}
+    holder = load_models(settings, registry, queues, storage, overlay, failed)
+    # A queue whose every model failed is left alone: its jobs wait for a worker that loads one, instead
+    # of being taken here and failed. The rest are served.
+    lost = {e.queue for e in registry if e.name in failed} - {e.queue for e in registry if e.name in holder}
+    queues = [q for q in queues if q not in lost]
+    if not queues:
+        log.error("no model of this worker's queues could load; nothing to serve")
         return 3
 
     health = Health(alive=lambda: holder.healthy)
@@ -225,7 +260,7 @@ def run_worker(
     app = make_celery(settings, registry)
     register(app, runner, lease)
     slots = concurrency or default_concurrency(settings, registry, queues)
-    info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots}
+    info = {"queues": queues, "pid": os.getpid(), "host": socket.gethostname(), "slots": slots, "failed": failed}
     announcer = Announcer(fleet, worker_id, info, holder, health, runner.lines)
 
     @worker_ready.connect(weak=False)

@@ -23,7 +23,7 @@ FlagReader = Callable[[list[str]], set[str]]
 class CancelWatcher:
     """Turns cancel flags stored in Redis into in-process ``threading.Event``s."""
 
-    def __init__(self, read_flags: FlagReader, interval_s: float = 0.5) -> None:
+    def __init__(self, read_flags: FlagReader, interval_s: float = 0.1) -> None:
         self._read = read_flags
         self._interval = interval_s
         self._events: dict[str, threading.Event] = {}
@@ -34,9 +34,18 @@ class CancelWatcher:
         self._thread.start()
 
     def watch(self, key: str) -> threading.Event:
+        """The event for ``key``, already set if its flag is: a cancel that came before the work starts
+        stops it before anything runs, not at the next poll."""
         with self._lock:
             self._refs[key] += 1
-            return self._events.setdefault(key, threading.Event())
+            event = self._events.setdefault(key, threading.Event())
+        if not event.is_set():
+            try:
+                if key in self._read([key]):
+                    event.set()
+            except redis.RedisError:
+                log.warning("cancel flag of %s unreadable; the next poll reads it", key, exc_info=True)
+        return event
 
     def unwatch(self, keys: Iterable[str]) -> None:
         with self._lock:

@@ -14,8 +14,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep, TenantDep
+from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
-from queueformer.contract.errors import NotFound
 from queueformer.contract.jobs import check_fits
 from queueformer.contract.openai_batch import BatchCreate
 from queueformer.contract.tasks import AnyJob
@@ -48,7 +49,18 @@ def chunk_size(services: Services, model: str, max_batch_size: int) -> int:
     return lines_per_chunk(workers, max_batch_size, services.settings.worker.chunk_target_s)
 
 
-@router.post("", summary="Create a batch from an uploaded JSONL file")
+@router.post(
+    "",
+    responses=responses(*AUTHED, *BODY, 403, 404, 429),
+    openapi_extra=links(
+        200,
+        GetBatch=link("/v1/batches/{batch_id}", "get", "batch_id"),
+        GetBatchOutput=link("/v1/batches/{batch_id}/output", "get", "batch_id"),
+        CancelBatch=link("/v1/batches/{batch_id}/cancel", "post", "batch_id"),
+        RetryBatch=link("/v1/batches/{batch_id}/retry", "post", "batch_id"),
+    ),
+    summary="Create a batch from an uploaded JSONL file",
+)
 def create_batch(body: BatchCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     if body.webhook_url:
         # A literal private address or loopback name is refused now; names are checked when sent.
@@ -85,12 +97,14 @@ def _current(services: Services, batch_id: str, tenant: str) -> dict[str, Any]:
     return to_openai(raw)
 
 
-@router.get("/{batch_id}", summary="A batch, with status, request counts and file ids")
+@router.get(
+    "/{batch_id}", responses=responses(*AUTHED, 404, 422), summary="A batch, with status, request counts and file ids"
+)
 def get_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     return _current(services, batch_id, tenant)
 
 
-@router.get("", summary="List batches, newest first")
+@router.get("", responses=responses(*AUTHED, 422), summary="List batches, newest first")
 def list_batches(
     services: ServicesDep, tenant: TenantDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict[str, Any]:
@@ -105,7 +119,11 @@ def list_batches(
     }
 
 
-@router.post("/{batch_id}/cancel", summary="Cancel a batch; finished lines stay in its output file")
+@router.post(
+    "/{batch_id}/cancel",
+    responses=responses(*AUTHED, 404, 409, 422),
+    summary="Cancel a batch; finished lines stay in its output file",
+)
 def cancel_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     services.batches.get_raw(batch_id, tenant)
     services.batches.cancel(batch_id)
@@ -114,6 +132,7 @@ def cancel_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> dic
 
 @router.get(
     "/{batch_id}/output",
+    responses=responses(*AUTHED, 404, 422),
     summary="Extension: the output (or, with errors=true, error) lines committed so far, while the batch runs",
     response_class=Response,
 )
@@ -125,18 +144,23 @@ def partial_output(batch_id: str, services: ServicesDep, tenant: TenantDep, erro
 class RetryRequest(BaseModel):
     codes: list[str] | None = Field(
         None,
-        description="Error codes to retry (e.g. batch_expired, worker_lost, out_of_memory); "
-        "default: every failure that was not a 400.",
+        description="Error codes to retry (e.g. batch_expired, worker_lost, out_of_memory, invalid_input); "
+        "default: every failure that may go differently on a new run, i.e. not request errors (a 4xx that "
+        "is not retryable, such as an invalid body or an unknown model).",
     )
+    all: bool = Field(False, description="Re-run every failed line, request errors included.")
 
 
-@router.post("/{batch_id}/retry", summary="Extension: re-run only the failed or expired lines of a finished batch")
+@router.post(
+    "/{batch_id}/retry",
+    responses=responses(*AUTHED, *BODY, 404, 409),
+    summary="Extension: re-run failed or expired lines of a finished batch (409 when there is nothing to re-run)",
+)
 def retry_batch(
     batch_id: str, services: ServicesDep, tenant: TenantDep, body: RetryRequest | None = None
 ) -> dict[str, Any]:
     services.batches.get_raw(batch_id, tenant)
     codes = set(body.codes) if body and body.codes else None
-    lines = services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant))
-    if not lines:
-        raise NotFound("no failed lines match; nothing to retry", param="codes")
+    every = bool(body and body.all)
+    services.batches.retry(batch_id, codes, lambda units: _publish(services, units, tenant), every=every)
     return to_openai(services.batches.raw(batch_id))

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import RedirectResponse, Response
 
 from api.deps import ServicesDep, TenantDep
+from api.errors import AUTHED, responses
 from api.history import History, queue_depths
 from api.services import Services
 from queueformer.contract.errors import NotFound
@@ -76,7 +77,9 @@ def _history(services: Services) -> History:
     return History(services.redis, services.settings.api.history_interval_s)
 
 
-@router.get("/v1/dashboard", summary="Extension: the dashboard's summary for the caller's tenant")
+@router.get(
+    "/v1/dashboard", responses=responses(*AUTHED), summary="Extension: the dashboard's summary for the caller's tenant"
+)
 def dashboard(services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     """Open batches and recent states of the tenant's work, its models' live workers and throughput, queue depths."""
     registry = services.registry()
@@ -132,7 +135,11 @@ def dashboard(services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/dashboard/history", summary="Extension: queue depths and tokens/s over the last hour")
+@router.get(
+    "/v1/dashboard/history",
+    responses=responses(*AUTHED, 422),
+    summary="Extension: queue depths and tokens/s over the last hour",
+)
 def dashboard_history(
     services: ServicesDep, tenant: TenantDep, minutes: Annotated[int, Query(ge=1, le=60)] = 60
 ) -> dict[str, Any]:

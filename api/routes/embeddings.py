@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
+from api.errors import AUTHED, BODY, responses
 from api.services import Services
 from queueformer.contract.errors import DeadlineExceeded, InternalError, error_from_info
 from queueformer.contract.openai_batch import EmbeddingsBody, embeddings_list
@@ -28,7 +29,11 @@ from queueformer.server.jobs import record_from_raw
 router = APIRouter(prefix="/v1/embeddings", tags=["embeddings"])
 
 
-@router.post("", summary="Embeddings for one input or a list, as OpenAI answers them")
+@router.post(
+    "",
+    responses=responses(*AUTHED, *BODY, 404, 409, 429, 504, 507),
+    summary="Embeddings for one input or a list, as OpenAI answers them",
+)
 async def create_embeddings(body: EmbeddingsBody, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job = body.job()
     job_id = (await run_in_threadpool(Enqueuer(services).submit, [job], tenant))[0]

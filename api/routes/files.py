@@ -9,37 +9,48 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import ServicesDep, TenantDep
-from queueformer.contract.errors import InvalidInput
+from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from queueformer.contract.openai_batch import EXPIRES_AFTER_MAX_S, EXPIRES_AFTER_MIN_S
 from queueformer.server.files import FileObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileObject, summary="Upload a JSONL file (purpose 'batch' or 'fine-tune')")
+@router.post(
+    "",
+    responses=responses(*AUTHED, *BODY),
+    openapi_extra=links(
+        200,
+        GetFile=link("/v1/files/{file_id}", "get", "file_id"),
+        GetFileContent=link("/v1/files/{file_id}/content", "get", "file_id"),
+        DeleteFile=link("/v1/files/{file_id}", "delete", "file_id"),
+    ),
+    response_model=FileObject,
+    summary="Upload a JSONL file (purpose 'batch' or 'fine-tune')",
+)
 def upload(
     services: ServicesDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[Literal["batch", "fine-tune"], Form()],
-    anchor: Annotated[
-        Literal["created_at"] | None,
-        Form(alias="expires_after[anchor]", description="OpenAI's expiry anchor: created_at."),
-    ] = None,
+    # Not nullable: a form field is a string, so an absent one is the only "none" (the schema says so too).
+    anchor: Annotated[  # noqa: ARG001 - OpenAI sends it; created_at is the only anchor
+        Literal["created_at"],  # noqa: RUF013
+        Form(alias="expires_after[anchor]", description="OpenAI's expiry anchor: created_at (the default)."),
+    ] = None,  # type: ignore[assignment]
     seconds: Annotated[
-        int | None,
+        int,  # noqa: RUF013
         Form(
             alias="expires_after[seconds]",
             ge=EXPIRES_AFTER_MIN_S,
             le=EXPIRES_AFTER_MAX_S,
             description="Delete the file this many seconds after upload (3600 to 2592000).",
         ),
-    ] = None,
+    ] = None,  # type: ignore[assignment]
 ) -> FileObject:
     quota = services.settings.quota
-    if (anchor is None) != (seconds is None):
-        missing = "expires_after[seconds]" if seconds is None else "expires_after[anchor]"
-        raise InvalidInput(f"{missing} is required with expires_after", param=missing)
+    # created_at is the only anchor, so seconds alone mean the same; an anchor alone keeps the default expiry.
     ttl = seconds if seconds is not None else quota.file_expiry_s
     return services.files.create(
         tenant,
@@ -52,7 +63,7 @@ def upload(
     )
 
 
-@router.get("", summary="List files, newest first")
+@router.get("", responses=responses(*AUTHED, 422), summary="List files, newest first")
 def list_files(
     services: ServicesDep,
     tenant: TenantDep,
@@ -70,17 +81,24 @@ def list_files(
     }
 
 
-@router.get("/{file_id}", response_model=FileObject, summary="A file's metadata")
+@router.get(
+    "/{file_id}", responses=responses(*AUTHED, 404, 422), response_model=FileObject, summary="A file's metadata"
+)
 def get_file(file_id: str, services: ServicesDep, tenant: TenantDep) -> FileObject:
     return services.files.get(file_id, tenant)
 
 
-@router.delete("/{file_id}", summary="Delete a file")
+@router.delete("/{file_id}", responses=responses(*AUTHED, 404, 422), summary="Delete a file")
 def delete_file(file_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     return services.files.delete(file_id, tenant)
 
 
-@router.get("/{file_id}/content", summary="A file's content", response_class=StreamingResponse)
+@router.get(
+    "/{file_id}/content",
+    responses=responses(*AUTHED, 404, 422),
+    summary="A file's content",
+    response_class=StreamingResponse,
+)
 def file_content(file_id: str, services: ServicesDep, tenant: TenantDep) -> StreamingResponse:
     services.files.get(file_id, tenant)
     key = services.files.key(file_id)

@@ -11,13 +11,17 @@ works under ``/v1/jobs`` too.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, cast
+import types
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
+from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
 from queueformer.contract.errors import InvalidInput, NotFound
 from queueformer.contract.ids import valid_object_id
@@ -40,10 +44,42 @@ STATUS = {
 }
 
 
+def _hyperparameters_model() -> type[BaseModel]:
+    """OpenAI's ``hyperparameters`` object: every knob of :class:`Hyperparameters` plus OpenAI's ``n_epochs`` and
+    ``learning_rate_multiplier``, each also taking OpenAI's ``"auto"`` (keep queueformer's default).
+
+    Derived from :class:`Hyperparameters`, so the request schema states each knob's type and bounds and a
+    wrong value is refused by name before anything is computed from it.
+    """
+    auto = Literal["auto"]
+
+    def knob(info: FieldInfo) -> Any:
+        # A value or "auto"; null is refused (omit the key to keep the default), as the schema then says.
+        union = get_origin(info.annotation) in (Union, types.UnionType)
+        kinds = [a for a in get_args(info.annotation) if a is not type(None)] if union else [info.annotation]
+        value = Annotated[(Union[tuple(kinds)], *info.metadata)]  # type: ignore[valid-type]  # noqa: UP007
+        return (value | auto, Field(None, description=info.description))
+
+    fields: dict[str, Any] = {name: knob(info) for name, info in Hyperparameters.model_fields.items()}
+    fields["n_epochs"] = knob(Hyperparameters.model_fields["epochs"])
+    top = Hyperparameters.model_fields["learning_rate"].metadata  # the multiplier may not take the rate past its cap
+    cap = next(m.le for m in top if hasattr(m, "le"))
+    multiplier = Annotated[float, Field(ge=1e-6, le=cap / DEFAULT_LR)]  # the rate it gives is a positive float
+    fields["learning_rate_multiplier"] = knob(FieldInfo.from_annotation(multiplier))
+    model: type[BaseModel] = create_model("FineTuningHyperparameters", __config__=ConfigDict(extra="forbid"), **fields)
+    return model
+
+
+if TYPE_CHECKING:
+    FineTuningHyperparameters = BaseModel
+else:
+    FineTuningHyperparameters = _hyperparameters_model()
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
 
 
 class OpenAIMethod(BaseModel):
@@ -64,41 +100,46 @@ class FineTuningJobCreate(BaseModel):
         description="The id of one of your files with purpose fine-tune, or a URI under a prefix the operator "
         "allows (settings: training_data_uris).",
     )
-    hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
     method: FineTuneMethod | OpenAIMethod | None = None
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    validation_file: str | None = Field(None, max_length=1024)
+    validation_file: None = Field(
+        None, description="Not supported: hyperparameters.eval_split holds out part of the training data."
+    )
     metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(default_factory=dict, max_length=16)
-    timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+    timeout_s: int | None = Field(None, ge=1, le=7 * 24 * 3600, description="Seconds after which the job fails.")
 
     def to_job(self) -> FineTuneJob:
-        if self.validation_file is not None:
-            raise InvalidInput(
-                "validation_file is not supported; hyperparameters.eval_split holds out part of the training data",
-                param="validation_file",
-            )
-        raw = dict(self.hyperparameters)
+        raw = self.hyperparameters.model_dump(exclude_none=True)
         if isinstance(self.method, OpenAIMethod) and self.method.supervised:
-            raw.update(self.method.supervised.hyperparameters)
+            raw.update(self.method.supervised.hyperparameters.model_dump(exclude_none=True))
         hp: dict[str, Any] = {}
+        named: dict[str, str] = {}  # queueformer knob -> the name the caller used, for error messages
         for key, value in raw.items():
             if value == "auto":
                 continue  # OpenAI's "auto": keep queueformer's default
             if key == "n_epochs":
-                hp["epochs"] = value
+                hp["epochs"], named["epochs"] = value, key
             elif key == "learning_rate_multiplier":
-                hp["learning_rate"] = DEFAULT_LR * float(value)
+                hp["learning_rate"], named["learning_rate"] = DEFAULT_LR * value, key
             else:
                 hp[key] = value
         if self.seed is not None:
             hp["seed"] = self.seed
+        try:
+            hyperparameters = Hyperparameters.model_validate(hp)
+        except ValidationError as exc:  # both names of one knob, or a configured limit
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else ""
+            param = f"hyperparameters.{named.get(field, field)}".rstrip(".")
+            raise InvalidInput(f"{param}: {first['msg']}", param=param) from None
         method = self.method if isinstance(self.method, FineTuneMethod) else FineTuneMethod.LORA
         return FineTuneJob(
             model=self.model,
             training_file=self.training_file,
             method=method,
-            hyperparameters=Hyperparameters.model_validate(hp),
+            hyperparameters=hyperparameters,
             suffix=self.suffix,
             metadata=self.metadata,
             timeout_s=self.timeout_s,
@@ -161,13 +202,24 @@ def _object(services: Services, data: dict[str, str]) -> dict[str, Any]:
     }
 
 
-@router.post("", summary="Create a fine-tuning job (OpenAI-compatible)")
+@router.post(
+    "",
+    openapi_extra=links(
+        200,
+        RetrieveFineTune=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}", "get", "fine_tuning_job_id"),
+        CancelFineTune=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", "post", "fine_tuning_job_id"),
+        FineTuneEvents=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", "get", "fine_tuning_job_id"),
+        FineTuneCheckpoints=link("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", "get", "fine_tuning_job_id"),
+    ),
+    responses=responses(*AUTHED, *BODY, 404, 429),
+    summary="Create a fine-tuning job (OpenAI-compatible)",
+)
 def create(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     job_id = Enqueuer(services).submit([body.to_job()], tenant)[0]
     return _object(services, services.jobs.raw(job_id))
 
 
-@router.get("", summary="List this tenant's fine-tuning jobs, newest first")
+@router.get("", responses=responses(*AUTHED, 404, 422), summary="List this tenant's fine-tuning jobs, newest first")
 def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
@@ -179,13 +231,15 @@ def list_jobs(
     return {"object": "list", "data": [_object(services, d) for d in rows[:limit]], "has_more": len(rows) > limit}
 
 
-@router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+@router.get("/{fine_tuning_job_id}", responses=responses(*AUTHED, 404, 422), summary="Retrieve a fine-tuning job")
 def retrieve(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     return _object(services, _load(services, fine_tuning_job_id, tenant))
 
 
 @router.post(
-    "/{fine_tuning_job_id}/cancel", summary="Cancel: a running job stops at its next step and keeps its last checkpoint"
+    "/{fine_tuning_job_id}/cancel",
+    responses=responses(*AUTHED, 404, 422),
+    summary="Cancel: a running job stops at its next step and keeps its last checkpoint",
 )
 def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     _load(services, fine_tuning_job_id, tenant)
@@ -193,12 +247,19 @@ def cancel(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) ->
     return _object(services, services.jobs.raw(fine_tuning_job_id))
 
 
-@router.get("/{fine_tuning_job_id}/events", summary="Status and training-metric events, newest first")
+@router.get(
+    "/{fine_tuning_job_id}/events",
+    responses=responses(*AUTHED, 404, 422),
+    summary="Status and training-metric events, newest first",
+)
 def events(
     fine_tuning_job_id: str,
     services: ServicesDep,
     tenant: TenantDep,
-    after: Annotated[str | None, Query(max_length=80, pattern=r"^ftevent-\d+-\d+$")] = None,
+    # 19 digits at most: a stream id is two 64-bit numbers, and Redis refuses larger ones
+    after: Annotated[
+        str | None, Query(pattern=r"^ftevent-\d{1,19}-\d{1,19}$", description="Id of the last event seen")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
     _load(services, fine_tuning_job_id, tenant)
@@ -244,7 +305,11 @@ def _message(kind: str, data: dict[str, Any]) -> str:
     return kind
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", summary="The job's saved checkpoints, newest first")
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    responses=responses(*AUTHED, 404, 422),
+    summary="The job's saved checkpoints, newest first",
+)
 def checkpoints(fine_tuning_job_id: str, services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     data = _load(services, fine_tuning_job_id, tenant)
     spec = FineTuneJob.model_validate_json(data["spec"])

@@ -13,11 +13,13 @@ from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep, TenantDep
 from api.enqueue import Enqueuer
+from api.errors import AUTHED, BODY, responses
+from api.links import link, links
 from api.services import Services
 from queueformer.contract.errors import Conflict, NotFound
 from queueformer.contract.ids import valid_object_id
 from queueformer.contract.jobs import GenerateJob, check_fits
-from queueformer.contract.records import TERMINAL, JobRecord, JobState
+from queueformer.contract.records import TERMINAL, CancelAnswer, JobRecord, JobState
 from queueformer.contract.tasks import AnyJob, JobSpec
 from queueformer.server import keys
 from queueformer.server.jobs import public_event
@@ -104,7 +106,19 @@ def _submit(
     return ids
 
 
-@router.post("", status_code=202, response_model=JobAccepted, summary="Submit one job of any type")
+@router.post(
+    "",
+    responses=responses(*AUTHED, *BODY, 404, 409, 429),
+    openapi_extra=links(
+        202,
+        GetJob=link("/v1/jobs/{job_id}", "get", "job_id"),
+        GetJobResult=link("/v1/jobs/{job_id}/result", "get", "job_id"),
+        CancelJob=link("/v1/jobs/{job_id}/cancel", "post", "job_id"),
+    ),
+    status_code=202,
+    response_model=JobAccepted,
+    summary="Submit one job of any type",
+)
 def submit_job(
     services: ServicesDep,
     tenant: TenantDep,
@@ -117,7 +131,13 @@ def submit_job(
     return _accepted(_submit(services, tenant, [job], idempotency_key, body)[0])
 
 
-@router.post("/bulk", status_code=202, response_model=JobList, summary="Submit many small jobs in one request")
+@router.post(
+    "/bulk",
+    responses=responses(*AUTHED, *BODY, 404, 409, 429),
+    status_code=202,
+    response_model=JobList,
+    summary="Submit many small jobs in one request",
+)
 def submit_jobs(
     services: ServicesDep,
     tenant: TenantDep,
@@ -136,18 +156,28 @@ def _check_id(job_id: str) -> None:
         raise NotFound(f"job {job_id!r} not found", param="job_id")
 
 
-@router.get("", response_model=JobList, summary="List this tenant's jobs, newest first")
+@router.get(
+    "", responses=responses(*AUTHED, 422), response_model=JobList, summary="List this tenant's jobs, newest first"
+)
 def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    before: Annotated[float | None, Query(description="created_at of the last job of the previous page")] = None,
+    before: Annotated[
+        float | None,
+        Query(ge=0, allow_inf_nan=False, description="created_at of the last job of the previous page"),
+    ] = None,
 ) -> JobList:
     records = services.jobs.recent(tenant, limit + 1, before)
     return JobList(data=records[:limit], has_more=len(records) > limit)
 
 
-@router.get("/{job_id}", response_model=JobRecord, summary="A job's state, timestamps, progress and error")
+@router.get(
+    "/{job_id}",
+    responses=responses(*AUTHED, 404, 422),
+    response_model=JobRecord,
+    summary="A job's state, timestamps, progress and error",
+)
 def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
     _check_id(job_id)
     record = services.jobs.get(job_id, tenant)
@@ -155,7 +185,11 @@ def get_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
     return record
 
 
-@router.get("/{job_id}/result", summary="The result of a succeeded job (409 while it is not)")
+@router.get(
+    "/{job_id}/result",
+    responses=responses(*AUTHED, 404, 409, 422),
+    summary="The result of a succeeded job (409 while it is not)",
+)
 def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Any:
     _check_id(job_id)
     record = services.jobs.get(job_id, tenant)
@@ -165,16 +199,24 @@ def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Any:
     return services.storage.get_json(services.storage.result_key(job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobRecord, summary="Cancel a queued or running job")
-def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> JobRecord:
+@router.post(
+    "/{job_id}/cancel",
+    responses=responses(*AUTHED, 404, 422),
+    response_model=CancelAnswer,
+    summary="Cancel a queued or running job",
+)
+def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep) -> CancelAnswer:
     _check_id(job_id)
     services.jobs.get(job_id, tenant)
     services.jobs.request_cancel(job_id)
-    return services.jobs.get(job_id, tenant)
+    record = services.jobs.get(job_id, tenant)
+    status = record.state.value if record.state.terminal else "cancelling"
+    return CancelAnswer(**record.model_dump(exclude={"status_url"}), status_url=f"/v1/jobs/{job_id}", status=status)
 
 
 @router.get(
     "/{job_id}/events",
+    responses=responses(*AUTHED, 404, 422),
     summary="Server-sent events: state changes, progress, and tokens of generate jobs submitted with stream=true",
     response_class=StreamingResponse,
 )
@@ -182,11 +224,12 @@ async def job_events(
     job_id: str,
     services: ServicesDep,
     tenant: TenantDep,
-    last_event_id: Annotated[str | None, Header()] = None,
+    # a stream id (19 digits at most per part: Redis refuses larger ones)
+    last_event_id: Annotated[str, Header(pattern=r"^\d{1,19}(-\d{1,19})?$")] = "0-0",
 ) -> StreamingResponse:
     _check_id(job_id)
     services.jobs.get(job_id, tenant)
-    return StreamingResponse(_event_stream(services, job_id, last_event_id or "0-0"), media_type="text/event-stream")
+    return StreamingResponse(_event_stream(services, job_id, last_event_id), media_type="text/event-stream")
 
 
 async def _event_stream(services: Services, job_id: str, after: str) -> AsyncIterator[bytes]:

@@ -7,11 +7,16 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import ServicesDep, TenantDep
+from api.errors import AUTHED, responses
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", summary="Registered models with their queue, quantization, device map and live workers")
+@router.get(
+    "",
+    responses=responses(*AUTHED),
+    summary="Registered models with their queue, quantization, device map and live workers",
+)
 def list_models(services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     live = services.fleet.by_model()
     data = []
@@ -23,6 +28,7 @@ def list_models(services: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
                 "object": "model",
                 "owned_by": entry.tenant or "queueformer",
                 **entry.public(),
+                "created": entry.created or services.registry_loaded_at,
                 "workers": live.get(entry.name, []),
             }
         )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import signal
 import socket
 import sys
@@ -17,11 +19,13 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from queueformer import bulk
+from queueformer.cli.common import cluster_file, read_cluster_file, write_cluster_file
 from queueformer.cli.models import build_tiny_models
 from queueformer.client import Client
 from queueformer.contract.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from queueformer.server.cluster import Cluster
     from queueformer.server.tenants import ApiKeys
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -88,6 +92,7 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     cluster.start()
+    info = record_cluster(settings, cluster)
     try:
         cluster.wait_ready()
         sys.stdout.write(f"queueformer is up: API {cluster.api_url} (docs at {cluster.api_url}/docs)\n")
@@ -95,6 +100,8 @@ def run_up(args: argparse.Namespace) -> int:
             sys.stdout.write(f"Flower http://127.0.0.1:{cluster.flower_port} (basic auth {cluster.flower_auth})\n")
         if cluster.redis is not None:
             sys.stdout.write(f"embedded Redis {cluster.redis.display_url} (AOF in {cluster.redis.data_dir})\n")
+        for message in model_failures(cluster):
+            sys.stdout.write(f"warning: {message}\n")
         sys.stdout.write(f"logs in {cluster.log_dir}; Ctrl-C stops everything\n")
         while not stop:
             cluster.check_alive()
@@ -102,16 +109,51 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         sys.stdout.write("stopping...\n")
         cluster.stop()
+        forget_cluster(info)
     return 0
 
 
+def record_cluster(settings: Settings, cluster: Cluster) -> Path:
+    """Write where this cluster answers (API, Redis with its password, Flower and its login) for other commands."""
+    info = {
+        "url": cluster.api_url,
+        "redis_url": cluster.redis_url,
+        "flower_url": f"http://127.0.0.1:{cluster.flower_port}" if cluster.flower_port else None,
+        "flower_auth": cluster.flower_auth,
+        "pid": os.getpid(),
+    }
+    return write_cluster_file(settings.data_dir, info)
+
+
+def forget_cluster(path: Path) -> None:
+    """Remove the cluster file if it is still this process's (a later `up` may have replaced it)."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text("utf-8")).get("pid") == os.getpid():
+            path.unlink()
+
+
 def ensure_tiny_models(settings: Settings) -> None:
-    """With the bundled tiny registry, build whatever tiny model is missing (once; later runs skip)."""
+    """With the bundled tiny registry, build whatever tiny model is missing (once; later runs skip).
+
+    A failed build does not stop the cluster: the workers serve every model that loads and say, per
+    entry, which could not and what to do.
+    """
     if settings.registry != "tiny":
         return
-    code = build_tiny_models(settings.resolved_models_dir)
+    code = build_tiny_models(settings.resolved_models_dir, quiet=True)
     if code != 0:
-        raise SystemExit(f"building the tiny models into {settings.resolved_models_dir} failed (exit code {code})")
+        sys.stderr.write(
+            f"building the tiny models into {settings.resolved_models_dir} failed (exit code {code}, reason above); "
+            "starting with the models there are\n"
+        )
+
+
+def model_failures(cluster: Cluster) -> list[str]:
+    """What the workers said about registry entries they could not load (entry, why, what to do)."""
+    from queueformer.server.connection import connect
+    from queueformer.server.fleet import Fleet
+
+    return [msg for w in Fleet(connect(cluster.redis_url)).members() for msg in (w.get("failed") or {}).values()]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -151,12 +193,25 @@ def run_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def redis_url(settings: Settings) -> str:
+    """The configured Redis, else the one the `queueformer up` started from this directory runs on."""
+    if settings.redis_url is not None:
+        return settings.redis_url.get_secret_value()
+    url = read_cluster_file(settings.data_dir).get("redis_url")
+    if not url:
+        raise RuntimeError(
+            f"no Redis to use: start the cluster with `queueformer up` here (it records its Redis in "
+            f"{cluster_file(settings.data_dir)}), or set QUEUEFORMER_REDIS_URL"
+        )
+    return str(url)
+
+
 def _api_keys() -> ApiKeys:
     from queueformer.server.connection import connect
     from queueformer.server.tenants import ApiKeys
 
     settings = load_settings()
-    keys = ApiKeys(connect(settings.redis()))
+    keys = ApiKeys(connect(redis_url(settings)))
     keys.add_static([k.get_secret_value() for k in settings.api.bootstrap_keys])
     return keys
 

@@ -28,9 +28,13 @@ def build_tiny(args: argparse.Namespace) -> int:
     return build_tiny_models(root, force=args.force)
 
 
-def build_tiny_models(root: Path, force: bool = False) -> int:
-    """Build the tiny models under ``root`` with the worker side (torch), in its own process."""
+def build_tiny_models(root: Path, force: bool = False, quiet: bool = False) -> int:
+    """Build the tiny models under ``root`` with the worker side (torch), in its own process.
+
+    Progress lines go to stderr; ``quiet`` leaves out the JSON report on stdout.
+    """
     cmd = [sys.executable, "-m", "workers.build_tiny", str(root), *(["--force"] if force else [])]
+    cmd += ["--quiet"] if quiet else []
     return subprocess.run(cmd, check=False).returncode
 
 

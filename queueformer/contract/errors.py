@@ -105,6 +105,13 @@ class Unauthorized(QueueformerError):
     http_status = 401
 
 
+class Forbidden(QueueformerError):
+    """Well-formed, but a policy of the operator refuses it (e.g. a webhook to a private address)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class Conflict(QueueformerError):
     """The request conflicts with the object's state (e.g. an idempotency key reused with another body)."""
 

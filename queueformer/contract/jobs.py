@@ -8,10 +8,22 @@ exactly as ``model.generate`` would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from queueformer.contract import limits
 from queueformer.contract.errors import InputTooLong
@@ -41,23 +53,69 @@ def _check_text(value: str) -> str:
     return value
 
 
-def _limit(name: str) -> AfterValidator:
-    """Cap an int (or a list's length) at ``limits.active().<name>``, read when the job is validated."""
+# JSON Schema keyword that bounds each kind of value a configurable limit caps.
+_BOUND = {
+    "integer": "maximum",
+    "number": "maximum",
+    "array": "maxItems",
+    "object": "maxProperties",
+    "string": "maxLength",
+}
 
-    def check(value: Any) -> Any:
+
+@dataclass(frozen=True)
+class _Limit:
+    """Caps a number (or a list's, dict's or string's length) at ``limits.active().<name>``, read when a value is
+    validated; the OpenAPI document states the same cap, read when the document is generated (after the
+    process installed its limits), so requests the schema allows are the requests that are accepted."""
+
+    name: str
+
+    def check(self, value: Any) -> Any:
         if value is None:
             return value
         size = len(value) if isinstance(value, list | dict | str) else value
-        cap = getattr(limits.active(), name)
+        cap = getattr(limits.active(), self.name)
         if size > cap:
-            raise ValueError(f"{size} is above the limit of {cap} (limits.{name})")
+            raise ValueError(f"{size} is above the limit of {cap} (limits.{self.name})")
         return value
 
-    return AfterValidator(check)
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        _cap(handler.resolve_ref_schema(json_schema), getattr(limits.active(), self.name))
+        return json_schema
+
+
+def _cap(json_schema: dict[str, Any], cap: float) -> None:
+    for member in json_schema.get("anyOf", [json_schema]):
+        bound = _BOUND.get(member.get("type", ""))
+        if bound is not None:
+            member[bound] = min(member.get(bound, cap), cap)
+
+
+def _limit(name: str) -> _Limit:
+    return _Limit(name)
+
+
+@dataclass(frozen=True)
+class _TextRules:
+    """Text: at most ``limits.max_prompt_chars`` characters and no NUL, in validation and in the schema."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(_check_text, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        _cap(json_schema, limits.active().max_prompt_chars)
+        json_schema["pattern"] = "^[^\\u0000]*$"
+        return json_schema
 
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="A served model name from the registry.")]
-Text = Annotated[str, Field(max_length=_HARD_TEXT_CHARS), AfterValidator(_check_text)]
+Text = Annotated[str, Field(max_length=_HARD_TEXT_CHARS), _TextRules()]
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
     _limit("max_metadata_pairs"),
@@ -73,10 +131,15 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 TokenSequence = Annotated[list[TokenId], Field(min_length=1, max_length=64)]
 
 
+def _task_required(schema: dict[str, Any]) -> None:
+    # The union of job types is discriminated on ``task``: a body must name it (the default serves Python callers).
+    schema["required"] = ["task", *[name for name in schema.get("required", []) if name != "task"]]
+
+
 class JobBase(BaseModel):
     """What every job type shares; each type adds its fields and its token estimate."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_task_required)
 
     task: str
     model: ModelName
@@ -137,8 +200,33 @@ class ResponseFormat(BaseModel):
 CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "response_format")
 
 
+def _generate_rules(schema: dict[str, Any]) -> None:
+    """The rules between fields that the validators below enforce, stated in the schema as combinations that
+    are refused; so are ``num_return_sequences`` values that need sampling or as many beams."""
+    refused: list[dict[str, Any]] = [
+        {"required": ["prompt", "messages"], "properties": {"prompt": {"minLength": 1}, "messages": {"type": "array"}}},
+        {
+            "required": ["ignore_eos", "num_beams"],
+            "properties": {"ignore_eos": {"const": True}, "num_beams": {"minimum": 2}},
+        },
+    ]
+    for n in range(2, limits.active().max_return_sequences + 1):
+        beams = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": n - 1}]}
+        sampling = {"not": {"const": True}}
+        refused.append(
+            {
+                "required": ["num_return_sequences"],
+                "properties": {"num_return_sequences": {"const": n}, "do_sample": sampling, "num_beams": beams},
+            }
+        )
+    schema["not"] = {"anyOf": refused}
+    _task_required(schema)
+
+
 class GenerateJob(JobBase):
     """Continue a prompt (or a chat, through the model's chat template) with a causal LM and the KV cache."""
+
+    model_config = ConfigDict(json_schema_extra=_generate_rules)
 
     task: Literal["generate"] = "generate"
     prompt: Text = ""
@@ -154,7 +242,8 @@ class GenerateJob(JobBase):
     num_return_sequences: Annotated[int, Field(ge=1, le=64), _limit("max_return_sequences")] = 1
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # 2**53 - 1: the largest integer every JSON reader keeps exactly
+    seed: int | None = Field(None, ge=0, le=2**53 - 1)
     # transformers' GenerationConfig fields, with its meaning; None takes the model's generation config.
     min_new_tokens: int | None = Field(None, ge=0, le=32_768, description="EOS is suppressed until this many tokens.")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=1024, description="No n-gram of this size occurs twice.")
@@ -210,6 +299,14 @@ class GenerateJob(JobBase):
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("ignore_eos")
+    @classmethod
+    def _ignore_eos_without_beams(cls, value: bool, info: ValidationInfo) -> bool:
+        # Beam search ends hypotheses at EOS; transformers has no way to keep beams going past it.
+        if value and (info.data.get("num_beams") or 1) > 1:
+            raise ValueError("ignore_eos is not supported with beam search (num_beams > 1)")
+        return value
 
     @field_validator("num_beam_groups", "diversity_penalty")
     @classmethod
@@ -381,16 +478,21 @@ class ClassifyJob(JobBase):
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=131_072)]
 
 
+EmbedInput = (
+    Text
+    | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
+)
+
+
 class EmbedJob(JobBase):
     """Embed texts (or token-id lists) as pooled hidden states of an encoder or decoder model."""
 
     task: Literal["embed"] = "embed"
-    input: (
-        Text
-        | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
-    ) = Field(description="A text, a list of texts, or the model's own token ids (one list, or a list of lists).")
+    input: EmbedInput = Field(
+        description="A text, a list of texts, or the model's own token ids (one list, or a list of lists)."
+    )
     pooling: Literal["mean", "cls", "last"] = Field(
         "mean", description="mean over the tokens, the first token ([CLS]), or the last token (decoder models)."
     )
@@ -424,7 +526,7 @@ class Hyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: float | None = Field(None, gt=0, le=10_000)
+    epochs: Annotated[float | None, Field(gt=0, le=10_000), _limit("max_train_epochs")] = None
     max_steps: Annotated[int | None, Field(ge=1, le=10_000_000), _limit("max_train_steps")] = Field(
         None, description="Overrides epochs when set."
     )
@@ -441,14 +543,6 @@ class Hyperparameters(BaseModel):
     lora_alpha: int = Field(16, ge=1, le=4096)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=64)
-
-    @field_validator("epochs")
-    @classmethod
-    def _epochs_limit(cls, value: float | None) -> float | None:
-        cap = limits.active().max_train_epochs
-        if value is not None and value > cap:
-            raise ValueError(f"{value} is above the limit of {cap} (limits.max_train_epochs)")
-        return value
 
 
 class FineTuneJob(JobBase):

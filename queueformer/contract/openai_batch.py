@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import time
 import uuid
@@ -31,6 +32,7 @@ from queueformer.contract.errors import ErrorInfo, QueueformerError
 from queueformer.contract.jobs import (
     ClassifyJob,
     EchoJob,
+    EmbedInput,
     EmbedJob,
     FillMaskJob,
     GenerateJob,
@@ -311,9 +313,9 @@ class ClassificationBody(_Body):
 class EmbeddingsBody(_Body):
     """OpenAI's embeddings request; ``pooling``, ``normalize`` and ``truncate`` are extensions."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: EmbedInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=65_536)
     pooling: Literal["mean", "cls", "last"] = "mean"
     normalize: bool = True
     truncate: bool = False
@@ -367,7 +369,7 @@ def parse_line(raw: bytes | str, endpoint: str) -> tuple[BatchLine, JobBase]:
     """Validate one input line against the batch's endpoint; raises ``LineError``."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # malformed, not UTF-8, or an integer past Python's 4,300-digit conversion limit
         raise LineError("invalid_json", f"line is not valid JSON: {exc}") from None
     except RecursionError:
         raise LineError("invalid_json", "line is nested too deeply to parse") from None
@@ -595,6 +597,28 @@ def embeddings_list(result: EmbedResult, model: str) -> dict[str, Any]:
 WEBHOOK_URL_MAX = 2048
 
 
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+# What check_webhook_url accepts, as the OpenAPI document states it: http(s), a host without credentials, a port
+# from 1 to 65535, then printable ASCII.
+_H = "[0-9A-Fa-f]{1,4}"
+_V4 = r"((25[0-5]|(2[0-4]|1?[0-9])?[0-9])\.){3}(25[0-5]|(2[0-4]|1?[0-9])?[0-9])"
+_V6 = "|".join(
+    (
+        f"({_H}:){{7}}{_H}",
+        f"({_H}:){{1,7}}:",
+        f"({_H}:){{1,6}}:{_H}",
+        *(f"({_H}:){{1,{5 - k}}}(:{_H}){{1,{k + 2}}}" for k in range(5)),
+        f":((:{_H}){{1,7}}|:)",
+        f"({_H}:){{6}}{_V4}",
+        f"::(ffff(:0{{1,4}})?:)?{_V4}",
+        f"({_H}:){{1,4}}:{_V4}",
+    )
+)
+WEBHOOK_URL_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~%!$&'()*+,;=-]+|\[(" + _V6 + r")\])(:" + _PORT + r")?([/?#][!-~]*)?$"
+)
+
+
 def check_webhook_url(url: str) -> None:
     """Refuse a ``webhook_url`` that is not a plain absolute http(s) URL (ValueError naming what is wrong).
 
@@ -618,6 +642,8 @@ def check_webhook_url(url: str) -> None:
         port = -1
     if port is not None and not 1 <= port <= 65535:
         raise ValueError("the URL's port is not a number from 1 to 65535")
+    if not re.fullmatch(WEBHOOK_URL_PATTERN, url):
+        raise ValueError("the URL's host must be a name, an IPv4 address or a bracketed IPv6 address")
 
 
 EXPIRES_AFTER_MIN_S = 3600
@@ -639,7 +665,7 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(max_length=128)
-    endpoint: Annotated[str, Field(max_length=64)]
+    endpoint: Annotated[str, Field(max_length=64, json_schema_extra={"enum": list(ENDPOINTS)})]
     completion_window: Literal["24h"] = "24h"
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16
@@ -650,6 +676,7 @@ class BatchCreate(BaseModel):
     webhook_url: str | None = Field(
         None,
         max_length=WEBHOOK_URL_MAX,
+        json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
         description="Extension: an http(s) URL POSTed a signed Standard Webhooks event when the batch ends "
         "(batch.completed, batch.failed, batch.expired, batch.cancelled). It must reach a public address unless the "
         "operator allows it (checked when the webhook is sent) and must not carry credentials.",

@@ -44,6 +44,15 @@ class JobRecord(BaseModel):
     status_url: str | None = None
 
 
+class CancelAnswer(JobRecord):
+    """What ``POST /v1/jobs/{id}/cancel`` answers: the job, and where its cancel stands."""
+
+    status: Literal["cancelled", "cancelling", "succeeded", "failed"] = Field(
+        description="cancelled: stopped (a queued job at once); cancelling: its worker stops it at the next "
+        "check, then the job reads cancelled; succeeded or failed: it had finished before the cancel came."
+    )
+
+
 # --- results, one shape per job type ---------------------------------------------------------------
 
 

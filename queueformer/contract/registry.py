@@ -67,6 +67,12 @@ class ModelEntry(BaseModel):
     base_model: str | None = Field(None, description="For fine-tuned models: the registered base model.")
     adapter: bool = Field(False, description="The weights at path are a PEFT adapter over base_model, merged at load.")
     tenant: str | None = Field(None, description="For fine-tuned models: the tenant that owns it (others get 404).")
+    created: int | None = Field(
+        None,
+        ge=0,
+        description="Unix time the model was registered (fine-tuned models get it when they register); "
+        "/v1/models shows when the API loaded the registry for entries without one.",
+    )
 
     @model_validator(mode="after")
     def _source_and_queue(self) -> ModelEntry:
@@ -94,6 +100,7 @@ class ModelEntry(BaseModel):
         """What /v1/models shows (no local paths)."""
         return {
             "id": self.name,
+            "created": self.created,
             "task": self.task.value,
             "queue": self.queue,
             "source": self.hub_id or "local",

@@ -35,6 +35,7 @@ from queueformer.contract.errors import (
     NotFound,
     PayloadTooLarge,
     QuotaExceeded,
+    error_from_info,
 )
 from queueformer.contract.ids import new_id, valid_object_id
 from queueformer.contract.openai_batch import ENDPOINTS, BatchCreate, BatchStatus, error_line
@@ -93,6 +94,17 @@ end
 return {1, cur}
 """
 
+# Add ARGV[1] to the sorted set KEYS[1] with a score above every other member's: the creation time in
+# microseconds, or one more than the newest when two batches share it, so listings are strictly
+# newest-first however close together batches are created.
+_LIST_ADD = """
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local score = tonumber(ARGV[2])
+if top[2] and tonumber(top[2]) >= score then score = tonumber(top[2]) + 1 end
+redis.call('ZADD', KEYS[1], score, ARGV[1])
+return 1
+"""
+
 Publish = Callable[[list[LinesUnit]], None]
 
 
@@ -112,6 +124,7 @@ class Batches:
         self.ttl = ttl_s
         self.ledger = Ledger(client, storage, files)
         self._status = client.register_script(_STATUS)
+        self._list_add = client.register_script(_LIST_ADD)
 
     # --- reads --------------------------------------------------------------------------------------
 
@@ -132,7 +145,13 @@ class Batches:
     def page(self, tenant: str, after: str | None, limit: int) -> tuple[list[dict[str, str]], bool]:
         ids = cast(list[str], self.r.zrevrange(keys.tenant_batches(tenant), 0, -1))
         if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
+            if after not in ids:
+                raise NotFound(
+                    f"batch {after!r} not found: `after` takes the id of a batch in your listing "
+                    "(the last_id of the previous page)",
+                    param="after",
+                )
+            ids = ids[ids.index(after) + 1 :]
         page = ids[: limit + 1]
         p = self.r.pipeline(transaction=False)
         for batch_id in page[:limit]:
@@ -280,7 +299,7 @@ class Batches:
             fields["output_expires_after_s"] = str(body.output_expires_after.seconds)
         p = self.r.pipeline()
         p.hset(keys.batch(batch_id), mapping=fields)
-        p.zadd(keys.tenant_batches(tenant), {batch_id: now})
+        self._list_add(keys=[keys.tenant_batches(tenant)], args=[batch_id, time.time_ns() // 1000], client=p)
         p.sadd(keys.tenant_open_batches(tenant), batch_id)
         p.sadd(keys.OPEN_BATCHES, batch_id)
         p.execute()
@@ -455,22 +474,38 @@ class Batches:
 
     # --- retry --------------------------------------------------------------------------------------
 
-    def retry(self, batch_id: str, codes: set[str] | None, publish: Publish) -> list[int]:
-        """Reopen a finished batch for its failed lines (all, or those with the given error codes), and enqueue them."""
+    def retry(self, batch_id: str, codes: set[str] | None, publish: Publish, every: bool = False) -> list[int]:
+        """Reopen a finished batch for some of its failed lines and enqueue them.
+
+        By default the lines whose failure may go differently on a new run: not those a request error
+        (a 4xx answer that is not retryable, such as an invalid body or an unknown model) failed, which
+        would fail the same way again. ``codes`` picks lines by error code instead; ``every`` takes all.
+        Nothing to pick is a ``Conflict`` that says why.
+        """
         raw = self.raw(batch_id)
         if not S(raw.get("status", S.FAILED)).retryable:
             raise Conflict(f"batch {batch_id} is {raw.get('status')}; only a finished batch can be retried")
-        picked = []
+        picked, kept = [], 0
         for line, data in self.ledger.error_lines(batch_id).items():
-            code = (data.get("error") or {}).get("code") or ((data.get("response") or {}).get("body") or {}).get(
-                "error", {}
-            ).get("code")
-            if (data.get("response") or {}).get("status_code") == 400 and code not in (codes or set()):
-                continue  # invalid requests fail the same way again unless asked for by code
-            if codes is None or code in codes:
+            response = data.get("response") or {}
+            code = (data.get("error") or {}).get("code") or (response.get("body") or {}).get("error", {}).get("code")
+            if (
+                every
+                or (codes is not None and code in codes)
+                or (codes is None and not _deterministic(response.get("status_code"), code))
+            ):
                 picked.append(line)
+            else:
+                kept += 1
         if not picked:
-            return []
+            why = (
+                f"no failed line has an error code in {sorted(codes)}"
+                if codes is not None
+                else f"its {kept} failed lines are request errors that would fail again (pass all to re-run them)"
+                if kept
+                else "it has no failed lines"
+            )
+            raise Conflict(f"nothing to retry in batch {batch_id}: {why}", param="codes" if codes else None)
         p = self.r.pipeline()
         self.ledger.reopen(p, batch_id, picked)
         now = int(time.time())
@@ -500,6 +535,13 @@ class Batches:
         self._event(batch_id, {"status": S.IN_PROGRESS.value, "retried_lines": len(picked)})
         publish(self.ledger.units(batch_id, only=set(picked)))
         return sorted(picked)
+
+
+def _deterministic(status_code: Any, code: str | None) -> bool:
+    """Whether a line failed on its request alone (a client error that is not retryable): it would again."""
+    if not isinstance(status_code, int) or not 400 <= status_code < 500:
+        return False
+    return not (code and error_from_info(ErrorInfo(code=code, message="")).retryable)
 
 
 def to_openai(raw: dict[str, str]) -> dict[str, Any]:
@@ -537,6 +579,7 @@ def to_openai(raw: dict[str, str]) -> dict[str, Any]:
             "failed": int(raw.get("failed", 0)),
         },
         "metadata": json.loads(raw.get("metadata") or "null"),
+        "webhook_url": raw.get("webhook_url") or None,  # extension: where the end-of-batch event goes
         "usage": {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": 0},

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpcore
 
-from queueformer.contract.errors import InvalidInput, TransientError
+from queueformer.contract.errors import Forbidden, TransientError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,7 +35,7 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
-class AddressRefused(InvalidInput):
+class AddressRefused(Forbidden):
     """The URL's host is, or resolves to, an address outside what the egress policy allows."""
 
     code = "address_refused"

@@ -108,7 +108,7 @@ BATCH_PARTS = ("out", "err", "done", "tries", "chunks")
 
 
 def tenant_batches(tenant: str) -> str:
-    """Sorted set: a tenant's batches by creation time."""
+    """Sorted set: a tenant's batches by creation time (microseconds, strictly increasing)."""
     return f"{PREFIX}:batches:{tenant}"
 
 

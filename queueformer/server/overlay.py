@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import cast
 
 import redis
@@ -87,6 +88,8 @@ class ModelOverlay:
         clean = self.sanitise(entry)
         if clean is None:
             raise ValueError(f"model entry {entry.name!r} is not a fine-tune's output; not registered")
+        if clean.created is None:
+            clean = clean.model_copy(update={"created": int(time.time())})
         self.r.hset(keys.MODELS, clean.name, clean.model_dump_json())
 
     def _parse(self, name: str, raw: str) -> ModelEntry | None:

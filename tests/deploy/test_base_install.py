@@ -28,6 +28,16 @@ def test_a_base_install_runs_the_cli_and_the_sdk(tmp_path: Path) -> None:
     for args in (["--help"], ["submit", "--help"], ["run", "--help"], ["batch", "--help"]):
         out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert out.returncode == 0 and "usage:" in out.stdout, (args, out.stdout, out.stderr)
+    # Failures are plain lines on a base install too: no cluster here, no server extra for `keys`.
+    for args, code in (
+        (["batch", "list", "--url", "http://127.0.0.1:9"], 1),
+        (["submit", "{not json"], 2),
+        (["run", "missing.jsonl", "-o", "out.jsonl"], 2),
+        (["keys", "list"], 1),
+    ):
+        out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == code and 1 <= len(lines) <= 2 and "Traceback" not in out.stderr, (args, out.stderr)
     code = (
         "import importlib.util, sys\n"
         "import queueformer.contract.tasks, queueformer.contract.openai_batch, queueformer.contract.units\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from queueformer.server.jobs import JobStore
 from queueformer.server.tenants import ApiKeys
 from tests.helpers import jsonl, make_settings
 
@@ -212,3 +214,28 @@ def test_fine_tuning_jobs_are_validated_queued_and_tenant_isolated(redis_url: st
         assert cancelled["status"] == "cancelled"
         events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=a).json()["data"]
         assert [e["message"] for e in events][:1] == ["Job is cancelled"]
+
+
+def test_cancel_answers_where_the_cancel_stands_with_a_status_url(client: TestClient, redis_url: str) -> None:
+    queued = client.post("/v1/jobs", json=GEN).json()["id"]
+    answer = client.post(f"/v1/jobs/{queued}/cancel").json()
+    assert answer["status"] == "cancelled" and answer["state"] == "cancelled"
+    assert answer["status_url"] == f"/v1/jobs/{queued}"
+    assert client.get(answer["status_url"]).json()["state"] == "cancelled"
+
+    running = client.post("/v1/jobs", json=GEN).json()["id"]
+    jobs = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    assert jobs.start(running)[0]  # claimed, as a worker claims it
+    answer = client.post(f"/v1/jobs/{running}/cancel").json()
+    assert answer["status"] == "cancelling" and answer["status_url"] == f"/v1/jobs/{running}"
+    assert jobs.cancel_requested([running]) == {running}
+
+    jobs.succeed(running, "file:///nowhere")
+    assert client.post(f"/v1/jobs/{running}/cancel").json()["status"] == "succeeded"
+
+
+def test_models_carry_created(client: TestClient) -> None:
+    before = int(time.time())
+    models = client.get("/v1/models").json()["data"]
+    assert models and all(isinstance(m["created"], int) and 0 < m["created"] <= before + 1 for m in models)
+    assert {m["object"] for m in models} == {"model"}

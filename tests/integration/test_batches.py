@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from queueformer.contract.errors import ErrorInfo, ModelNotFound
+from queueformer.contract.errors import Conflict, ErrorInfo, ModelNotFound, NotFound
 from queueformer.contract.openai_batch import BatchCreate, LineError, error_line, output_line
 from queueformer.contract.registry import Registry
 from queueformer.contract.settings import TenantQuota
 from queueformer.contract.units import LinesUnit
-from queueformer.server.batches import Batches
+from queueformer.server.batches import Batches, to_openai
 from queueformer.server.files import FileStore
 from queueformer.server.storage import Storage
 from tests.helpers import jsonl
@@ -150,3 +150,56 @@ def test_an_all_bad_file_fails_validation(env: tuple[Batches, FileStore, Storage
         raise LineError("x", "y")
     with pytest.raises(ModelNotFound):
         check(type("J", (), {"model": "nope", "task": "generate"})())
+
+
+def test_default_retry_leaves_request_errors_and_all_reruns_them(env: tuple[Batches, FileStore, Storage]) -> None:
+    store, files, _storage = env
+    batch_id, _ = new_batch(store, files, jsonl(lines(6)), chunk=6)
+    failures = {
+        0: error_line("r0", ErrorInfo(code="invalid_input", message="bad body"), 400),
+        1: error_line("r1", ErrorInfo(code="input_too_long", message="too long"), 422),
+        2: error_line("r2", ErrorInfo(code="model_not_found", message="no such model"), 404),
+        3: error_line("r3", ErrorInfo(code="quota_exceeded", message="over quota"), 429),  # retryable 4xx
+        4: error_line("r4", ErrorInfo(code="worker_lost", message="died")),
+    }
+    store.ledger.commit_many(batch_id, [(i, "err", line, 0, 0) for i, line in failures.items()])
+    store.ledger.commit_many(batch_id, [(5, "out", output_line("r5", 200, {}), 0, 0)])
+    assert store.maybe_finalize(batch_id)
+    assert store.retry(batch_id, None, [].extend) == [3, 4]
+    store.ledger.commit_many(batch_id, [(i, "out", output_line(f"r{i}", 200, {}), 0, 0) for i in (3, 4)])
+    assert store.maybe_finalize(batch_id)
+
+    with pytest.raises(Conflict, match=r"nothing to retry.*3 failed lines are request errors.*all") as nothing:
+        store.retry(batch_id, None, [].extend)
+    assert nothing.value.http_status == 409
+    with pytest.raises(Conflict, match=r"no failed line has an error code in \['worker_lost'\]"):
+        store.retry(batch_id, {"worker_lost"}, [].extend)
+    assert store.retry(batch_id, {"model_not_found"}, [].extend) == [2]
+    store.ledger.commit_many(batch_id, [(2, "err", failures[2], 0, 0)])
+    assert store.maybe_finalize(batch_id)
+    assert store.retry(batch_id, None, [].extend, every=True) == [0, 1, 2]
+
+
+def test_listing_is_strictly_newest_first_and_refuses_an_unknown_after(
+    env: tuple[Batches, FileStore, Storage],
+) -> None:
+    store, files, _storage = env
+    created = [new_batch(store, files, jsonl(lines(1)))[0] for _ in range(12)]  # well within one second
+    rows, more = store.page("t1", None, 20)
+    assert [r["id"] for r in rows] == created[::-1] and not more
+    rows, more = store.page("t1", created[8], 3)
+    assert [r["id"] for r in rows] == created[7:4:-1] and more
+    with pytest.raises(NotFound, match=r"'batch_nope' not found.*last_id"):
+        store.page("t1", "batch_nope", 3)
+    with pytest.raises(NotFound):
+        store.page("t2", created[0], 3)  # another tenant's id is as unknown as a made-up one
+
+
+def test_the_batch_object_echoes_its_webhook_url(env: tuple[Batches, FileStore, Storage]) -> None:
+    store, files, _storage = env
+    f = files.create_bytes("t1", "in.jsonl", "batch", jsonl(lines(1)))
+    body = BatchCreate(input_file_id=f.id, endpoint="/v1/jobs", webhook_url="https://hooks.example.com/qf")
+    raw = store.create(body, "t1", TenantQuota(), check, lambda models: 4, [].extend)
+    assert to_openai(raw)["webhook_url"] == "https://hooks.example.com/qf"
+    plain = to_openai(store.raw(new_batch(store, files, jsonl(lines(1)))[0]))
+    assert plain["webhook_url"] is None

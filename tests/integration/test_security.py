@@ -282,11 +282,16 @@ def test_files_expire_as_openai_asks_and_the_sweep_deletes_them(redis_url: str, 
             ({**form, "expires_after[seconds]": "100"}, "expires_after[seconds]"),
             ({**form, "expires_after[seconds]": "2592001"}, "expires_after[seconds]"),
             ({**form, "expires_after[anchor]": "last_active_at"}, "expires_after[anchor]"),
-            ({"expires_after[seconds]": "3600"}, "expires_after[anchor]"),
-            ({"expires_after[anchor]": "created_at"}, "expires_after[seconds]"),
         ):
             resp = upload(c, A, b"{}\n", **bad)
             assert resp.status_code == 422 and resp.json()["error"]["param"] == param, (bad, resp.text)
+        # created_at is the only anchor: seconds alone mean the same, an anchor alone keeps the default.
+        alone = upload(c, A, b"{}\n", **{"expires_after[seconds]": "3600"}).json()
+        assert alone["expires_at"] == alone["created_at"] + 3600
+        anchor = upload(c, A, b"{}\n", **{"expires_after[anchor]": "created_at"}).json()
+        assert anchor["expires_at"] == anchor["created_at"] + 7200
+        for extra in (alone, anchor):
+            assert c.delete(f"/v1/files/{extra['id']}", headers=A).status_code == 200
 
         # The OpenAI SDK's own encoding of expires_after and output_expires_after.
         sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=A["Authorization"][7:], http_client=c)

@@ -181,12 +181,17 @@ def test_cancel_stops_at_the_next_step_and_keeps_a_checkpoint(env: Env) -> None:
 
 
 def test_bad_training_lines_fail_the_job_with_their_line_numbers(env: Env) -> None:
-    bad = b'{"text": "fine"}\nnot json\n{"prompt": 3}\n'
+    huge_int = b'{"text": "x", "n": ' + b"9" * 5000 + b"}"  # past Python's integer conversion limit
+    deep = b"[" * 10_000 + b"]" * 10_000  # past the parser's recursion limit
+    bad = b'{"text": "fine"}\nnot json\n{"prompt": 3}\n' + huge_int + b"\n" + deep + b"\n"
     env.training_file = env.files.create_bytes("default", "bad.jsonl", "fine-tune", bad).id
     record = env.run(env.submit("full", "job-badtraining1", max_steps=5))
     assert record["state"] == "failed"
     error = json.loads(record["error"])
-    assert error["code"] == "invalid_input" and "line 2" in error["message"] and "line 3" in error["message"]
+    assert error["code"] == "invalid_input" and error["param"] == "training_file", error
+    for number in (2, 3, 4, 5):
+        assert f"line {number}:" in error["message"], error["message"]
+    assert "line 5: nested too deeply" in error["message"]
 
 
 def test_the_worker_trains_only_on_the_jobs_own_tenants_files(env: Env) -> None:

@@ -223,3 +223,6 @@ def test_logprobs_with_beam_search_are_refused_by_name(gen: Served) -> None:
     assert err.value.param == "logprobs"
     with pytest.raises(ValidationError):
         GenerateJob(model="g", prompt="x", top_logprobs=2)
+    # The engine-free path (generate itself) has no log-probabilities: refused, never silently dropped.
+    with pytest.raises(InvalidInput):
+        gen.handler.run([GenerateJob(model="g", prompt="x", logprobs=True)])

@@ -154,6 +154,8 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
     def hf_generate(self, req: GenRequest) -> list[GenOutput]:
         if req.constraint is not None:
             raise InvalidInput("structured output runs in the decode engine only", param=req.constraint.spec.field_name)
+        if req.logprobs is not None or req.prompt_logprobs:
+            raise InvalidInput("log-probabilities are computed in the decode engine only", param="logprobs")
         ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
         config = copy.deepcopy(req.generation)
         config.max_new_tokens = req.max_new_tokens

@@ -29,8 +29,11 @@ def read_texts(fh: IO[bytes]) -> list[str]:
             continue
         try:
             row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:  # malformed, not UTF-8, or an integer past Python's 4,300-digit conversion limit
             bad.append(f"line {number}: not valid JSON")
+            continue
+        except RecursionError:
+            bad.append(f"line {number}: nested too deeply to parse")
             continue
         text = _text_of(row)
         if text is None:
