@@ -334,7 +334,7 @@ def build_marian(out: Path, seed: int = 0, steps: int = 500) -> float:
 LANGUAGES = ("en", "de")
 
 
-def build_m2m(out: Path, seed: int = 0, steps: int = 600) -> float:
+def build_m2m(out: Path, seed: int = 0, steps: int = 300) -> float:
     """A many-to-many M2M100 translator (en <-> de): the output language is the token forced first
     (``__de__``, ``__en__``), as for M2M100, NLLB and mBART-50, so ``target_language`` picks it."""
     _seed(seed)

@@ -237,3 +237,18 @@ def test_logprobs_and_echo_map_to_the_job_and_render_in_openai_shapes() -> None:
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and [c.token for c in content] == [" th", "é"]
     assert content[1].bytes == [195, 169] and [t.token for t in content[0].top_logprobs] == [" th", " a"]
+
+
+def test_native_urls_carry_the_parity_fields() -> None:
+    body = {"model": "m", "input": "hi", "n": 2, "do_sample": True, "seed": 4, "stop": ".", "target_language": "de"}
+    _, tr = parse_line(line("/v1/translations", body), "/v1/translations")
+    assert isinstance(tr, TranslateJob)
+    assert (tr.num_return_sequences, tr.do_sample, tr.seed, tr.stop, tr.target_language) == (2, True, 4, ["."], "de")
+    _, fm = parse_line(line("/v1/fill-mask", {"model": "m", "input": "a [MASK]", "targets": ["x"]}), "/v1/fill-mask")
+    assert isinstance(fm, FillMaskJob) and fm.targets == ["x"]
+    pair = {"model": "m", "input": ["a", "b"], "text_pair": ["c", "d"], "function_to_apply": "sigmoid"}
+    _, cl = parse_line(line("/v1/classifications", pair), "/v1/classifications")
+    assert isinstance(cl, ClassifyJob) and cl.pairs == ["c", "d"] and cl.function_to_apply == "sigmoid"
+    with pytest.raises(LineError) as info:
+        parse_line(line("/v1/classifications", {**pair, "text_pair": ["c"]}), "/v1/classifications")
+    assert "text_pair has 1 entries for 2 texts" in info.value.message
