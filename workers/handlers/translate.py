@@ -60,18 +60,20 @@ class TranslateInput:
 
 
 def language_token_id(tokenizer: Any, language: str) -> int | None:
-    """The id of a language's token: ``get_lang_id`` (M2M100), else the code as a token (NLLB ``fra_Latn``,
-    mBART ``fr_XX``), else M2M100's ``__fr__`` spelling; None if the tokenizer has no such token."""
+    """The id of a language's token: ``get_lang_id`` (M2M100), else an added or special token spelled as the
+    code (NLLB ``fra_Latn``, mBART ``fr_XX``) or as M2M100's ``__fr__``; None if the tokenizer has none.
+    Ordinary vocabulary entries never count: ``de`` may well be a word piece."""
     get_lang_id = getattr(tokenizer, "get_lang_id", None)
     if callable(get_lang_id):
         try:
             return int(get_lang_id(language))
         except (KeyError, ValueError):
             return None
-    vocab = tokenizer.get_vocab()
-    for token in (language, f"__{language}__"):
-        if token in vocab and vocab[token] != tokenizer.unk_token_id:
-            return int(vocab[token])
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens)
+    for token in (f"__{language}__", language):
+        if token in added or token in special:
+            return int(tokenizer.convert_tokens_to_ids(token))
     return None
 
 
