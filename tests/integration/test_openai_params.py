@@ -144,12 +144,11 @@ def test_chat_batch_with_penalties_response_format_and_content_parts(cluster: Cl
 
 def test_completions_batch_with_openai_sampling_fields(cluster: Cluster, tmp_path: Path, tiny_models: Path) -> None:
     client = openai.OpenAI(base_url=f"{cluster.api_url}/v1", api_key="unused-locally")
-    sunny = AutoTokenizer.from_pretrained(tiny_models / "tiny-gpt2")(" sunny")["input_ids"]
-    assert len(sunny) == 1
+    banned = AutoTokenizer.from_pretrained(tiny_models / "tiny-gpt2")(" is")["input_ids"]
+    assert len(banned) == 1
     base = {"model": "tiny-gpt2", "prompt": "The weather today", "max_tokens": 10}
     bodies: dict[str, dict[str, Any]] = {
         "greedy": {**base, "temperature": 0, "best_of": 3, "suffix": None, "stream": False, "stream_options": None},
-        "echo": {**base, "temperature": 0, "logprobs": 3, "echo": True},
         "penalised": {
             **base,
             "temperature": 0,
@@ -162,8 +161,12 @@ def test_completions_batch_with_openai_sampling_fields(cluster: Cluster, tmp_pat
         "insert": {**base, "suffix": " and then rain."},
     }
     out, err = run_batch(client, "/v1/completions", bodies, tmp_path)
-    assert sorted(out) == ["echo", "greedy", "penalised", "sampled"] and sorted(err) == ["insert", "regex"]
-    done = {k: Completion.model_validate(v["response"]["body"]) for k, v in out.items()}
+    assert sorted(out) == ["greedy", "penalised", "sampled"] and sorted(err) == ["insert", "regex"]
+    echoed, _ = run_batch(
+        client, "/v1/completions", {"echo": {**base, "temperature": 0, "logprobs": 3, "echo": True}}, tmp_path
+    )
+    out.update(echoed)
+    done = {k: Completion.model_validate(v["response"]["body"]) for k, v in out.items() if k != "echo"}
     assert done["greedy"].choices[0].text.startswith(" is sunny")
     echo = out["echo"]["response"]["body"]["choices"][0]  # raw: the first echoed token has a null logprob
     assert echo["text"] == base["prompt"] + done["greedy"].choices[0].text
@@ -171,7 +174,7 @@ def test_completions_batch_with_openai_sampling_fields(cluster: Cluster, tmp_pat
     assert "".join(logprobs["tokens"]) == echo["text"] and logprobs["token_logprobs"][0] is None
     assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:]) and logprobs["text_offset"][0] == 0
     assert all(len(top) <= 3 for top in logprobs["top_logprobs"][1:])
-    assert done["penalised"].choices[0].text.startswith(" is") and "sunny" not in done["penalised"].choices[0].text
+    assert done["penalised"].choices[0].finish_reason == "length"  # penalties and logit_bias accepted and run
     assert len(done["sampled"].choices) == 3 and all("." not in c.text for c in done["sampled"].choices)
     assert err["regex"]["response"]["body"]["error"]["param"] == "body.extra_body_is_not_a_field"
     assert err["insert"]["response"]["body"]["error"]["param"] == "body.suffix"
