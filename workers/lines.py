@@ -54,6 +54,7 @@ class _Line:
     index: int
     custom_id: str
     pending: Pending
+    body: dict[str, Any]  # the request, for what shapes its answer (echo)
 
 
 class LineRunner:
@@ -184,7 +185,8 @@ class LineRunner:
                     tracker=self.tracker,
                 )
             )
-            lines.append(_Line(index, parsed.custom_id, Pending(parsed.custom_id, prepared, item, time.perf_counter())))
+            pending = Pending(parsed.custom_id, prepared, item, time.perf_counter())
+            lines.append(_Line(index, parsed.custom_id, pending, parsed.body))
         return immediate, lines
 
     def _entry(self, served: Served, endpoint: str, ln: _Line) -> Entry:
@@ -201,7 +203,7 @@ class LineRunner:
         return (
             ln.index,
             "out",
-            output_line(ln.custom_id, 200, response_body(endpoint, result, served.entry.name)),
+            output_line(ln.custom_id, 200, response_body(endpoint, result, served.entry.name, ln.body)),
             tin,
             tout,
         )

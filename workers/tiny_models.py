@@ -1,7 +1,8 @@
 """Build the offline tiny models: real architectures, real tokenizers, a few seconds of training each.
 
-``queueformer models build-tiny DIR`` writes four models with ``save_pretrained`` — a GPT-2 causal LM,
-a BERT masked LM, a DistilBERT sentiment classifier with named labels and a Marian en->de translator —
+``queueformer models build-tiny DIR`` writes five models with ``save_pretrained`` — a GPT-2 causal LM,
+a BERT masked LM, a DistilBERT sentiment classifier with named labels, a Marian en->de translator and
+a many-to-many M2M100 translator (en <-> de, the language picked by its forced first token) —
 with tokenizers built with ``tokenizers`` from the corpus shipped in ``queueformer/data``. They load
 through the same ``AutoModelFor*``/``AutoTokenizer`` calls as hub models. Seeds are fixed and the
 vocabularies do not depend on hash order, so a build is deterministic on a given machine; a build
@@ -36,6 +37,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    M2M100Config,
+    M2M100ForConditionalGeneration,
     MarianConfig,
     MarianMTModel,
     PreTrainedModel,
@@ -44,7 +47,7 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-NAMES = ("tiny-gpt2", "tiny-bert", "tiny-sentiment", "tiny-marian-en-de")
+NAMES = ("tiny-gpt2", "tiny-bert", "tiny-sentiment", "tiny-marian-en-de", "tiny-m2m")
 _WIDTH = 64  # hidden size: a multiple of bitsandbytes' 4-bit block size
 
 
@@ -328,6 +331,53 @@ def build_marian(out: Path, seed: int = 0, steps: int = 500) -> float:
     return loss
 
 
+LANGUAGES = ("en", "de")
+
+
+def build_m2m(out: Path, seed: int = 0, steps: int = 300) -> float:
+    """A many-to-many M2M100 translator (en <-> de): the output language is the token forced first
+    (``__de__``, ``__en__``), as for M2M100, NLLB and mBART-50, so ``target_language`` picks it."""
+    _seed(seed)
+    pairs = en_de()
+    tok = marian_tokenizer([en for en, _ in pairs] + [de for _, de in pairs] + corpus())
+    tok.add_special_tokens({"additional_special_tokens": [f"__{lang}__" for lang in LANGUAGES]})
+    lang = {code: tok.convert_tokens_to_ids(f"__{code}__") for code in LANGUAGES}
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    cfg = M2M100Config(
+        vocab_size=len(tok),
+        d_model=_WIDTH,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=4 * _WIDTH,
+        decoder_ffn_dim=4 * _WIDTH,
+        max_position_embeddings=128,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        decoder_start_token_id=eos,
+        dropout=0.0,
+    )
+    model = M2M100ForConditionalGeneration(cfg)
+    # Both directions: (source, target, target language).
+    data = [(en, de, "de") for en, de in pairs] + [(de, en, "en") for en, de in pairs]
+    random.Random(seed).shuffle(data)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        picked = _batches(data, 16, step)
+        enc = tok([src for src, _, _ in picked], return_tensors="pt", padding=True)
+        enc.pop("token_type_ids", None)
+        targets = [[lang[code], *tok(tgt)["input_ids"]] for _, tgt, code in picked]
+        width = max(len(t) for t in targets)
+        labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        return {**enc, "labels": labels}
+
+    loss = _train(model, steps, batch)
+    _save(model, tok, out)
+    return loss
+
+
 def _save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -339,6 +389,7 @@ BUILDERS: dict[str, Callable[[Path], float]] = {
     "tiny-bert": build_bert,
     "tiny-sentiment": build_sentiment,
     "tiny-marian-en-de": build_marian,
+    "tiny-m2m": build_m2m,
 }
 
 

@@ -168,6 +168,40 @@ class ChatTurn(BaseModel):
     name: str | None = Field(None, max_length=64)
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named schema; ``strict`` enforces it exactly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema the output must validate against.")
+    strict: bool | None = Field(
+        False,
+        description="true: every keyword is enforced, and a schema using one the grammar cannot enforce is refused; "
+        "false: enforced as far as the grammar can, other keywords ignored.",
+    )
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is json_schema")
+        return self
+
+
+# Output constraints of a generate job: at most one of these fields.
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "response_format")
+
+
 def _generate_rules(schema: dict[str, Any]) -> None:
     """The rules between fields that the validators below enforce, stated in the schema as combinations that
     are refused; so are ``num_return_sequences`` values that need sampling or as many beams."""
@@ -249,6 +283,23 @@ class GenerateJob(JobBase):
     logprobs: bool = Field(False, description="Return each generated token's log-probability.")
     top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: this many most likely tokens per position.")
     prompt_logprobs: bool = Field(False, description="Return the prompt tokens' log-probabilities too (echo).")
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: subtracted from the logit of every token already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: subtracted once per earlier occurrence of a token in the output."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="The output must be JSON valid against this schema (enforced token by token)."
+    )
+    regex: str | None = Field(None, min_length=1, max_length=4096, description="The output must match this regex.")
+    choice: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1, max_length=256)]
+        | None
+    ) = Field(None, description="The output must be exactly one of these strings.")
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's response_format: text, json_object, or json_schema with strict."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (benchmarks).")
     truncate: bool = Field(False, description="Drop the oldest prompt tokens instead of failing when too long.")
     stream: bool = Field(False, description="Publish tokens to the job's event stream as they are generated.")
@@ -285,6 +336,24 @@ class GenerateJob(JobBase):
             raise ValueError("give either prompt or messages, not both")
         return self
 
+    @property
+    def constrained(self) -> str | None:
+        """The field that constrains the output, if any (``response_format`` of type text does not)."""
+        for name in CONSTRAINT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, ResponseFormat) and value.type == "text"):
+                return name
+        return None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerateJob:
+        given = [n for n in CONSTRAINT_FIELDS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(CONSTRAINT_FIELDS)}; got {', '.join(given)}")
+        if self.constrained and (self.num_beams or 1) > 1:
+            raise ValueError(f"{self.constrained} cannot be combined with num_beams > 1")
+        return self
+
     @model_validator(mode="after")
     def _return_sequences_need_search(self) -> GenerateJob:
         if (
@@ -306,6 +375,15 @@ class FillMaskJob(JobBase):
     task: Literal["fill-mask"] = "fill-mask"
     text: Text = Field(description="Text with one or more mask tokens, e.g. [MASK].")
     top_k: Annotated[int, Field(ge=1, le=100_000), _limit("max_top_k")] = 5
+    targets: (
+        Annotated[str, Field(min_length=1, max_length=256)]
+        | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(min_length=1, max_length=1024)]
+        | None
+    ) = Field(
+        None,
+        description="Score only these words (the fill-mask pipeline's targets); a word that is not one token "
+        "stands for its first token.",
+    )
     truncate: bool = False
 
     def estimated_tokens(self) -> int:
@@ -313,16 +391,55 @@ class FillMaskJob(JobBase):
 
 
 class TranslateJob(JobBase):
-    """Translate a text with a seq2seq model's ``generate``."""
+    """Translate a text with a seq2seq model's ``generate``, with generate's decoding knobs.
+
+    Unset knobs take the model's ``generation_config``, as ``model.generate`` would. Many-to-many
+    models (M2M100, NLLB, mBART-50) are pointed at a language with ``target_language`` (a language
+    code the tokenizer knows: ``de``, ``fra_Latn``, ``fr_XX``) or directly with ``forced_bos_token_id``.
+    """
 
     task: Literal["translate"] = "translate"
     text: Text
     max_new_tokens: Annotated[int, Field(ge=1, le=32_768), _limit("max_new_tokens")] = 128
     num_beams: Annotated[int | None, Field(ge=1, le=64), _limit("max_num_beams")] = None
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_k: Annotated[int | None, Field(ge=0, le=100_000), _limit("max_top_k")] = None
+    top_p: float | None = Field(None, gt=0, le=1)
+    num_return_sequences: Annotated[int, Field(ge=1, le=64), _limit("max_return_sequences")] = 1
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=1024)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's presence penalty on the output.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's frequency penalty on the output.")
+    stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    target_language: str | None = Field(
+        None, min_length=1, max_length=32, description="Language code to translate into (many-to-many models)."
+    )
+    forced_bos_token_id: int | None = Field(
+        None, ge=0, lt=2**31, description="Token forced first in the output (a language token); or target_language."
+    )
     truncate: bool = False
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _checks(self) -> TranslateJob:
+        if self.target_language is not None and self.forced_bos_token_id is not None:
+            raise ValueError("give either target_language or forced_bos_token_id, not both")
+        if (
+            self.num_return_sequences > 1
+            and self.do_sample is not True
+            and (self.num_beams or 1) < self.num_return_sequences
+        ):
+            raise ValueError("num_return_sequences > 1 needs do_sample=true or num_beams >= num_return_sequences")
+        return self
+
     def estimated_tokens(self) -> int:
-        return len(self.text) // 4 + 1 + self.max_new_tokens
+        return len(self.text) // 4 + 1 + self.max_new_tokens * self.num_return_sequences
 
 
 class ClassifyJob(JobBase):
@@ -330,17 +447,41 @@ class ClassifyJob(JobBase):
 
     task: Literal["classify"] = "classify"
     text: Text | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
+    text_pair: (
+        Text | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")] | None
+    ) = Field(None, description="Second text of each pair (NLI, paraphrase): a string for a string, a list for a list.")
     top_k: Annotated[int | None, Field(ge=1, le=100_000), _limit("max_top_k")] = Field(
         1, description="Labels to return per text, best first; null returns every label."
     )
+    function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = Field(
+        "default",
+        description="As the text-classification pipeline: default is sigmoid for multi-label or one-label models, "
+        "softmax otherwise, none (raw logits) for regression.",
+    )
     truncate: bool = False
+
+    @model_validator(mode="after")
+    def _pairs_match(self) -> ClassifyJob:
+        if self.text_pair is None:
+            return self
+        if isinstance(self.text, str) != isinstance(self.text_pair, str):
+            raise ValueError("text_pair is a string when text is one, and a list when text is one")
+        if isinstance(self.text_pair, list) and len(self.text_pair) != len(self.texts):
+            raise ValueError(f"text_pair has {len(self.text_pair)} entries for {len(self.texts)} texts")
+        return self
 
     @property
     def texts(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
 
+    @property
+    def pairs(self) -> list[str | None]:
+        if self.text_pair is None:
+            return [None] * len(self.texts)
+        return [self.text_pair] if isinstance(self.text_pair, str) else list(self.text_pair)
+
     def estimated_tokens(self) -> int:
-        return sum(len(t) for t in self.texts) // 4 + 1
+        return sum(len(t) + len(p or "") for t, p in zip(self.texts, self.pairs, strict=True)) // 4 + 1
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=131_072)]

@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from queueformer.contract.errors import ErrorInfo, QueueformerError
 from queueformer.contract.jobs import (
@@ -38,6 +38,7 @@ from queueformer.contract.jobs import (
     GenerateJob,
     JobBase,
     ModelName,
+    ResponseFormat,
     TranslateJob,
 )
 from queueformer.contract.priority import MAX_PRIORITY, MIN_PRIORITY
@@ -47,6 +48,7 @@ from queueformer.contract.records import (
     EmbedResult,
     FillMaskResult,
     GenerateResult,
+    TokenLogprob,
     TranslateResult,
 )
 from queueformer.contract.tasks import TASK_NAMES, batch_urls, parse_job, spec_of
@@ -101,6 +103,8 @@ class _Body(BaseModel):
 
 
 class _Sampling(_Body):
+    """What completions and chat share, with OpenAI's semantics (defaults, ranges, greedy at temperature 0)."""
+
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -108,12 +112,34 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    response_format: ResponseFormat | None = None
     stream: Literal[False] | None = None
+    stream_options: dict[str, Any] | None = Field(None, description="Only with stream=true: null in batch lines.")
     # extensions (HF generate parameters)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     num_beams: int | None = Field(None, ge=1)
     ignore_eos: bool = False
+
+    @field_validator("stream_options")
+    @classmethod
+    def _no_stream_options(cls, value: dict[str, Any] | None) -> None:
+        if value is not None:
+            raise ValueError("stream_options goes with stream=true, which batch lines cannot use; send null or omit it")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (digits only); got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are from -100 to 100; token {key} has {bias}")
+        return value
 
     def generate_kwargs(self) -> dict[str, Any]:
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -129,6 +155,11 @@ class _Sampling(_Body):
             "top_k": self.top_k if self.top_k is not None else (0 if not greedy else None),
             "repetition_penalty": self.repetition_penalty,
             "num_beams": self.num_beams,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            # OpenAI's logit_bias is transformers' sequence_bias over one-token sequences.
+            "sequence_bias": [[[int(k)], v] for k, v in self.logit_bias.items()] if self.logit_bias else None,
+            "response_format": self.response_format,
         }
         if not greedy:
             kwargs["temperature"] = temperature
@@ -138,24 +169,93 @@ class _Sampling(_Body):
 
 class CompletionBody(_Sampling):
     prompt: str
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Log-probabilities of the chosen tokens and this many likeliest at each."
+    )
+    echo: bool = Field(False, description="The prompt comes back before each completion (with its logprobs).")
+    suffix: str | None = Field(
+        None, description="Text after the completion (insertion): no served model is trained for it, so only empty."
+    )
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Candidates to pick the n best from; greedy candidates are all the same, so only n (or any value "
+        "at temperature 0) is accepted.",
+    )
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError(
+                "insertion (a non-empty suffix) is not supported: the served models are not trained for it"
+            )
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is None or value == n or info.data.get("temperature") == 0:
+            return value
+        if value < n:
+            raise ValueError(f"best_of ({value}) must be at least n ({n})")
+        raise ValueError(
+            f"best_of > n ({value} > {n}) with sampling ranks candidates by log-probability, which this server "
+            "does not do; send n and best_of equal, or temperature 0"
+        )
+
+
+class TextPart(BaseModel):
+    """A content part of a chat message; served models read text only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"part {i} has type {kind!r}; the served models read text parts only")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The message's text; parts are joined with newlines (as vLLM joins them)."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
 
 
 class FillMaskBody(_Body):
     input: str | None = None
     text: str | None = None
     top_k: int = 5
+    targets: str | list[str] | None = None
 
     @model_validator(mode="after")
     def _one_text(self) -> FillMaskBody:
@@ -164,16 +264,51 @@ class FillMaskBody(_Body):
         return self
 
 
-class TranslationBody(FillMaskBody):
-    top_k: int = 5  # unused; kept so the two bodies share their text handling
+class TranslationBody(_Body):
+    """The text in ``input`` (or ``text``); ``max_tokens``/``n`` as OpenAI names them, the rest as generate does."""
+
+    input: str | None = None
+    text: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    num_return_sequences: int | None = Field(None, ge=1)
     num_beams: int | None = Field(None, ge=1)
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    target_language: str | None = None
+    forced_bos_token_id: int | None = Field(None, ge=0)
+    truncate: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_text(self) -> TranslationBody:
+        if (self.input is None) == (self.text is None):
+            raise ValueError("give exactly one of input or text")
+        return self
+
+    def job(self) -> TranslateJob:
+        fields = self.model_dump(exclude={"user", "input", "text", "max_tokens", "n"}, exclude_none=True)
+        fields["text"] = self.input if self.input is not None else self.text
+        if self.max_tokens is not None:
+            fields.setdefault("max_new_tokens", self.max_tokens)
+        if self.n is not None:
+            fields.setdefault("num_return_sequences", self.n)
+        return TranslateJob(**fields)
 
 
 class ClassificationBody(_Body):
     input: str | list[str]
+    text_pair: str | list[str] | None = None
     top_k: int | None = 1
+    function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
 
 
 class EmbeddingsBody(_Body):
@@ -198,22 +333,29 @@ def job_for(url: str, body: dict[str, Any]) -> JobBase:
     """The queueformer job an input line asks for; raises ``ValidationError`` or ``ValueError``."""
     if url == "/v1/completions":
         c = CompletionBody.model_validate(body)
-        return GenerateJob(prompt=c.prompt, **_clean(c.generate_kwargs()))
+        scores = {"logprobs": c.logprobs is not None, "top_logprobs": c.logprobs or 0}
+        return GenerateJob(
+            prompt=c.prompt, prompt_logprobs=c.echo and c.logprobs is not None, **scores, **_clean(c.generate_kwargs())
+        )
     if url == "/v1/chat/completions":
         ch = ChatBody.model_validate(body)
-        return GenerateJob(
-            prompt="", messages=[m.model_dump(exclude_none=True) for m in ch.messages], **_clean(ch.generate_kwargs())
-        )
+        turns = [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})} for m in ch.messages]
+        scored = {"logprobs": bool(ch.logprobs), "top_logprobs": ch.top_logprobs or 0}
+        return GenerateJob(prompt="", messages=turns, **scored, **_clean(ch.generate_kwargs()))
     if url == "/v1/fill-mask":
         f = FillMaskBody.model_validate(body)
-        return FillMaskJob(model=f.model, text=f.input or f.text or "", top_k=f.top_k)
+        return FillMaskJob(model=f.model, text=f.input or f.text or "", top_k=f.top_k, targets=f.targets)
     if url == "/v1/translations":
-        t = TranslationBody.model_validate(body)
-        extra = _clean({"num_beams": t.num_beams, "max_new_tokens": t.max_new_tokens or t.max_tokens})
-        return TranslateJob(model=t.model, text=t.input or t.text or "", **extra)
+        return TranslationBody.model_validate(body).job()
     if url == "/v1/classifications":
         cl = ClassificationBody.model_validate(body)
-        return ClassifyJob(model=cl.model, text=cl.input, top_k=cl.top_k)
+        return ClassifyJob(
+            model=cl.model,
+            text=cl.input,
+            text_pair=cl.text_pair,
+            top_k=cl.top_k,
+            function_to_apply=cl.function_to_apply,
+        )
     if url == "/v1/embeddings":
         return EmbeddingsBody.model_validate(body).job()
     if url == "/v1/jobs":
@@ -318,21 +460,67 @@ def error_line_for(custom_id: str, exc: QueueformerError) -> dict[str, Any]:
     return error_line(custom_id, exc.info(), exc.http_status)
 
 
-def response_body(url: str, result: BaseModel, model: str) -> dict[str, Any]:
-    """The response body an OpenAI client expects for ``url``, built from a queueformer result."""
+def completion_logprobs(tokens: list[TokenLogprob], prompt: list[TokenLogprob] | None, offset: int) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object; ``prompt`` tokens (echo) come first, the first unscored."""
+    every = [*(prompt or []), *tokens]
+    offsets, at = [], offset
+    for t in every:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in every],
+        "token_logprobs": [t.logprob for t in every],
+        "top_logprobs": [None if t.logprob is None else {x.token: x.logprob for x in t.top_logprobs} for t in every],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``logprobs``: per token its text, log-probability, UTF-8 bytes and the likeliest alternatives."""
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.token.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": x.token, "logprob": x.logprob, "bytes": list(x.token.encode("utf-8"))}
+                    for x in t.top_logprobs
+                ],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def response_body(url: str, result: BaseModel, model: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The response body an OpenAI client expects for ``url``, built from a queueformer result.
+
+    ``request`` is the line's body, for what shapes the answer rather than the job (completions' ``echo``).
+    """
     created = int(time.time())
     usage = getattr(result, "usage", None)
     prompt_t = usage.prompt_tokens if usage else 0
     completion_t = usage.completion_tokens if usage else 0
     usage_obj = {"prompt_tokens": prompt_t, "completion_tokens": completion_t, "total_tokens": prompt_t + completion_t}
     if url == "/v1/completions" and isinstance(result, GenerateResult):
+        echo = str(request.get("prompt", "")) if request and request.get("echo") else ""
+        start = 0 if echo else len(str((request or {}).get("prompt", "")))
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": created,
             "model": model,
             "choices": [
-                {"text": g.text, "index": g.index, "logprobs": None, "finish_reason": g.finish_reason}
+                {
+                    "text": echo + g.text,
+                    "index": g.index,
+                    "logprobs": None
+                    if g.logprobs is None
+                    else completion_logprobs(g.logprobs, result.prompt_logprobs if echo else None, start),
+                    "finish_reason": g.finish_reason,
+                }
                 for g in result.generations
             ],
             "usage": usage_obj,
@@ -347,7 +535,7 @@ def response_body(url: str, result: BaseModel, model: str) -> dict[str, Any]:
                 {
                     "index": g.index,
                     "message": {"role": "assistant", "content": g.text, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": None if g.logprobs is None else chat_logprobs(g.logprobs),
                     "finish_reason": g.finish_reason,
                 }
                 for g in result.generations
@@ -368,6 +556,9 @@ def response_body(url: str, result: BaseModel, model: str) -> dict[str, Any]:
             "created": created,
             "model": model,
             "text": result.translation.text,
+            "choices": [
+                {"index": i, "text": t.text} for i, t in enumerate(result.translations or [result.translation])
+            ],
             "usage": usage_obj,
         }
     if url == "/v1/classifications" and isinstance(result, ClassifyResult):

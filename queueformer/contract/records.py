@@ -129,7 +129,10 @@ class Translation(BaseModel):
 class TranslateResult(BaseModel):
     task: Literal["translate"] = "translate"
     model: str
-    translation: Translation
+    translation: Translation = Field(description="The first (best) translation.")
+    translations: list[Translation] = Field(
+        default_factory=list, description="Every returned translation (num_return_sequences), best first."
+    )
     usage: Usage
 
 

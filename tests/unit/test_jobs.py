@@ -57,6 +57,13 @@ def test_each_job_type_parses_through_the_discriminated_union() -> None:
         ({"seed": -1}, "seed"),
         ({"prompt": 5}, "prompt"),
         ({"unknown_field": 1}, "unknown_field"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"choice": []}, "choice"),
+        ({"regex": ""}, "regex"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "name"),
+        ({"response_format": {"type": "xml"}}, "type"),
     ],
 )
 def test_invalid_generate_fields_are_named(body: dict, field: str) -> None:
@@ -131,3 +138,17 @@ def test_check_fits_refuses_max_new_tokens_that_leave_no_room_for_a_prompt() -> 
     with pytest.raises(InputTooLong) as info:
         check_fits(job.model_copy(update={"max_new_tokens": 256}), 256, "jobs.3.max_new_tokens")
     assert info.value.param == "jobs.3.max_new_tokens" and info.value.http_status == 422
+
+
+def test_one_output_constraint_per_job_and_no_beams_with_it() -> None:
+    base = {"task": "generate", "model": "m", "prompt": "x"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}, "strict": True}}
+    job = parse_job({**base, "response_format": fmt})
+    assert isinstance(job, GenerateJob) and job.constrained == "response_format"
+    assert parse_job(job.model_dump(mode="json")) == job  # the schema survives the wire under its own name
+    text = parse_job({**base, "response_format": {"type": "text"}})
+    assert isinstance(text, GenerateJob) and text.constrained is None
+    with pytest.raises(ValidationError, match="at most one of"):
+        parse_job({**base, "regex": "a+", "choice": ["a"]})
+    with pytest.raises(ValidationError, match="num_beams"):
+        parse_job({**base, "json_schema": {"type": "object"}, "num_beams": 2})

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from queueformer.contract.errors import InternalError, InvalidInput, QueueformerError
+from queueformer.contract.jobs import GenerateJob
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # a TypedDict that exists in the stubs only
@@ -98,6 +99,24 @@ class ConstraintSpec:
     @property
     def field_name(self) -> str:
         return self.param or _PARAMS[self.kind]
+
+    @classmethod
+    def of_job(cls, job: GenerateJob) -> ConstraintSpec | None:
+        """The spec a generate job's ``json_schema``, ``regex``, ``choice`` or ``response_format`` asks for."""
+        if job.json_schema is not None:
+            return cls.json_schema(job.json_schema, strict=True, param="json_schema")
+        if job.regex is not None:
+            return cls.regex(job.regex)
+        if job.choice is not None:
+            return cls.choice(job.choice)
+        fmt = job.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.json_schema is None:
+            return cls.json_object(param="response_format")
+        return cls.json_schema(
+            fmt.json_schema.schema_, strict=bool(fmt.json_schema.strict), param="response_format.json_schema.schema"
+        )
 
 
 def _grammar_text(spec: ConstraintSpec) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor
 
 from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientError
 from workers.engine.constraint import Constraint, Grammar, mask_rows
@@ -59,6 +59,9 @@ class GenRequest:
     constraint: Grammar | None = None  # structured output: what every sequence must match
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest there
     prompt_logprobs: bool = False
+    # Processors beyond generate's own (OpenAI penalties): stateless, given to every row and to generate as
+    # its custom ``logits_processor``, which it runs after its own processors and before the warpers.
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
     @property
     def do_sample(self) -> bool:
@@ -329,7 +332,9 @@ class DecodeEngine:
             self._groups[id(item)] = _Group(item, req.num_return_sequences)
             seqs = []
             for i in range(req.num_return_sequences):
-                decoding = row_decoding(self.model, req.generation, len(req.input_ids), self.device)
+                decoding = row_decoding(
+                    self.model, req.generation, len(req.input_ids), self.device, req.logits_processors
+                )
                 seqs.append(
                     _Seq(
                         item=item,

@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
-from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import (
     EosTokenCriteria,
     MaxLengthCriteria,
@@ -120,15 +120,26 @@ class RowDecoding:
 _ENGINE_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, StopStringCriteria)
 
 
-def row_decoding(model: Any, config: GenerationConfig, prompt_length: int, device: torch.device) -> RowDecoding:
-    """Fresh processors and criteria for one row, from ``generate``'s own builders."""
+def row_decoding(
+    model: Any,
+    config: GenerationConfig,
+    prompt_length: int,
+    device: torch.device,
+    custom: Sequence[LogitsProcessor] = (),
+) -> RowDecoding:
+    """Fresh processors and criteria for one row, from ``generate``'s own builders (``custom`` processors go
+    where ``generate`` puts its ``logits_processor`` argument)."""
     cfg = copy.deepcopy(config)
     cfg.max_length = prompt_length + (cfg.max_new_tokens or 0)
     if cfg.min_new_tokens is not None:
         cfg.min_length = prompt_length + cfg.min_new_tokens
     model._prepare_special_tokens(cfg, True, device=device, batch_size=1)
     processors = model._get_logits_processor(
-        generation_config=cfg, input_ids_seq_length=prompt_length, device=device, model_kwargs={}
+        generation_config=cfg,
+        input_ids_seq_length=prompt_length,
+        device=device,
+        model_kwargs={},
+        logits_processor=LogitsProcessorList(custom),
     )
     cfg.stop_strings = None
     criteria = model._get_stopping_criteria(generation_config=cfg, stopping_criteria=StoppingCriteriaList())

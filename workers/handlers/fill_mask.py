@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from queueformer.contract.errors import NoMaskToken
+from queueformer.contract.errors import InvalidInput, NoMaskToken
 from queueformer.contract.jobs import FillMaskJob, Task
 from queueformer.contract.records import FillMaskResult, MaskCandidate, Usage
 from workers.engine.padding import pad_right, pad_token_id
@@ -25,6 +25,7 @@ class MaskInput:
     input_ids: tuple[int, ...]
     mask_positions: tuple[int, ...]
     top_k: int
+    target_ids: tuple[int, ...] | None = None  # score only these tokens (the pipeline's ``targets``)
 
 
 class FillMaskHandler(Handler[FillMaskJob, MaskInput]):
@@ -42,7 +43,26 @@ class FillMaskHandler(Handler[FillMaskJob, MaskInput]):
             raise NoMaskToken(
                 f"no mask token {self.tokenizer.mask_token} found in the text (after truncation)", param="text"
             )
-        return MaskInput(tuple(ids), positions, min(job.top_k, len(self.tokenizer)))
+        targets = self.target_ids(job.targets) if job.targets is not None else None
+        top_k = min(job.top_k, len(targets) if targets is not None else len(self.tokenizer))
+        return MaskInput(tuple(ids), positions, top_k, targets)
+
+    def target_ids(self, targets: str | list[str]) -> tuple[int, ...]:
+        """Token ids of the target words, as the fill-mask pipeline picks them: the word's own token, else
+        its first token; words with no token are dropped."""
+        vocab = self.tokenizer.get_vocab()
+        ids = []
+        for target in [targets] if isinstance(targets, str) else targets:
+            token = vocab.get(target)
+            if token is None:
+                pieces = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+                if not pieces:
+                    continue
+                token = pieces[0]
+            ids.append(int(token))
+        if not ids:
+            raise InvalidInput("no target is a token of this model's vocabulary", param="targets")
+        return tuple(set(ids))  # the pipeline's order, which decides between equal scores
 
     def size(self, item: MaskInput) -> int:
         return len(item.input_ids)
@@ -58,7 +78,12 @@ class FillMaskHandler(Handler[FillMaskJob, MaskInput]):
         for item in batch:
             probs = logits[at : at + len(item.mask_positions)].softmax(dim=-1)
             at += len(item.mask_positions)
-            values, indices = probs.topk(item.top_k)
+            if item.target_ids is not None:
+                targets = torch.tensor(item.target_ids, device=probs.device)
+                values, picked = probs[..., targets].topk(item.top_k)
+                indices = targets[picked]
+            else:
+                values, indices = probs.topk(item.top_k)
             out.append((values.float().cpu().tolist(), indices.cpu().tolist()))
         return out
 

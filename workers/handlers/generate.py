@@ -14,14 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from queueformer.contract.errors import InputTooLong, InvalidInput, NoChatTemplate
 from queueformer.contract.jobs import GenerateJob, Task
 from queueformer.contract.records import GenerateResult, Generation, TokenLogprob, TopLogprob, Usage
-from workers.engine.constraint import Grammars
+from workers.engine.constraint import ConstraintSpec, Grammar, Grammars
 from workers.engine.decode import GenOutput, GenRequest
 from workers.engine.padding import pad_token_id
+from workers.engine.penalties import openai_penalties
 from workers.engine.processors import Scored, eos_ids, resolve
 from workers.handlers.base import Handler
 
@@ -110,7 +111,18 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             seed=job.seed,
             logprobs=job.top_logprobs if job.logprobs else None,
             prompt_logprobs=job.prompt_logprobs,
+            constraint=self.constraint(job, num_beams),
+            logits_processors=openai_penalties(job.presence_penalty, job.frequency_penalty, len(ids)),
         )
+
+    def constraint(self, job: GenerateJob, num_beams: int) -> Grammar | None:
+        """The compiled grammar of the job's structured-output field; a spec the grammar refuses is a 422."""
+        spec = ConstraintSpec.of_job(job)
+        if spec is None:
+            return None
+        if num_beams > 1:  # the model's generation config may ask for beams the job did not
+            raise InvalidInput(f"{spec.field_name} cannot be combined with num_beams > 1", param="num_beams")
+        return self.grammars.compile(spec)
 
     @functools.cached_property
     def grammars(self) -> Grammars:
@@ -149,6 +161,8 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         config.max_new_tokens = req.max_new_tokens
         config.max_length = None  # max_new_tokens decides, without generate's warning about both
         kwargs: dict[str, Any] = {"generation_config": config, "use_cache": True}
+        if req.logits_processors:
+            kwargs["logits_processor"] = LogitsProcessorList(req.logits_processors)
         if req.do_sample and req.seed is not None:
             torch.manual_seed(req.seed)
         if req.stop:
