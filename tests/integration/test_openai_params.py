@@ -156,18 +156,20 @@ def test_completions_batch_with_openai_sampling_fields(cluster: Cluster, tmp_pat
             "frequency_penalty": 2,
             "logit_bias": {"0": -100},
         },
+        "banned": {**base, "temperature": 0, "logit_bias": {str(banned[0]): -100}},
         "sampled": {**base, "n": 3, "best_of": 3, "seed": 9, "top_p": 0.9, "stop": "."},
         "regex": {**base, "temperature": 0, "extra_body_is_not_a_field": 1},
         "insert": {**base, "suffix": " and then rain."},
     }
     out, err = run_batch(client, "/v1/completions", bodies, tmp_path)
-    assert sorted(out) == ["greedy", "penalised", "sampled"] and sorted(err) == ["insert", "regex"]
+    assert sorted(out) == ["banned", "greedy", "penalised", "sampled"] and sorted(err) == ["insert", "regex"]
     echoed, _ = run_batch(
         client, "/v1/completions", {"echo": {**base, "temperature": 0, "logprobs": 3, "echo": True}}, tmp_path
     )
     out.update(echoed)
     done = {k: Completion.model_validate(v["response"]["body"]) for k, v in out.items() if k != "echo"}
     assert done["greedy"].choices[0].text.startswith(" is sunny")
+    assert not done["banned"].choices[0].text.startswith(" is")  # logit_bias -100: greedy never picks it
     echo = out["echo"]["response"]["body"]["choices"][0]  # raw: the first echoed token has a null logprob
     assert echo["text"] == base["prompt"] + done["greedy"].choices[0].text
     logprobs = echo["logprobs"]
