@@ -183,10 +183,21 @@ class JsonSchemaFormat(BaseModel):
     )
 
 
+def _response_format_rules(schema: dict[str, Any]) -> None:
+    """``json_schema`` is given exactly when ``type`` is ``json_schema`` (see the validator)."""
+    schema_type = {"properties": {"type": {"const": "json_schema"}}}
+    no_schema = {"anyOf": [{"not": {"required": ["json_schema"]}}, {"properties": {"json_schema": {"type": "null"}}}]}
+    stray_schema = {
+        "required": ["json_schema"],
+        "properties": {"type": {"not": {"const": "json_schema"}}, "json_schema": {"not": {"type": "null"}}},
+    }
+    schema["not"] = {"anyOf": [{"allOf": [schema_type, no_schema]}, stray_schema]}
+
+
 class ResponseFormat(BaseModel):
     """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_response_format_rules)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -219,6 +230,21 @@ def _generate_rules(schema: dict[str, Any]) -> None:
         {"required": ["num_beam_groups"], "properties": {"num_beam_groups": {"not": {"enum": [None, 1]}}}},
         {"required": ["diversity_penalty"], "properties": {"diversity_penalty": {"not": {"enum": [None, 0, 1]}}}},
     ]
+    # at most one output constraint, and none with beam search (a text response_format constrains nothing)
+    given = {"not": {"type": "null"}}
+    for i, a in enumerate(CONSTRAINT_FIELDS):
+        refused += [{"required": [a, b], "properties": {a: given, b: given}} for b in CONSTRAINT_FIELDS[i + 1 :]]
+    binding = {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+    for name in CONSTRAINT_FIELDS:
+        shape = binding if name == "response_format" else given
+        refused.append({"required": [name, "num_beams"], "properties": {name: shape, "num_beams": {"minimum": 2}}})
+    schema["not"] = {"anyOf": refused + _return_sequence_rules()}
+    _task_required(schema)
+
+
+def _return_sequence_rules() -> list[dict[str, Any]]:
+    """``num_return_sequences`` values refused without sampling or as many beams, as combinations."""
+    refused = []
     for n in range(2, limits.active().max_return_sequences + 1):
         beams = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": n - 1}]}
         sampling = {"not": {"const": True}}
@@ -228,7 +254,17 @@ def _generate_rules(schema: dict[str, Any]) -> None:
                 "properties": {"num_return_sequences": {"const": n}, "do_sample": sampling, "num_beams": beams},
             }
         )
-    schema["not"] = {"anyOf": refused}
+    return refused
+
+
+def _translate_rules(schema: dict[str, Any]) -> None:
+    """A language is named one way at a time; return sequences need sampling or beams (see the validator)."""
+    given = {"not": {"type": "null"}}
+    both: dict[str, Any] = {
+        "required": ["target_language", "forced_bos_token_id"],
+        "properties": {"target_language": given, "forced_bos_token_id": given},
+    }
+    schema["not"] = {"anyOf": [both, *_return_sequence_rules()]}
     _task_required(schema)
 
 
@@ -398,6 +434,8 @@ class TranslateJob(JobBase):
     code the tokenizer knows: ``de``, ``fra_Latn``, ``fr_XX``) or directly with ``forced_bos_token_id``.
     """
 
+    model_config = ConfigDict(json_schema_extra=_translate_rules)
+
     task: Literal["translate"] = "translate"
     text: Text
     max_new_tokens: Annotated[int, Field(ge=1, le=32_768), _limit("max_new_tokens")] = 128
@@ -412,7 +450,7 @@ class TranslateJob(JobBase):
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's presence penalty on the output.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's frequency penalty on the output.")
     stop: Annotated[list[StopString], Field(max_length=32), _limit("max_stop_sequences")] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**53 - 1)  # the largest integer every JSON reader keeps exactly
     target_language: str | None = Field(
         None, min_length=1, max_length=32, description="Language code to translate into (many-to-many models)."
     )
@@ -442,8 +480,21 @@ class TranslateJob(JobBase):
         return len(self.text) // 4 + 1 + self.max_new_tokens * self.num_return_sequences
 
 
+def _classify_rules(schema: dict[str, Any]) -> None:
+    """``text_pair`` has ``text``'s shape (a string with a string, a list with a list), as the validator holds."""
+    schema["not"] = {
+        "anyOf": [
+            {"required": ["text", "text_pair"], "properties": {"text": {"type": t}, "text_pair": {"type": p}}}
+            for t, p in (("string", "array"), ("array", "string"))
+        ]
+    }
+    _task_required(schema)
+
+
 class ClassifyJob(JobBase):
     """Score one text or a list of texts against a sequence classifier's labels."""
+
+    model_config = ConfigDict(json_schema_extra=_classify_rules)
 
     task: Literal["classify"] = "classify"
     text: Text | Annotated[list[Text], Field(min_length=1, max_length=10_000), _limit("max_texts_per_job")]
