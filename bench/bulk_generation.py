@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import CACHE, save, say, table
+from bench.common import CACHE, free_port, save, say, table
 from bench.models import gpt2_124m, mixed_prompts
 
 NEW_TOKENS = 64
@@ -305,7 +305,7 @@ def cluster_for(registry_path: Path, model_dir: Path, dtypes: list[str]) -> Iter
         redis_url=None,
     )
     queues = [MODELS[d] for d in dtypes]
-    c = Cluster(settings, api_port=_free_port(), worker_groups=[queues], worker_concurrency=SLOTS)
+    c = Cluster(settings, api_port=free_port(), worker_groups=[queues], worker_concurrency=SLOTS)
     with c.running(timeout=300):
         yield c.api_url
 
@@ -361,11 +361,3 @@ def print_report(rates: dict[str, float], ratios: dict[str, Any]) -> None:
     say(table("tokens per second (generated)", ["pattern", "tok/s"], list(rates.items())))
     rows = [(k, v["value"], v["target"], "yes" if v["value"] >= v["target"] else "NO") for k, v in ratios.items()]
     say(table("ratios", ["ratio", "measured", "target", "met"], rows))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

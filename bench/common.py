@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -100,3 +101,19 @@ def save(name: str, payload: dict[str, Any]) -> Path:
 def say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def wait_until(check: Any, timeout: float, interval: float = 0.2) -> None:
+    """Poll ``check`` until it holds; a benchmark whose condition never comes raises instead of hanging."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise TimeoutError("benchmark condition not met in time")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-from bench.common import CACHE, ROOT, percentile, save, say, table
+from bench.common import CACHE, ROOT, free_port, percentile, save, say, table, wait_until
 
 MODEL = "tiny-gpt2"
 JOB = {"task": "generate", "model": MODEL, "prompt": "The cat", "max_new_tokens": 8}
@@ -35,7 +35,7 @@ def _batch(qf: Any, lines: int) -> str:
     data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
     batch = qf.create_batch(qf.upload(data)["id"], "/v1/jobs")
     batch_id = str(batch["id"])
-    _wait(lambda: qf.batch(batch_id)["request_counts"]["completed"] > 0, timeout=300)
+    wait_until(lambda: qf.batch(batch_id)["request_counts"]["completed"] > 0, timeout=300)
     return batch_id
 
 
@@ -89,7 +89,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         registry="tiny",
         quota={"max_enqueued_tokens": 10**9},
     )
-    cluster = Cluster(settings, api_port=_free_port(), worker_groups=[[MODEL]], worker_concurrency=8)
+    cluster = Cluster(settings, api_port=free_port(), worker_groups=[[MODEL]], worker_concurrency=8)
     with cluster.running(timeout=240), Client(cluster.api_url, timeout=60) as qf:
         # Warm-up: the first decode steps of a fresh process are slow.
         _jobs(qf, 4, None, every_s=0.05, one_at_a_time=False)
@@ -134,23 +134,6 @@ def run(quick: bool = False) -> dict[str, Any]:
     }
     say(f"saved {save('priority', results)}")
     return results
-
-
-def _wait(check: Any, timeout: float, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise TimeoutError("benchmark condition not met in time")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import CACHE, ROOT, percentile, save, say, table
+from bench.common import CACHE, ROOT, free_port, percentile, save, say, table, wait_until
 
 
 def raw_celery(url: str, n: int) -> float:
@@ -56,12 +56,12 @@ def raw_celery(url: str, n: int) -> float:
         client = redis.Redis.from_url(url)
         client.delete("bench:noop:done")
         noop.delay(-1)  # wait for the worker to be up before timing
-        _wait(lambda: int(client.get("bench:noop:done") or 0) >= 1, 60)
+        wait_until(lambda: int(client.get("bench:noop:done") or 0) >= 1, 60, interval=0.01)
         client.delete("bench:noop:done")
         started = time.perf_counter()
         for i in range(n):
             noop.apply_async((i,))
-        _wait(lambda: int(client.get("bench:noop:done") or 0) >= n, 300)
+        wait_until(lambda: int(client.get("bench:noop:done") or 0) >= n, 300, interval=0.01)
         return n / (time.perf_counter() - started)
     finally:
         worker.terminate()
@@ -86,7 +86,7 @@ def through_api(api: str, url: str, n: int) -> float:
                 p.hget(keys.job(job_id), "state")
             return all(state == "succeeded" for state in p.execute())
 
-        _wait(done, 300, interval=0.05)
+        wait_until(done, 300, interval=0.05)
         return n / (time.perf_counter() - started)
 
 
@@ -145,7 +145,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         registry="tiny",
         quota={"max_enqueued_tokens": 10**9},
     )
-    cluster = Cluster(settings, api_port=_free_port(), worker_groups=[["echo"]], worker_concurrency=8)
+    cluster = Cluster(settings, api_port=free_port(), worker_groups=[["echo"]], worker_concurrency=8)
     with cluster.running(timeout=180):
         assert cluster.redis is not None
         url = cluster.redis.url
@@ -176,20 +176,3 @@ def run(quick: bool = False) -> dict[str, Any]:
     }
     say(f"saved {save('queue_overhead', results)}")
     return results
-
-
-def _wait(check: Any, timeout: float, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise TimeoutError("benchmark condition not met in time")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.common import RESULTS, percentile, say, table
+from bench.common import RESULTS, free_port, percentile, say, table
 
 KEYS = {"a": "qf-bench-tenant-a-0123456789", "b": "qf-bench-tenant-b-0123456789"}
 
@@ -59,12 +59,6 @@ class HangingReceiver:
         self.sock.close()
         for conn in self.held:
             conn.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_api(tree: Path, redis_url: str, tmp: Path, port: int) -> subprocess.Popen[bytes]:
@@ -99,7 +93,7 @@ def run(tree: Path, redis_url: str, concurrent: int = 45) -> dict[str, Any]:
     redis.Redis.from_url(redis_url).flushdb()
     receiver = HangingReceiver()
     hook = f"http://127.0.0.1:{receiver.port}/hook"
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proc = _start_api(tree, redis_url, Path(tmp), port)
         try:
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         from queueformer.server.embedded import EmbeddedRedis
 
         with tempfile.TemporaryDirectory() as tmp:
-            server = EmbeddedRedis(Path(tmp), port=_free_port())
+            server = EmbeddedRedis(Path(tmp), port=free_port())
             server.start()
             try:
                 result = run(args.tree.resolve(), server.url)

@@ -47,7 +47,7 @@ def registry_yaml(model_dir: Path, entries: dict[str, dict[str, Any]]) -> str:
 @contextmanager
 def cluster(registry_path: Path, model_dir: Path, queues: list[str], slots: int = 16) -> Iterator[str]:
     """Embedded Valkey, the API and one worker serving ``queues``; yields the API's URL."""
-    from bench.bulk_generation import _free_port
+    from bench.common import free_port
     from queueformer.contract.settings import load_settings
     from queueformer.server.cluster import Cluster
 
@@ -58,7 +58,7 @@ def cluster(registry_path: Path, model_dir: Path, queues: list[str], slots: int 
         storage_url=f"file://{CACHE / 'cluster' / 'storage'}",
         redis_url=None,
     )
-    c = Cluster(settings, api_port=_free_port(), worker_groups=[queues], worker_concurrency=slots)
+    c = Cluster(settings, api_port=free_port(), worker_groups=[queues], worker_concurrency=slots)
     with c.running(timeout=300):
         yield c.api_url
 
