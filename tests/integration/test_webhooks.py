@@ -579,7 +579,14 @@ def test_deliveries_survive_an_api_restart(redis_url: str, tmp_path: Path) -> No
     receiver = Receiver(port=port)
     try:
         api.start()
-        eventually(lambda: receiver.requests, timeout=30)
+        # The next attempt is due 4 s after the first. Should the kill have landed while the old process held
+        # it claimed, the claim lapses first (one attempt's longest time plus a minute): the event is still
+        # sent, later. Either way the failure message shows where the event stands.
+        try:
+            eventually(lambda: receiver.requests, timeout=DeliveryConfig(timeout_s=10.0).lease_s + 30)
+        except AssertionError as exc:
+            record = r.hgetall(keys.webhook(event_id))
+            raise AssertionError(f"{exc}; event {record}; API log: {api.log.read_text()[-3000:]}") from None
         (got,) = receiver.requests
         assert Webhook(WHSEC).verify(got.body, got.headers)["id"] == event_id
         eventually(lambda: r.hget(keys.webhook(event_id), "status") == "delivered", timeout=10)
