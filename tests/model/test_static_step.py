@@ -22,8 +22,6 @@ from workers.engine.item import WorkItem
 from workers.engine.static_step import StaticStep, bucket, unsupported
 from workers.holder import Served, serve
 
-pytestmark = pytest.mark.model
-
 
 @pytest.fixture(scope="module", params=["gpt2", "llama-gqa"])
 def path(request: pytest.FixtureRequest, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -121,19 +121,20 @@ class StaticStep:
         self.failed: str | None = None  # set once a capture failed: the engine's eager step takes over
         self.steps = 0  # steps run here (not by the engine's eager step)
         self.loads = 0  # copies of the engine's slabs into the arena (after joins and row removals)
+        self.captures = 0  # graphs recorded (once per bucket, again after the arena grows)
 
     @classmethod
     def build(cls, model: Any, mode: str, *, pad_id: int, name: str) -> StaticStep | None:
-        """The static step ``mode`` asks for ("auto": graphs where the model is on CUDA, "on", "off")."""
+        """The static step ``mode`` asks for (see ``ModelEntry.static_decode``), or None for the eager step."""
         device = model.get_input_embeddings().weight.device
-        cuda = device.type == "cuda"
-        if mode == "off" or (mode == "auto" and not cuda):
+        graphs = device.type == "cuda" and mode != "eager"
+        if mode == "off" or (mode == "auto" and not graphs):
             return None
-        reason = unsupported(model, graphs=cuda)
+        reason = unsupported(model, graphs=graphs)
         if reason is not None:
             log.warning("%s: decoding with the eager step, not the static one: %s", name, reason)
             return None
-        return cls(model, pad_id=pad_id, graphs=cuda, name=name)
+        return cls(model, pad_id=pad_id, graphs=graphs, name=name)
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -206,7 +207,8 @@ class StaticStep:
                 self._forward(rows, columns)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: other engines' threads in this process may use the device during the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = self._forward(rows, columns)
         except Exception as exc:
             if is_oom(exc):
@@ -216,6 +218,7 @@ class StaticStep:
             return None
         captured = _Captured(graph, logits)
         self._captured[(rows, columns)] = captured
+        self.captures += 1
         return captured
 
     # --- the arena --------------------------------------------------------------------------------
