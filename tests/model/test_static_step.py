@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from queueformer.contract.registry import ModelEntry
 from tests.model.static_cases import FIRST, LATE, Case, alone, job, llama_gqa, run_mixed
 from workers.engine.item import WorkItem
+from workers.engine.kvcache import SlabCache, num_layers
 from workers.engine.static_step import StaticStep, bucket, unsupported
 from workers.holder import Served, serve
 
@@ -112,3 +114,42 @@ def test_int8_with_outlier_splitting_is_not_captured(static: Served) -> None:
         assert unsupported(model, graphs=False) is None  # the eager form runs it
     finally:
         del model.config.quantization_config
+
+
+def test_a_batch_trimmed_at_every_step_moves_back_to_the_arena_s_first_column(static: Served) -> None:
+    # The engine trims leading all-padding columns; here a 10-column window slides along for 80 steps,
+    # so the written column reaches the arena's end while the batch stays narrow: the span moves back
+    # to column 0 of the same arena (an overlapping copy), and each step matches the eager one.
+    model = static.handler.model
+    step = StaticStep(model, pad_id=0, graphs=False, name="window")
+    ids = torch.arange(5, 65).view(3, 20)
+    caches, nxt = [], torch.empty(0)
+    for _ in range(2):
+        cache = SlabCache(num_layers(model.config))
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids, position_ids=torch.arange(20).expand(3, 20), past_key_values=cache, logits_to_keep=1
+            )
+        caches.append(cache)
+        nxt = out.logits[:, -1].argmax(-1)
+    fast, slow = caches
+    mask, pos = torch.ones((3, 10), dtype=torch.long), torch.full((3,), 20)
+    fast.trim_left(10)
+    slow.trim_left(10)
+    for _ in range(80):
+        got = step(fast, mask, nxt, pos)
+        with torch.inference_mode():
+            want = model(
+                input_ids=nxt[:, None],
+                attention_mask=F.pad(mask, (0, 1), value=1),
+                position_ids=pos[:, None],
+                past_key_values=slow,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        assert got is not None, "the step ran"
+        # float32 rounding only (attention sums over more, masked, columns): about 1e-6 of the logits
+        assert torch.allclose(got, want, atol=1e-4) and torch.equal(got.argmax(-1), want.argmax(-1))
+        nxt, pos = want.argmax(-1), pos + 1
+        fast.trim_left(1)
+        slow.trim_left(1)
+    assert step.loads == 2 and step.columns == 64  # bound once, moved back once, never grown
