@@ -72,6 +72,7 @@ def serve(
             observer=metrics.observe_decode_step,
             prefix_cache_tokens=min(entry.prefix_cache_tokens, entry.kv_cache_tokens // 2),
             prefix_observer=metrics.observe_prefix,
+            static_decode=entry.static_decode,
         )
     else:
         engine = BatchEngine(

@@ -69,6 +69,16 @@ class ModelEntry(BaseModel):
         description="KV positions kept for recent shared prompt prefixes (part of kv_cache_tokens); 0 turns "
         "prefix reuse off.",
     )
+    static_decode: Literal["auto", "on", "eager", "off"] = Field(
+        "auto",
+        description="Decode steps on static shapes (bucketed batch, preallocated KV arena) replayed as CUDA "
+        "graphs, without per-step Python: 'auto' uses them where the model is on a CUDA device, 'on' also "
+        "elsewhere (the same code run eagerly: slower on CPU, for checking), 'eager' runs the static shapes "
+        "without graphs everywhere (for checking the graphs), 'off' keeps the eager step. "
+        "Models the graphs cannot hold (int8 with outlier splitting, offloaded or multi-device, custom "
+        "attention masks) use the eager step. The arena is sized by powers of two of the running batch, "
+        "beyond kv_cache_tokens.",
+    )
     trust_remote_code: bool = False
     base_model: str | None = Field(None, description="For fine-tuned models: the registered base model.")
     adapter: bool = Field(False, description="The weights at path are a PEFT adapter over base_model, merged at load.")

@@ -11,7 +11,8 @@ The cache is a ``SlabCache`` (``workers.engine.kvcache``): preallocated per-laye
 place, instead of ``DynamicCache``'s concatenation of the whole cache at every step. Beam search has no
 step-level form here: those requests run through ``model.generate`` between steps. Models with
 sliding-window or hybrid attention keep the cache the model builds and are decoded one group at a
-time, without merging.
+time, without merging. With ``static_decode`` the decode step runs on static shapes over the same
+slabs and, on a GPU, is replayed as a CUDA graph (``workers.engine.static_step``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_atten
 from workers.engine.padding import pad_left, pad_token_id
 from workers.engine.prefix import PrefixKV, PrefixObserver, PrefixReuse, Share
 from workers.engine.processors import RowDecoding, Scored, pick, prompt_scores, row_decoding
+from workers.engine.static_step import StaticStep
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ class DecodeEngine:
         observer: StepObserver | None = None,
         prefix_cache_tokens: int = 0,
         prefix_observer: PrefixObserver | None = None,
+        static_decode: str = "off",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -225,6 +228,10 @@ class DecodeEngine:
             PrefixReuse(name, prefix_cache_tokens, prefix_observer)
             if self._mergeable and prefix_cache_tokens > 0
             else None
+        )
+        # Decode steps on static shapes (CUDA graphs on a GPU) run on the slab cache: mergeable models only.
+        self._static = (
+            StaticStep.build(model, static_decode, pad_id=self.pad_id, name=name) if self._mergeable else None
         )
         self._stopping = False
         self.fatal: BaseException | None = None
@@ -632,24 +639,16 @@ class DecodeEngine:
         mask = F.pad(self._mask, (0, 1), value=1)
         try:
             with torch.inference_mode():
-                out = self.model(
-                    input_ids=self._next[:, None],
-                    attention_mask=mask,
-                    position_ids=self._pos[:, None],
-                    past_key_values=self._cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+                last = self._forward(mask)
         except Exception as exc:
             if not is_oom(exc):
                 raise
             self._on_step_oom()
             return
         self._mask = mask
-        self._cache = out.past_key_values
         live = [i for i, s in enumerate(self._rows) if not s.retired]
         rows = len(live)
-        logits = out.logits[:, -1, :].float()
+        logits = last.float()
         if rows == len(self._rows):
             nxt = self._select(self._rows, logits)
         else:  # retired rows still in the batch decode padding until the next compaction
@@ -671,8 +670,28 @@ class DecodeEngine:
         if self.observer is not None:
             self.observer(self.name, rows, rows, time.perf_counter() - started)
 
+    def _forward(self, mask: torch.Tensor) -> torch.Tensor:
+        """One decode step's last-position logits ``[rows, vocab]``; the cache advances by one column."""
+        assert self._mask is not None and self._next is not None and self._pos is not None
+        if self._static is not None:
+            logits = self._static(self._cache, self._mask, self._next, self._pos)
+            if logits is not None:
+                return logits
+        out = self.model(
+            input_ids=self._next[:, None],
+            attention_mask=mask,
+            position_ids=self._pos[:, None],
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache = out.past_key_values
+        return out.logits[:, -1, :]
+
     def _on_step_oom(self) -> None:
         """Evict the newest half back to the queue and lower the batch cap; alone, the sequence fails."""
+        if self._static is not None:
+            self._static.release()  # its arena and graphs are rebuilt, sized for the smaller batch
         free_memory()
         if len(self._rows) == 1:
             self._fail(self._rows[0], OutOfMemory(f"out of memory decoding this sequence alone on {self.name}"))
