@@ -1,5 +1,5 @@
-"""Background upkeep of the API process: audits of open work, the file-expiry sweep, webhook deliveries and
-the dashboard's samples.
+"""Background upkeep of the API process: sweeps for dead workers (on a thread of their own), audits of open
+work, the file-expiry sweep, webhook deliveries and the dashboard's samples.
 
 Threads, not a Celery beat: the API is the one process that is always up and already publishes.
 Every replica runs them; a Redis lock lets one audit at a time (see ``queueformer.server.reconcile``),
@@ -49,14 +49,19 @@ class Upkeep:
         self.sweep_interval_s = settings.file_sweep_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="upkeep", daemon=True)
+        # Sweeps for dead workers run on their own thread: an audit of a large batch or a file sweep can take
+        # seconds, and recovery from a lost worker must not wait behind them.
+        self._liveness = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
         self.webhook_concurrency = settings.webhook_concurrency
         self._webhooks = threading.Thread(
             target=services.webhooks.serve, args=(self.webhook_concurrency,), name="webhooks", daemon=True
         )
 
     def start(self) -> None:
-        if max(self.interval_s, self.sweep_interval_s, self.history.interval_s, self.liveness_interval_s) > 0:
+        if max(self.interval_s, self.sweep_interval_s, self.history.interval_s) > 0:
             self._thread.start()
+        if self.liveness_interval_s > 0:
+            self._liveness.start()
         if self.webhook_concurrency > 0:
             if self.services.webhooks.key is None:
                 log.warning("QUEUEFORMER_API__WEBHOOK_SECRET is not set: batch webhooks are sent unsigned")
@@ -65,7 +70,7 @@ class Upkeep:
     def stop(self) -> None:
         self._stop.set()
         self.services.webhooks.stop()
-        for thread in (self._thread, self._webhooks):
+        for thread in (self._thread, self._liveness, self._webhooks):
             if thread.is_alive():
                 # A webhook attempt in flight ends within webhook_timeout_s; one cut short is sent again later.
                 thread.join(timeout=self.services.settings.api.webhook_timeout_s + 5)
@@ -94,7 +99,6 @@ class Upkeep:
 
     def _loop(self) -> None:
         plan: list[tuple[float, str, Callable[[], object]]] = [
-            (self.liveness_interval_s, "sweep of dead workers", self.bury),
             (self.interval_s, "audit of open work", self.audit),
             (self.sweep_interval_s, "file sweep", self.sweep),
             (self.history.interval_s, "dashboard sample", self.sample),
@@ -113,6 +117,15 @@ class Upkeep:
                     log.warning("%s skipped: Redis is away (%s)", name, exc)
                 except Exception:  # a bug here must not stop the next round
                     log.exception("%s failed", name)
+
+    def _liveness_loop(self) -> None:
+        while not self._stop.wait(self.liveness_interval_s):
+            try:
+                self.bury()
+            except redis.RedisError as exc:
+                log.warning("sweep of dead workers skipped: Redis is away (%s)", exc)
+            except Exception:  # a bug here must not stop the next sweep
+                log.exception("sweep of dead workers failed")
 
     def _queue_for(self, model: str, tenant: str) -> str:
         registry = self.services.registry()

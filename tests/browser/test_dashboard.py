@@ -30,7 +30,10 @@ from tests.conftest import free_port
 from tests.helpers import jsonl, make_settings
 
 KEY_SLOT = "queueformer.apiKey"
-TOKENS_PER_LINE = 96  # enough work that a fast machine still shows the batch running for several 2 s polls
+# Enough work (1,200 lines of 192 tokens) that a fast machine still shows the batch running for several of
+# the page's 2 s polls: 240 lines of 96 tokens finished between two polls on a quiet machine.
+LINES = 1200
+TOKENS_PER_LINE = 192
 
 
 @dataclass
@@ -129,7 +132,7 @@ def test_a_running_batch_advances_to_100_percent_and_shows_its_failed_line(page:
                 "ignore_eos": True,
             },
         }
-        for i in range(240)
+        for i in range(LINES)
     ]
     bad = {"task": "generate", "model": "no-such-model", "prompt": "x"}
     lines.insert(7, {"custom_id": "broken-line", "method": "POST", "url": "/v1/jobs", "body": bad})
@@ -151,10 +154,11 @@ def test_a_running_batch_advances_to_100_percent_and_shows_its_failed_line(page:
         if status == "completed":
             break
         time.sleep(0.1)
+    print(f"the page showed the batch at {len(seen)} progress points: {seen}")
     assert seen[-1] == (100, "completed"), seen
     assert [v for v, _ in seen] == sorted(v for v, _ in seen), f"progress went backwards: {seen}"
     assert any(v < 100 and s == "in_progress" for v, s in seen), f"never saw the batch running: {seen}"
-    expect(bar).to_contain_text("241/241")
+    expect(bar).to_contain_text(f"{LINES + 1}/{LINES + 1}")
     assert row.locator("td.failed").inner_text() == "1"
     assert float(row.locator("td.lines-per-s").inner_text().replace(",", "")) > 0
     assert float(row.locator("td.tokens-per-s").inner_text().replace(",", "")) > 0
@@ -170,7 +174,7 @@ def test_a_running_batch_advances_to_100_percent_and_shows_its_failed_line(page:
     expect(page.locator("#detail-count")).to_have_text("(1 failed)")
 
     # Workers counted every generated token of the batch, once, in the central counter.
-    assert int(r.hget(keys.GENERATED_TOKENS, "tiny-gpt2") or 0) - before == 240 * TOKENS_PER_LINE
+    assert int(r.hget(keys.GENERATED_TOKENS, "tiny-gpt2") or 0) - before == LINES * TOKENS_PER_LINE
 
 
 def test_models_workers_queue_depths_and_recent_jobs(page: Any, site: Site) -> None:
@@ -217,9 +221,13 @@ def _wait_for_busy_plots(page: Any, site: Site) -> None:
             {"task": "generate", "model": "tiny-gpt2", "prompt": "A queue", "max_new_tokens": 64, "ignore_eos": True}
         )
         assert qf.wait(job, timeout=60)["state"] == "succeeded"
+    # A rate needs two samples of the token count, and the count is first sampled once a worker has
+    # flushed it: wait until each plot has at least two points, one of them above zero.
     for chart in ("plot-tokens", "plot-queues"):
         page.wait_for_function(
-            f"() => [...document.querySelectorAll('#{chart} circle.pt')].some(c => +c.dataset.v > 0)", timeout=60_000
+            f"() => {{ const v = [...document.querySelectorAll('#{chart} circle.pt')].map(c => +c.dataset.v);"
+            " return v.length >= 2 && v.some(x => x > 0); }",
+            timeout=60_000,
         )
 
 
