@@ -56,6 +56,11 @@ class LeaseKeeper:
             with self._lock:
                 self._tags.discard(tag)
 
+    def held(self) -> set[str]:
+        """The delivery tags this worker's tasks hold now."""
+        with self._lock:
+            return set(self._tags)
+
     def stop(self) -> None:
         self._stop.set()
 

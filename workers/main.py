@@ -25,7 +25,7 @@ from queueformer.contract.errors import WorkerFatal
 from queueformer.contract.registry import ModelEntry, Registry
 from queueformer.contract.settings import Settings, get_settings
 from queueformer.server.batches import Batches
-from queueformer.server.broker import make_celery
+from queueformer.server.broker import make_celery, restore_deliveries
 from queueformer.server.connection import connect
 from queueformer.server.files import FileStore, TrainingData
 from queueformer.server.fleet import HEARTBEAT_S, Fleet
@@ -42,6 +42,7 @@ from workers.lease import LeaseKeeper
 from workers.lines import LineRunner
 from workers.memory import MemoryGuard
 from workers.metrics import EngineView, MetricsPublisher
+from workers.reconnect import reconnect_step
 from workers.runner import Runner
 from workers.tasks import register
 from workers.training.runner import TrainingRunner
@@ -287,6 +288,8 @@ def run_worker(
     tracker = CustodyTracker(Custody(client, worker_id))
     runner = build_runner(settings, registry, queues, client, storage, jobs, holder, overlay, tracker)
     app = make_celery(settings, registry)
+    # Messages Celery drops with a lost broker connection go back to their queues when it returns.
+    app.steps["consumer"].add(reconnect_step(client, worker_id, lease.held, lambda tags: restore_deliveries(app, tags)))
     slots = concurrency or default_concurrency(settings, registry, queues)
     # One slot is kept from batch chunks, for jobs (see workers.tasks.register).
     line_slots = slots - 1 if slots > 1 else slots

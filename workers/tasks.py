@@ -46,21 +46,24 @@ def register(app: Celery, runner: Runner, lease: LeaseKeeper, line_slots: int | 
 
     @app.task(name=RUN_TASK, bind=True, shared=False)  # bound to this app's runner only
     def run(self: Task, unit: dict[str, Any]) -> dict[str, Any]:
-        held = gate if gate is not None and isinstance(unit, dict) and unit.get("kind") == "lines" else None
-        if held is not None and not held.acquire(timeout=LINE_SLOT_WAIT_S):
-            raise Reject(REQUEUED, requeue=True)
         # kombu's Redis transport tags each delivery in the message properties (not in delivery_info).
         tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
-        metrics.IN_FLIGHT.inc()
-        try:
-            with lease.hold(tag):
+        # Held from here, the wait for a slot included: what this worker holds is not handed back when its
+        # broker connection returns (``workers.reconnect``), and its lease is renewed.
+        with lease.hold(tag):
+            held = gate if gate is not None and isinstance(unit, dict) and unit.get("kind") == "lines" else None
+            if held is not None and not held.acquire(timeout=LINE_SLOT_WAIT_S):
+                raise Reject(REQUEUED, requeue=True)
+            metrics.IN_FLIGHT.inc()
+            try:
                 return runner.run(unit)
-        except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
-            # Commits are idempotent, so running the unit again only finishes what is left.
-            raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2**self.request.retries), max_retries=None) from exc
-        finally:
-            metrics.IN_FLIGHT.dec()
-            if held is not None:
-                held.release()
+            except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
+                # Commits are idempotent, so running the unit again only finishes what is left.
+                countdown = min(MAX_BACKOFF_S, 2**self.request.retries)
+                raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+            finally:
+                metrics.IN_FLIGHT.dec()
+                if held is not None:
+                    held.release()
 
     return run

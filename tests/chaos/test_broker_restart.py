@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
+
 from queueformer.client import Client
 from queueformer.server.cluster import Cluster
 from queueformer.server.embedded import EmbeddedRedis
-from tests.chaos.test_worker_kills import batch_lines
+from tests.chaos.test_worker_kills import batch_lines, fleet_id
 from tests.helpers import eventually, jsonl
 
 
@@ -87,3 +89,24 @@ def _states(qf: Client, ids: list[str]) -> list[str] | None:
     except Exception:
         return None
     return states if all(s in ("succeeded", "failed") for s in states) else None
+
+
+def test_messages_a_live_worker_could_not_hand_back_with_redis_down_come_back_with_it(
+    chaos_cluster: tuple[Cluster, Any], own_redis: EmbeddedRedis
+) -> None:
+    """A chunk that finds every line slot busy goes back to its queue (a reject with requeue, every half second
+    while a batch has more chunks than slots). With Redis down that reject fails, and the message stays
+    unacknowledged under a worker that lives on: no heartbeat sweep applies, and without a hand-back on
+    reconnect it would wait out the visibility timeout (an hour) and the batch with it."""
+    cluster, new_worker = chaos_cluster
+    r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    with Client(cluster.api_url, timeout=60) as qf:
+        batch = qf.create_batch(qf.upload(jsonl(batch_lines(1000, 64)))["id"], "/v1/jobs")  # 16 chunks, 7 slots
+        worker = new_worker(["tiny-gpt2"])
+        eventually(lambda: qf.batch(batch["id"])["request_counts"]["completed"] >= 50, timeout=120, interval=0.2)
+        killed = restart(own_redis)
+        done = eventually(lambda: _batch(qf, batch["id"]), timeout=180, interval=1.0)
+        took = time.monotonic() - killed
+        assert done["request_counts"] == {"total": 1000, "completed": 1000, "failed": 0}, done
+        assert worker.proc.poll() is None and fleet_id(r, worker.proc.pid)  # one worker, alive throughout
+    print(f"1,000-line batch, more chunks than slots, Redis SIGKILLed mid-batch: completed {took:.1f}s after the kill")

@@ -22,6 +22,7 @@ from queueformer.server.connection import connect
 from queueformer.server.fleet import Fleet
 from queueformer.server.liveness import ALONE, Custody, Liveness, line_member
 from tests.helpers import make_settings
+from workers.reconnect import hand_back_dropped
 
 
 def queued(r: redis.Redis) -> int:
@@ -130,3 +131,34 @@ def test_a_heartbeat_that_comes_back_before_confirmation_spares_the_worker(redis
     assert liveness.sweep(now=now + 6).dead == []  # a new first sighting
     assert liveness.sweep(now=now + 9).dead == ["w-1"]
     assert r.hgetall(keys.batch_part("batch_x", "strikes")) == {"1": "1"}
+
+
+def test_a_live_worker_hands_back_on_reconnect_what_its_tasks_no_longer_hold(app: Any, redis_url: str) -> None:
+    """A reject or ack that failed while Redis was down leaves a message unacknowledged under a worker that lives
+    on; when its connection returns, every recorded delivery none of its tasks holds goes back to its queue."""
+    r = connect(redis_url)
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        queue = kombu.Queue("echo", exchange=kombu.Exchange("echo", type="direct"), routing_key="echo")
+        got: list[kombu.Message] = []
+        consumer = kombu.Consumer(channel, queues=[queue], callbacks=[lambda _b, m: got.append(m)], accept=["json"])
+        channel.basic_qos(0, 10, False)
+        for i in range(3):
+            publish(app, JobsUnit(model="echo", ids=[f"job-back{i:08d}"]), "echo")
+        consumer.consume()
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)
+        running, stranded, acked = (str(m.delivery_tag) for m in got)
+        custody = Custody(r, "alive-1")
+        for tag in (running, stranded, acked):
+            custody.took(tag)
+        got[2].ack()
+
+        back = hand_back_dropped(r, "alive-1", {running}, lambda t: restore_deliveries(app, t))
+        assert back == [stranded]  # the running one stays; the acknowledged one is gone already
+        assert queued(r) == 1 and r.hkeys(keys.UNACKED) == [running]
+        assert r.smembers(keys.worker_deliveries("alive-1")) == {running}
+        assert hand_back_dropped(r, "alive-1", {running}, lambda t: restore_deliveries(app, t)) == []
+        consumer.cancel()
