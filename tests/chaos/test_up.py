@@ -131,7 +131,7 @@ def test_up_restarts_killed_workers_and_valkey_and_the_batch_completes(up: Up) -
     (worker,) = up.children("workers.main")
     assert fleet_id(r, worker) is not None
     with Client(up.api_url) as qf:
-        total = 2000
+        total = 3000
         batch = qf.create_batch(qf.upload(jsonl(batch_lines(total, 192)))["id"], "/v1/jobs")
 
         def completed() -> int:
@@ -194,5 +194,5 @@ def test_up_restarts_killed_workers_and_valkey_and_the_batch_completes(up: Up) -
         + f"; Valkey SIGKILLed at {at_valkey_kill}/{total} lines, back and the API ready {valkey_back:.1f}s later"
         + f" (Valkey restarts seen by `up`: {valkey_restarts})"
     )
-    took = sorted(handed_back)  # as in test_worker_kills: a slow median fails, one slow kill is tolerated
-    assert took[len(took) // 2] <= 15 and took[-1] <= 25, handed_back
+    took = sorted(handed_back)  # as in test_worker_kills: a slow median fails, one slow kill is reported
+    assert took[len(took) // 2] <= 15 and took[-1] <= 45, handed_back
