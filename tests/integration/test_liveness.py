@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,28 @@ def queued(r: redis.Redis) -> int:
     return sum(int(r.llen(name)) for name in keys.queue_lists("echo"))
 
 
+@contextlib.contextmanager
+def delivered(app: Any, n: int, name: str) -> Iterator[list[kombu.Message]]:
+    """Publish ``n`` echo units and take them as a worker would: delivered, unacknowledged, held here."""
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        queue = kombu.Queue("echo", exchange=kombu.Exchange("echo", type="direct"), routing_key="echo")
+        got: list[kombu.Message] = []
+        consumer = kombu.Consumer(channel, queues=[queue], callbacks=[lambda _b, m: got.append(m)], accept=["json"])
+        channel.basic_qos(0, 10, False)
+        for i in range(n):
+            publish(app, JobsUnit(model="echo", ids=[f"job-{name}{i:08d}"]), "echo")
+        consumer.consume()
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)
+        try:
+            yield got
+        finally:
+            consumer.cancel()
+
+
 @pytest.fixture
 def app(redis_url: str, tmp_path: Path) -> Any:
     return make_celery(make_settings(redis_url, tmp_path), Registry.load("tiny"))
@@ -37,19 +60,7 @@ def app(redis_url: str, tmp_path: Path) -> Any:
 
 def test_a_dead_workers_messages_go_back_and_only_its_executing_lines_are_struck(app: Any, redis_url: str) -> None:
     r = connect(redis_url)
-    with app.connection_for_read() as conn:
-        channel = conn.channel()
-        queue = kombu.Queue("echo", exchange=kombu.Exchange("echo", type="direct"), routing_key="echo")
-        got: list[kombu.Message] = []
-        consumer = kombu.Consumer(channel, queues=[queue], callbacks=[lambda _b, m: got.append(m)], accept=["json"])
-        channel.basic_qos(0, 10, False)
-        for i in range(3):
-            publish(app, JobsUnit(model="echo", ids=[f"job-live{i:08d}"]), "echo")
-        consumer.consume()
-        deadline = time.monotonic() + 10
-        while len(got) < 3 and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=1)
+    with delivered(app, 3, "live") as got:
         tags = [str(m.delivery_tag) for m in got]
         assert len(tags) == 3 and r.hlen(keys.UNACKED) == 3 and queued(r) == 0
 
@@ -85,25 +96,16 @@ def test_a_dead_workers_messages_go_back_and_only_its_executing_lines_are_struck
         assert liveness.sweep(now=now + 7201).dead == []
         report = liveness.sweep(now=now + 7204)
         assert report.dead == ["live-1"] and report.struck == [line_member(batch, 1)]
-        consumer.cancel()
 
 
 def test_a_message_no_worker_claims_goes_back_after_the_orphan_delay(app: Any, redis_url: str) -> None:
     r = connect(redis_url)
-    with app.connection_for_read() as conn:
-        channel = conn.channel()
-        queue = kombu.Queue("echo", exchange=kombu.Exchange("echo", type="direct"), routing_key="echo")
-        got: list[kombu.Message] = []
-        consumer = kombu.Consumer(channel, queues=[queue], callbacks=[lambda _b, m: got.append(m)], accept=["json"])
-        publish(app, JobsUnit(model="echo", ids=["job-orphan0001"]), "echo")
-        consumer.consume()
-        conn.drain_events(timeout=5)
+    with delivered(app, 1, "orphan") as got:
         assert len(got) == 1 and r.hlen(keys.UNACKED) == 1
         liveness = Liveness(r, lambda t: restore_deliveries(app, t), orphan_after_s=60)
         assert liveness.sweep().orphans == 0  # taken a moment ago: its worker may be recording it
         assert liveness.sweep(now=time.time() + 61).orphans == 1
         assert queued(r) == 1 and r.hlen(keys.UNACKED) == 0
-        consumer.cancel()
 
 
 def test_strikes_never_recreate_an_expired_record(redis_url: str) -> None:
@@ -137,19 +139,7 @@ def test_a_live_worker_hands_back_on_reconnect_what_its_tasks_no_longer_hold(app
     """A reject or ack that failed while Redis was down leaves a message unacknowledged under a worker that lives
     on; when its connection returns, every recorded delivery none of its tasks holds goes back to its queue."""
     r = connect(redis_url)
-    with app.connection_for_read() as conn:
-        channel = conn.channel()
-        queue = kombu.Queue("echo", exchange=kombu.Exchange("echo", type="direct"), routing_key="echo")
-        got: list[kombu.Message] = []
-        consumer = kombu.Consumer(channel, queues=[queue], callbacks=[lambda _b, m: got.append(m)], accept=["json"])
-        channel.basic_qos(0, 10, False)
-        for i in range(3):
-            publish(app, JobsUnit(model="echo", ids=[f"job-back{i:08d}"]), "echo")
-        consumer.consume()
-        deadline = time.monotonic() + 10
-        while len(got) < 3 and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=1)
+    with delivered(app, 3, "back") as got:
         running, stranded, acked = (str(m.delivery_tag) for m in got)
         custody = Custody(r, "alive-1")
         for tag in (running, stranded, acked):
@@ -161,4 +151,3 @@ def test_a_live_worker_hands_back_on_reconnect_what_its_tasks_no_longer_hold(app
         assert queued(r) == 1 and r.hkeys(keys.UNACKED) == [running]
         assert r.smembers(keys.worker_deliveries("alive-1")) == {running}
         assert hand_back_dropped(r, "alive-1", {running}, lambda t: restore_deliveries(app, t)) == []
-        consumer.cancel()
