@@ -194,5 +194,4 @@ def test_up_restarts_killed_workers_and_valkey_and_the_batch_completes(up: Up) -
         + f"; Valkey SIGKILLed at {at_valkey_kill}/{total} lines, back and the API ready {valkey_back:.1f}s later"
         + f" (Valkey restarts seen by `up`: {valkey_restarts})"
     )
-    took = sorted(handed_back)  # as in test_worker_kills: a slow median fails, one slow kill is reported
-    assert took[len(took) // 2] <= 15 and took[-1] <= 45, handed_back
+    assert all(h <= 15 for h in handed_back), handed_back
