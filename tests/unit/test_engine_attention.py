@@ -1,7 +1,12 @@
-"""The decode engine's attention gives SDPA's answer while skipping each row run's left padding."""
+"""The decode engine's attention gives SDPA's answer while skipping each row run's left padding.
+
+Decode steps on a CPU run as grouped matmuls (query heads stacked on their shared key/value head), so
+the checks cover grouped-query heads, keys read as strided views of a preallocated slab, and bfloat16.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -10,6 +15,10 @@ from workers.engine.kvcache import DECODE_ROWS_PER_CALL, _row_spans, engine_sdpa
 
 class _Attention(torch.nn.Module):
     is_causal = True
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
 
 
 def left_padded(lengths: list[int], width: int) -> torch.Tensor:
@@ -27,15 +36,44 @@ def test_spans_start_at_the_first_column_any_of_their_rows_uses() -> None:
     assert spans == [(i * rows, (i + 1) * rows, width - lengths[(i + 1) * rows - 1]) for i in range(3)]
 
 
-def test_decode_attention_equals_sdpa_for_mixed_lengths() -> None:
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("rows", [5, 100])  # one partial run; three full runs and a partial one
+def test_decode_attention_equals_sdpa_for_mixed_lengths(heads: int, kv_heads: int, rows: int) -> None:
     torch.manual_seed(0)
-    rows, heads, dim, width = 100, 4, 16, 90  # 100 rows: the last run is a partial one
+    dim, width = 16, 90
+    mask = left_padded(sorted(torch.randint(1, width, (rows,)).tolist(), reverse=True), width)
+    query = torch.randn(rows, heads, 1, dim)
+    # keys and values as the engine's slab hands them over: views of a wider buffer
+    slab = torch.randn(2, rows, kv_heads, width + 24, dim)
+    key, value = slab[:, :, :, 8 : 8 + width].unbind(0)
+    module = _Attention(heads // kv_heads)
+    want = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)[0]
+    got = engine_sdpa(module, query, key, value, mask, scaling=0.3)[0]
+    assert got.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_in_bfloat16_matches_sdpa_within_bfloat16_rounding() -> None:
+    torch.manual_seed(1)
+    rows, heads, kv_heads, dim, width = 70, 8, 2, 32, 50
+    mask = left_padded(torch.randint(1, width, (rows,)).tolist(), width)
+    query = torch.randn(rows, heads, 1, dim, dtype=torch.bfloat16)
+    key, value = torch.randn(2, rows, kv_heads, width, dim, dtype=torch.bfloat16).unbind(0)
+    module = _Attention(heads // kv_heads)
+    want = sdpa_attention_forward(module, query, key, value, mask)[0]
+    got = engine_sdpa(module, query, key, value, mask)[0]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_unused_padding_columns_are_never_read() -> None:
+    torch.manual_seed(0)
+    rows, heads, dim, width = 100, 4, 16, 90
     mask = left_padded(sorted(torch.randint(1, width, (rows,)).tolist()), width)
     query = torch.randn(rows, heads, 1, dim)
     key, value = torch.randn(2, rows, heads, width, dim).unbind(0)
     module = _Attention()
     want = sdpa_attention_forward(module, query, key, value, mask)[0]
-    torch.testing.assert_close(engine_sdpa(module, query, key, value, mask)[0], want, rtol=1e-5, atol=1e-6)
 
     # Columns a whole run leaves unused are never read: garbage there (NaN) would poison SDPA's sum.
     for first, end, column in _row_spans(mask, DECODE_ROWS_PER_CALL):
