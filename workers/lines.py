@@ -79,6 +79,7 @@ class LineRunner:
         self.throughput = Throughput()
 
     def run(self, served: Served, unit: LinesUnit) -> dict[str, Any]:
+        started = time.monotonic()
         try:
             raw = self.batches.raw(unit.batch)
         except NotFound:
@@ -121,7 +122,7 @@ class LineRunner:
                 remaining = self._commit(unit.batch, pending, served.entry.name)
         finally:
             self.watcher.unwatch([unit.batch])
-        self.throughput.add(served.entry.name, len(lines))
+        self.throughput.add(served.entry.name, len(lines), started)
         if not remaining:
             self.batches.maybe_finalize(unit.batch)
         return {"lines": len(rows), "ran": len(lines)}
@@ -210,16 +211,29 @@ class LineRunner:
 
 
 class Throughput:
-    """Lines per second per model, smoothed; workers announce it so the API can size chunks."""
+    """Lines per second per model while busy, smoothed; workers announce it so the API can size chunks.
+
+    A window of at least 5 s counts the lines of chunks that finished in it. Idle time is not work: a
+    chunk that started after the window's last line finished (the worker had nothing to do for that
+    model in between) starts a new window at its own start, so a pause between batches does not read
+    as a slow worker and shrink the next batch's chunks.
+    """
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
         self.rates: dict[str, float] = {}
         self._window: dict[str, tuple[float, int]] = {}
+        self._last: dict[str, float] = {}  # when the model's last chunk finished
 
-    def add(self, model: str, lines: int) -> None:
+    def add(self, model: str, lines: int, started: float | None = None) -> None:
+        """Count ``lines`` of a chunk that ran from ``started`` (``time.monotonic()``) until now."""
         now = time.monotonic()
-        start, count = self._window.get(model, (now, 0))
+        began = now if started is None else started
+        last = self._last.get(model)
+        self._last[model] = now
+        start, count = self._window.get(model, (began, 0))
+        if last is not None and began > last:
+            start, count = began, 0  # idle since ``last``: that gap is not part of the rate
         count += lines
         if now - start >= 5.0:
             rate = count / (now - start)

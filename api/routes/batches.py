@@ -28,20 +28,23 @@ from queueformer.server.broker import publish
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 MIN_CHUNK, MAX_CHUNK = 8, 4096
+FILL_BATCHES = 2  # engine batches a worker's slots hold together, at the least
 
 
 def lines_per_chunk(workers: list[dict[str, Any]], max_batch_size: int, target_s: float) -> int:
     """Lines per message for a model served by ``workers`` (their fleet announcements).
 
     About ``target_s`` of work at the measured rate, but never so few that a worker's consumer slots
-    together hold less than one full engine batch: with 16 slots and 256-row batches, 2 s of work at
-    7 lines/s would be 14-line chunks, and the engine would never run more than 224 rows. Before any
+    together hold less than two full engine batches. A slot is held until the slowest line of its
+    chunk finishes, so the lines in flight thin out as each chunk nears its end: with 16 slots and
+    256-row batches, 16-line chunks (one batch's worth) let a long-tail file's running batch sag to
+    90 rows between waves; two batches' worth keeps a second wave waiting in the engine. Before any
     rate is known, one engine batch per message.
     """
     rates = [float(w["lines_per_s"]) for w in workers if w.get("lines_per_s")]
     # A worker keeps one slot from batch chunks for jobs; workers that do not say so use them all.
     slots = [int(w.get("line_slots") or w["slots"]) for w in workers if w.get("slots")]
-    fill = -(-max_batch_size // min(slots)) if slots else 1
+    fill = -(-FILL_BATCHES * max_batch_size // min(slots)) if slots else 1
     size = max(int(sum(rates) / len(rates) * target_s), fill) if rates else max_batch_size
     return max(MIN_CHUNK, min(MAX_CHUNK, size))
 

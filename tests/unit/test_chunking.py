@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from api.routes.batches import MAX_CHUNK, MIN_CHUNK, lines_per_chunk
+from workers import lines as lines_module
 
 
 def test_before_any_rate_is_measured_a_message_holds_one_engine_batch() -> None:
@@ -15,14 +18,15 @@ def test_chunks_hold_target_seconds_of_work_at_the_measured_rate() -> None:
     assert lines_per_chunk(workers, max_batch_size=64, target_s=2.0) == 100
 
 
-def test_consumer_slots_together_always_hold_a_full_engine_batch() -> None:
-    # 2 s at 7 lines/s is 14 lines; 16 slots x 14 = 224 rows would leave a 256-row engine short.
+def test_consumer_slots_together_always_hold_two_engine_batches() -> None:
+    # 2 s at 7 lines/s is 14 lines; 16 slots x 14 = 224 rows would leave a 256-row engine short, and a
+    # slot waits for its chunk's slowest line, so one batch's worth would not keep the engine full either.
     workers = [{"slots": 16, "lines_per_s": 7.0}]
     size = lines_per_chunk(workers, max_batch_size=256, target_s=2.0)
-    assert size == 16 and size * 16 >= 256
+    assert size == 32 and size * 16 >= 2 * 256
     # The smallest worker decides: its slots must fill its engine too.
     workers = [{"slots": 16, "lines_per_s": 7.0}, {"slots": 4, "lines_per_s": 7.0}]
-    assert lines_per_chunk(workers, max_batch_size=256, target_s=2.0) == 64
+    assert lines_per_chunk(workers, max_batch_size=256, target_s=2.0) == 128
 
 
 def test_chunk_sizes_stay_within_bounds() -> None:
@@ -33,6 +37,41 @@ def test_chunk_sizes_stay_within_bounds() -> None:
 
 
 def test_chunks_fill_an_engine_batch_across_the_slots_a_worker_gives_batch_lines() -> None:
-    # A worker keeps one of its 16 slots for jobs: 15 chunks must fill 256 rows, so 18 lines each.
+    # A worker keeps one of its 16 slots for jobs: 15 chunks must hold 2 x 256 rows, so 35 lines each.
     workers = [{"slots": 16, "line_slots": 15, "lines_per_s": 7.0}]
-    assert lines_per_chunk(workers, max_batch_size=256, target_s=2.0) == 18
+    assert lines_per_chunk(workers, max_batch_size=256, target_s=2.0) == 35
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_worker_rate_counts_busy_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(lines_module.time, "monotonic", clock)
+    rates = lines_module.Throughput()
+    # a warm-up chunk of 8 lines, then ten idle minutes, then 600 lines in 10 s of work
+    clock.now += 1.0
+    rates.add("m", 8, started=clock.now - 1.0)
+    clock.now += 600.0
+    begun = clock.now
+    clock.now += 5.0
+    rates.add("m", 300, started=begun)
+    clock.now += 5.0
+    rates.add("m", 300, started=begun + 5.0)  # overlaps nothing idle: same window
+    assert rates.rates["m"] == pytest.approx(60.0)  # not 616 lines over 611 s
+
+
+def test_worker_rate_windows_span_overlapping_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(lines_module.time, "monotonic", clock)
+    rates = lines_module.Throughput()
+    start = clock.now
+    for i in range(1, 7):  # chunks started together finish one per second: one busy window
+        clock.now = start + i
+        rates.add("m", 50, started=start)
+    assert rates.rates["m"] == pytest.approx(50.0)
