@@ -204,7 +204,7 @@ class WorkerSettings(BaseModel):
         gt=0,
         description=(
             "Seconds of work a batch chunk should hold, from the model's measured throughput; never fewer lines "
-            "than fill one engine batch across a worker's consumer slots."
+            "than fill two engine batches across a worker's consumer slots."
         ),
     )
     metrics_interval_s: float = Field(
