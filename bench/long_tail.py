@@ -11,9 +11,9 @@ Static and cluster runs take turns (``rounds``) and each figure is the mean of i
 * **cluster** — API -> Redis -> a worker, with prefix reuse on (the default) and off: the lines share
   no prefix, so reuse must cost nothing (ratio at least 0.97).
 
-The default run is fp32 with 1,536 lines (bulk files run to thousands of lines or millions; at 384
-the last quarter of the run drains a shrinking batch); ``lines=384`` gives the issue's smallest
-file and saves as ``long_tail_384``; ``--full`` adds bf16.
+The default run is fp32 with 1,536 lines: bulk files run to thousands of lines or millions, while 384
+fit a 256-row engine at once and the run averages 144 rows while that batch drains. ``lines=384``
+gives the smallest file the goal names and saves as ``long_tail_384``; ``--full`` adds bf16.
 """
 
 from __future__ import annotations

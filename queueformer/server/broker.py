@@ -16,6 +16,7 @@ from queueformer.contract.registry import Registry
 from queueformer.contract.settings import Settings
 from queueformer.contract.units import RUN_TASK, JobsUnit, LinesUnit
 from queueformer.server import keys
+from queueformer.server.transport import TRANSPORT
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -37,6 +38,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_store_errors_even_if_ignored": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
+        # kombu's Redis transport, except that a channel closing after its transport (a lost Redis)
+        # fails with a connection error instead of killing the worker (queueformer.server.transport).
+        "broker_transport": TRANSPORT,
         "broker_transport_options": {
             "visibility_timeout": vt,
             "unacked_restore_interval": max(1, min(10, vt // 4)),
