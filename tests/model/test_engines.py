@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from queueformer.contract.errors import Cancelled, DeadlineExceeded, OutOfMemory
 from queueformer.contract.jobs import ClassifyJob, GenerateJob
@@ -237,3 +239,36 @@ def test_a_suspect_runs_alone_and_every_item_is_recorded_before_it_runs(gen: Ser
     assert suspect_call[0] == ["line:b:3"]  # it began alone...
     if which == "decode":
         assert not [k for k in suspect_call[1] if k in began[: began.index("line:b:3")]]  # ...with no row running
+
+
+def test_lines_with_the_same_fields_share_one_resolved_config_and_keep_the_models_stop_strings(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    free = run_alone(tiny_models, "tiny-gpt2", prompt="The weather today", max_new_tokens=30)
+    word = free.generations[0].text.split()[2]  # a word the model produces mid-way
+    path = tmp_path / "stopping-gpt2"
+    shutil.copytree(tiny_models / "tiny-gpt2", path)
+    config = GenerationConfig.from_pretrained(path)
+    config.stop_strings = [word]
+    config.save_pretrained(path)
+    served = serve(ModelEntry(name="g", task="generate", path=str(path), device_map="cpu"), tmp_path)
+    try:
+        first = served.handler.preprocess(GenerateJob(model="g", prompt="The weather today", max_new_tokens=30))
+        again = served.handler.preprocess(GenerateJob(model="g", prompt="Another prompt", max_new_tokens=30))
+        other = served.handler.preprocess(GenerateJob(model="g", prompt="The weather today", max_new_tokens=29))
+        assert first.generation is again.generation and other.generation is not first.generation
+        assert first.stop == again.stop == other.stop == (word,)  # the model's stop string, every time
+        for prepared in (first, first):
+            item = served.engine.submit(WorkItem(prepared))
+            result = served.handler.postprocess(prepared, item.future.result(timeout=60))
+            assert result.generations[0].finish_reason == "stop" and word not in result.generations[0].text
+    finally:
+        served.stop()
+
+
+def run_alone(tiny_models: Path, path: str, **job: Any) -> Any:
+    served = serve(ModelEntry(name="g", task="generate", path=path, device_map="cpu"), tiny_models)
+    try:
+        return run(served, **job)
+    finally:
+        served.stop()

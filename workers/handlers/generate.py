@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,8 @@ from workers.engine.padding import pad_token_id
 from workers.engine.penalties import openai_penalties
 from workers.engine.processors import Scored, eos_ids, resolve
 from workers.handlers.base import Handler
+
+CONFIG_CACHE = 1024  # resolved generation configs kept per model (distinct sets of decoding fields)
 
 # GenerateJob fields that are GenerationConfig fields of the same name and meaning.
 GENERATION_FIELDS = (
@@ -58,8 +62,15 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
     task = Task.GENERATE
     batching = "decode"
 
-    def generation_config(self, job: GenerateJob) -> GenerationConfig:
-        """The job's decoding fields over the model's generation config, as ``model.generate`` merges them."""
+    def generation_config(self, job: GenerateJob) -> tuple[GenerationConfig, tuple[str, ...]]:
+        """The job's decoding fields over the model's generation config, as ``model.generate`` merges them,
+        and the stop strings that config names (taken out of it: the engine cuts at them itself).
+
+        Resolved once per distinct set of fields: lines of a bulk file repeat them, and each merge
+        deep-copies the model's config (preprocessing a long-tail line took 0.40 ms with a merge per
+        line, 0.28 ms without, all of it holding the GIL the decode thread needs). The config is shared
+        between requests, so nothing may change it (``hf_generate`` and ``row_decoding`` change copies).
+        """
         fields = {name: getattr(job, name) for name in GENERATION_FIELDS}
         if fields["sequence_bias"] is not None:
             fields["sequence_bias"] = [[list(ids), bias] for ids, bias in fields["sequence_bias"]]
@@ -67,7 +78,24 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
             fields["eos_token_id"] = self.tokenizer.eos_token_id
         if job.ignore_eos:
             fields["eos_token_id"] = []  # EOS may be generated but does not end the sequence
-        return resolve(self.model, fields, pad_token_id(self.tokenizer, self.model.config))
+        key = json.dumps(fields, sort_keys=True, default=repr)
+        configs, lock = self._configs
+        with lock:
+            cached = configs.get(key)
+        if cached is None:
+            config = resolve(self.model, fields, pad_token_id(self.tokenizer, self.model.config))
+            stop = tuple(_as_list(config.stop_strings))
+            config.stop_strings = None
+            cached = (config, stop)
+            with lock:
+                if len(configs) >= CONFIG_CACHE:
+                    configs.pop(next(iter(configs)))  # the oldest
+                configs[key] = cached
+        return cached
+
+    @functools.cached_property
+    def _configs(self) -> tuple[dict[str, tuple[GenerationConfig, tuple[str, ...]]], threading.Lock]:
+        return {}, threading.Lock()
 
     def eos_ids(self) -> frozenset[int]:
         eos = self.model.generation_config.eos_token_id
@@ -78,7 +106,7 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
         return frozenset(eos if isinstance(eos, list) else [eos])
 
     def preprocess(self, job: GenerateJob) -> GenRequest:
-        config = self.generation_config(job)
+        config, model_stop = self.generation_config(job)
         do_sample, num_beams = bool(config.do_sample), int(config.num_beams or 1)
         if job.num_return_sequences > 1 and not do_sample and num_beams < job.num_return_sequences:
             raise InvalidInput(
@@ -91,8 +119,7 @@ class GenerateHandler(Handler[GenerateJob, GenRequest]):
                 param="logprobs" if job.logprobs else "prompt_logprobs",
             )
         # Stop strings of the model's generation config stop every path, cut at the stop like the job's.
-        stop = tuple(dict.fromkeys([*job.stop, *_as_list(config.stop_strings)]))
-        config.stop_strings = None
+        stop = tuple(dict.fromkeys([*job.stop, *model_stop]))
         if job.messages is not None:
             ids = self.chat_ids(job)
         else:
