@@ -38,17 +38,12 @@ def test_the_workers_and_the_api_use_this_transport(redis_url: str, tmp_path: Pa
         assert isinstance(conn.transport, Transport)
 
 
-def test_stock_kombu_dies_on_attribute_error_where_this_transport_raises_a_connection_error(redis_url: str) -> None:
-    with Connection(redis_url) as stock:
-        channel, _ = _deliver_unacked(stock)
-        stock._do_close_transport()  # kombu's own order when it closes a lost connection
-        with pytest.raises(AttributeError):
-            channel.close()  # type: ignore[attr-defined]
-
+def test_a_channel_closing_after_its_transport_raises_a_connection_error(redis_url: str) -> None:
+    # kombu 5.7's stock transport raises AttributeError here (Connection(redis_url) in place of ours).
     with Connection(redis_url, transport=TRANSPORT) as conn:
         assert isinstance(conn.transport, Transport)
         channel, tag = _deliver_unacked(conn)
-        conn._do_close_transport()
+        conn._do_close_transport()  # kombu's own order when it closes a lost connection
         with pytest.raises(redis.ConnectionError) as raised:
             channel.close()  # type: ignore[attr-defined]
         # the error is one Celery lets pass while it closes a lost connection
