@@ -47,6 +47,7 @@ from workers.watch import CancelWatcher
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 16
+IDLE_GAP_S = 1.0  # a pause longer than this between chunks of a model is idle time, not work
 
 
 @dataclass
@@ -214,9 +215,10 @@ class Throughput:
     """Lines per second per model while busy, smoothed; workers announce it so the API can size chunks.
 
     A window of at least 5 s counts the lines of chunks that finished in it. Idle time is not work: a
-    chunk that started after the window's last line finished (the worker had nothing to do for that
-    model in between) starts a new window at its own start, so a pause between batches does not read
-    as a slow worker and shrink the next batch's chunks.
+    chunk that started more than ``IDLE_GAP_S`` after the model's last chunk finished (the worker had
+    nothing to do for that model in between) starts a new window at its own start, so a pause between
+    batches does not read as a slow worker and shrink the next batch's chunks. Chunks that follow each
+    other at once (one slot taking the next message) stay in one window.
     """
 
     def __init__(self, alpha: float = 0.3) -> None:
@@ -232,7 +234,7 @@ class Throughput:
         last = self._last.get(model)
         self._last[model] = now
         start, count = self._window.get(model, (began, 0))
-        if last is not None and began > last:
+        if last is not None and began - last > IDLE_GAP_S:
             start, count = began, 0  # idle since ``last``: that gap is not part of the rate
         count += lines
         if now - start >= 5.0:

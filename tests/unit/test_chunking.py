@@ -75,3 +75,14 @@ def test_worker_rate_windows_span_overlapping_chunks(monkeypatch: pytest.MonkeyP
         clock.now = start + i
         rates.add("m", 50, started=start)
     assert rates.rates["m"] == pytest.approx(50.0)
+
+
+def test_back_to_back_chunks_of_one_slot_stay_in_one_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(lines_module.time, "monotonic", clock)
+    rates = lines_module.Throughput()
+    for _ in range(3):  # 2 s chunks of 40 lines, each taken a few milliseconds after the last
+        begun = clock.now + 0.005
+        clock.now = begun + 2.0
+        rates.add("m", 40, started=begun)
+    assert rates.rates["m"] == pytest.approx(120 / 6.0, rel=0.01)
