@@ -80,7 +80,7 @@ class LineRunner:
         self.throughput = Throughput()
 
     def run(self, served: Served, unit: LinesUnit) -> dict[str, Any]:
-        started = time.monotonic()
+        started = self.throughput.clock()
         try:
             raw = self.batches.raw(unit.batch)
         except NotFound:
@@ -221,21 +221,21 @@ class Throughput:
     other at once (one slot taking the next message) stay in one window.
     """
 
-    def __init__(self, alpha: float = 0.3) -> None:
+    def __init__(self, alpha: float = 0.3, clock: Callable[[], float] = time.monotonic) -> None:
         self.alpha = alpha
+        self.clock = clock  # the clock ``started`` was read from
         self.rates: dict[str, float] = {}
         self._window: dict[str, tuple[float, int]] = {}
         self._last: dict[str, float] = {}  # when the model's last chunk finished
 
-    def add(self, model: str, lines: int, started: float | None = None) -> None:
-        """Count ``lines`` of a chunk that ran from ``started`` (``time.monotonic()``) until now."""
-        now = time.monotonic()
-        began = now if started is None else started
+    def add(self, model: str, lines: int, started: float) -> None:
+        """Count ``lines`` of a chunk that ran from ``started`` (read from ``clock``) until now."""
+        now = self.clock()
         last = self._last.get(model)
         self._last[model] = now
-        start, count = self._window.get(model, (began, 0))
-        if last is not None and began - last > IDLE_GAP_S:
-            start, count = began, 0  # idle since ``last``: that gap is not part of the rate
+        start, count = self._window.get(model, (started, 0))
+        if last is not None and started - last > IDLE_GAP_S:
+            start, count = started, 0  # idle since ``last``: that gap is not part of the rate
         count += lines
         if now - start >= 5.0:
             rate = count / (now - start)

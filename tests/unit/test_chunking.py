@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api.routes.batches import MAX_CHUNK, MIN_CHUNK, lines_per_chunk
-from workers import lines as lines_module
+from workers.lines import Throughput
 
 
 def test_before_any_rate_is_measured_a_message_holds_one_engine_batch() -> None:
@@ -50,10 +50,9 @@ class _Clock:
         return self.now
 
 
-def test_worker_rate_counts_busy_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_rate_counts_busy_time_only() -> None:
     clock = _Clock()
-    monkeypatch.setattr(lines_module.time, "monotonic", clock)
-    rates = lines_module.Throughput()
+    rates = Throughput(clock=clock)
     # a warm-up chunk of 8 lines, then ten idle minutes, then 600 lines in 10 s of work
     clock.now += 1.0
     rates.add("m", 8, started=clock.now - 1.0)
@@ -66,10 +65,9 @@ def test_worker_rate_counts_busy_time_only(monkeypatch: pytest.MonkeyPatch) -> N
     assert rates.rates["m"] == pytest.approx(60.0)  # not 616 lines over 611 s
 
 
-def test_worker_rate_windows_span_overlapping_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_rate_windows_span_overlapping_chunks() -> None:
     clock = _Clock()
-    monkeypatch.setattr(lines_module.time, "monotonic", clock)
-    rates = lines_module.Throughput()
+    rates = Throughput(clock=clock)
     start = clock.now
     for i in range(1, 7):  # chunks started together finish one per second: one busy window
         clock.now = start + i
@@ -77,10 +75,9 @@ def test_worker_rate_windows_span_overlapping_chunks(monkeypatch: pytest.MonkeyP
     assert rates.rates["m"] == pytest.approx(50.0)
 
 
-def test_back_to_back_chunks_of_one_slot_stay_in_one_window(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_back_to_back_chunks_of_one_slot_stay_in_one_window() -> None:
     clock = _Clock()
-    monkeypatch.setattr(lines_module.time, "monotonic", clock)
-    rates = lines_module.Throughput()
+    rates = Throughput(clock=clock)
     for _ in range(3):  # 2 s chunks of 40 lines, each taken a few milliseconds after the last
         begun = clock.now + 0.005
         clock.now = begun + 2.0
