@@ -15,6 +15,7 @@ from queueformer.contract.errors import ModelNotFound, WorkerFatal
 from queueformer.contract.registry import Registry
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import MANIFEST, Storage
+from workers.engine.lane import Lane
 from workers.holder import Served, serve
 from workers.loading import load_adapter
 
@@ -25,13 +26,20 @@ class FineTunedModels:
     """Turns a fine-tuned model's name into a served model."""
 
     def __init__(
-        self, overlay: ModelOverlay, registry: Registry, storage: Storage, models_dir: Path, poll_steps: int = 8
+        self,
+        overlay: ModelOverlay,
+        registry: Registry,
+        storage: Storage,
+        models_dir: Path,
+        poll_steps: int = 8,
+        lane: Lane | None = None,
     ) -> None:
         self.overlay = overlay
         self.registry = registry
         self.storage = storage
         self.models_dir = models_dir
         self.poll_steps = poll_steps
+        self.lane = lane  # where the models load and run (the worker's lane)
 
     def __call__(self, name: str) -> Served:
         entry = self.overlay.get(name)
@@ -49,9 +57,14 @@ class FineTunedModels:
             if entry.adapter:
                 assert entry.base_model is not None
                 base = self.registry.get(entry.base_model)
-                loaded = load_adapter(here, base, local, self.models_dir)
-                return serve(here, self.models_dir, poll_steps=self.poll_steps, loaded=loaded)
-            return serve(here, self.models_dir, poll_steps=self.poll_steps)
+                models_dir = self.models_dir
+                loaded = (
+                    self.lane.call(lambda: load_adapter(here, base, local, models_dir))
+                    if self.lane
+                    else load_adapter(here, base, local, models_dir)
+                )
+                return serve(here, self.models_dir, poll_steps=self.poll_steps, loaded=loaded, lane=self.lane)
+            return serve(here, self.models_dir, poll_steps=self.poll_steps, lane=self.lane)
         except WorkerFatal as exc:
             # A broken upload fails the jobs that name it, not the worker serving every other model. The
             # cause names local paths: it goes to the log, the job's error only names the model.

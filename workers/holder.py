@@ -20,6 +20,7 @@ from queueformer.contract.registry import ModelEntry
 from workers import metrics
 from workers.engine.batcher import BatchEngine
 from workers.engine.decode import DecodeEngine
+from workers.engine.lane import Lane
 from workers.handlers import handler_class
 from workers.handlers.base import Handler
 from workers.loading import Loaded, load
@@ -50,10 +51,20 @@ def serve(
     offload_folder: Path | None = None,
     poll_steps: int = 8,
     loaded: Loaded | None = None,
+    lane: Lane | None = None,
 ) -> Served:
-    """Load ``entry`` (unless given its ``loaded`` model) and start its engine."""
+    """Load ``entry`` (unless given its ``loaded`` model) and start its engine on ``lane``.
+
+    The model loads on the lane's thread: the thread that will run it is then the only one of the
+    process that torch's thread pools ever served (see ``workers.engine.lane``). Without a lane the
+    engine gets a thread of its own.
+    """
     if loaded is None and entry.task != Task.ECHO:
-        loaded = load(entry, models_dir, offload_folder)
+        loaded = (
+            lane.call(lambda: load(entry, models_dir, offload_folder))
+            if lane is not None
+            else load(entry, models_dir, offload_folder)
+        )
     if loaded is not None:
         metrics.MODEL_LOADS.labels(entry.name).inc()
     handler = handler_class(entry.task)(entry, loaded)
@@ -73,6 +84,7 @@ def serve(
             prefix_cache_tokens=min(entry.prefix_cache_tokens, entry.kv_cache_tokens // 2),
             prefix_observer=metrics.observe_prefix,
             static_decode=entry.static_decode,
+            lane=lane,
         )
     else:
         engine = BatchEngine(
@@ -80,6 +92,7 @@ def serve(
             max_batch_size=entry.max_batch_size,
             max_batch_tokens=entry.max_batch_tokens,
             observer=metrics.observe_forward,
+            lane=lane,
         )
     info: dict[str, Any] = (
         dict(loaded.info) if loaded else {"device_map": {}, "quantization": "none", "memory_bytes": 0}
@@ -93,10 +106,14 @@ class ModelHolder:
 
     Pinned models are added before the worker consumes. A serving worker for fine-tuned models also
     loads them on demand (``on_demand``), keeping the ``capacity`` most recently used; an evicted model's
-    pending work fails as transient and is redelivered.
+    pending work fails as transient and is redelivered. Every model's engine runs on the holder's
+    ``lane``, the process's one thread for model work; stopping the holder stops it.
     """
 
-    def __init__(self, on_demand: Callable[[str], Served] | None = None, capacity: int = 2) -> None:
+    def __init__(
+        self, on_demand: Callable[[str], Served] | None = None, capacity: int = 2, lane: Lane | None = None
+    ) -> None:
+        self.lane = lane if lane is not None else Lane("worker")
         self._served: dict[str, Served] = {}
         self._on_demand = on_demand
         self._capacity = capacity
@@ -150,3 +167,4 @@ class ModelHolder:
     def stop(self) -> None:
         for s in self._served.values():
             s.stop()
+        self.lane.stop()

@@ -34,6 +34,7 @@ from queueformer.server.liveness import Custody
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import Storage
 from workers.custody import CustodyTracker
+from workers.engine.lane import Lane
 from workers.fine_tuned import FineTunedModels
 from workers.handlers.fine_tune import FineTuneHandler
 from workers.health import Health
@@ -107,12 +108,15 @@ def load_models(
     With ``failed`` given, a model that cannot load is recorded there (name -> what went wrong and what
     to do) and the others still load; without it, the first failure is raised.
     """
+    lane = Lane("worker")  # the process's one thread for model work, loading included
     on_demand = (
-        FineTunedModels(overlay, registry, storage, settings.resolved_models_dir, settings.worker.cancel_poll_steps)
+        FineTunedModels(
+            overlay, registry, storage, settings.resolved_models_dir, settings.worker.cancel_poll_steps, lane=lane
+        )
         if registry.fine_tune.serve_queue in queues
         else None
     )
-    holder = ModelHolder(on_demand, capacity=settings.worker.finetuned_cache_size)
+    holder = ModelHolder(on_demand, capacity=settings.worker.finetuned_cache_size, lane=lane)
     for entry in registry:
         if entry.queue in queues:
             try:
@@ -121,6 +125,7 @@ def load_models(
                     settings.resolved_models_dir,
                     settings.worker.offload_folder,
                     settings.worker.cancel_poll_steps,
+                    lane=lane,
                 )
             except WorkerFatal as exc:
                 if failed is None:

@@ -17,7 +17,7 @@ from queueformer.contract.errors import Cancelled, DeadlineExceeded, OutOfMemory
 from queueformer.contract.jobs import ClassifyJob, GenerateJob
 from queueformer.contract.registry import ModelEntry
 from workers.engine.item import WorkItem
-from workers.holder import Served, serve
+from workers.holder import ModelHolder, Served, serve
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +272,34 @@ def run_alone(tiny_models: Path, path: str, **job: Any) -> Any:
         return run(served, **job)
     finally:
         served.stop()
+
+
+def test_a_worker_loads_and_runs_every_model_on_its_one_lane(tiny_models: Path) -> None:
+    # torch's OpenMP pool slows every thread once a second thread has run parallel work (workers.engine.lane)
+    holder = ModelHolder()
+    try:
+        for entry in (
+            ModelEntry(name="g", task="generate", path="tiny-gpt2", device_map="cpu"),
+            ModelEntry(name="c", task="classify", path="tiny-sentiment", device_map="cpu"),
+        ):
+            holder.add(serve(entry, tiny_models, lane=holder.lane))
+        threads: set[int] = set()
+        for s in holder.all():
+            s.handler.model.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
+        g, c = holder.get("g"), holder.get("c")
+        jobs = [
+            (g, g.engine.submit(WorkItem(g.handler.preprocess(GenerateJob(model="g", prompt=f"The cat {i}")))))
+            for i in range(4)
+        ] + [
+            (c, c.engine.submit(WorkItem(c.handler.preprocess(ClassifyJob(model="c", text=f"good day {i}")))))
+            for i in range(4)
+        ]
+        for served, item in jobs:
+            served.handler.postprocess(item.prepared, item.future.result(timeout=60))
+        assert threads == {holder.lane.call(threading.get_ident)}
+        assert holder.lane.call(lambda: g.handler.model.device.type) == "cpu"
+        names = {t.name for t in threading.enumerate()}
+        assert not {n for n in names if n.startswith(("decode-", "engine-"))}  # no engine thread of its own
+    finally:
+        holder.stop()
+    assert not holder.lane.alive

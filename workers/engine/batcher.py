@@ -1,16 +1,17 @@
 """Dynamic batching by length bucket for one-shot tasks (fill-mask, classify, translate, echo).
 
-One thread owns the model. Items from every task thread land in one inbox; the thread takes what is
-waiting, groups it by the handler's ``group_key``, sorts each group by length and cuts it into batches
-bounded by ``max_batch_size`` and ``max_batch_tokens`` (padded), so short inputs are not padded to long
-ones. An out-of-memory batch is split in halves until the item that cannot fit fails alone.
+The worker's lane (``workers.engine.lane``) runs this engine's turns. Items from every task thread land
+in one inbox; a turn takes what is waiting, groups it by the handler's ``group_key``, sorts each group
+by length and cuts it into batches bounded by ``max_batch_size`` and ``max_batch_tokens`` (padded), so
+short inputs are not padded to long ones; each later turn runs one of those batches. An out-of-memory
+batch is split in halves until the item that cannot fit fails alone.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -20,6 +21,7 @@ import torch
 from queueformer.contract.errors import OutOfMemory, TransientError
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem, begin
+from workers.engine.lane import Lane
 from workers.handlers.base import Handler
 
 log = logging.getLogger(__name__)
@@ -38,69 +40,76 @@ class BatchEngine:
         max_batch_tokens: int,
         gather_s: float = 0.002,
         observer: BatchObserver | None = None,
+        lane: Lane | None = None,
     ) -> None:
         self.handler = handler
+        self.name = handler.entry.name
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.gather_s = gather_s
         self.observer = observer
-        self._inbox: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{handler.entry.name}", daemon=True)
+        self._inbox: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
+        self._planned: collections.deque[list[WorkItem]] = collections.deque()
         self._stopping = False
         self.fatal: BaseException | None = None
-        self._thread.start()
+        # The worker's lane runs this engine's batches with its other engines' turns; alone, it gets its own.
+        self._own_lane = lane is None
+        self.lane = lane if lane is not None else Lane(f"engine-{self.name}")
+        self.lane.add(self)
 
     def submit(self, item: WorkItem) -> WorkItem:
         self._inbox.put(item)
+        self.lane.wake()
         return item
 
     def stop(self) -> None:
-        """Stop the loop; anything still queued fails as transient, so its message is run again elsewhere."""
+        """Leave the lane; anything still queued fails as transient, so its message is run again elsewhere."""
         self._stopping = True
-        self._inbox.put(None)
-        self._thread.join(timeout=30)
+        self.lane.remove(self)
+        if self._own_lane:
+            self.lane.stop()
+        pending = [it for batch in self._planned for it in batch]
+        self._planned.clear()
         while True:
             try:
-                item = self._inbox.get_nowait()
+                pending.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-            if item is not None:
-                item.reject(TransientError(f"the {self.handler.entry.name} engine stopped before this ran"))
+        for item in pending:
+            item.reject(TransientError(f"the {self.name} engine stopped before this ran"))
 
-    # --- the engine thread ----------------------------------------------------------------------
+    # --- on the lane's thread -------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return not self._stopping and bool(self._planned or not self._inbox.empty())
+
+    def turn(self) -> None:
+        """Run the most urgent planned batch, planning what was submitted first when nothing is planned."""
+        if not self._planned:
+            self._planned.extend(self.plan(self._take()))
+        if not self._planned:
+            return
+        batch = self._planned.popleft()
+        try:
+            self._run(batch)
+        except BaseException as exc:  # a bug here must not strand the waiting task threads
+            log.exception("engine %s failed", self.name)
+            self.fatal = exc
+            for it in [*batch, *(it for b in self._planned for it in b)]:
+                it.reject(exc)
+            self._planned.clear()
 
     def _take(self) -> list[WorkItem]:
-        first = self._inbox.get()
-        if first is None:
-            return []
-        items = [first]
+        items: list[WorkItem] = []
         deadline = time.monotonic() + self.gather_s
         # Wait a moment for the rest of a burst: task threads submit their items one by one.
         while len(items) < 16 * self.max_batch_size:
             timeout = deadline - time.monotonic()
             try:
-                nxt = self._inbox.get(timeout=max(0.0, timeout)) if timeout > 0 else self._inbox.get_nowait()
+                items.append(self._inbox.get(timeout=timeout) if items and timeout > 0 else self._inbox.get_nowait())
             except queue.Empty:
                 break
-            if nxt is None:
-                self._stopping = True
-                break
-            items.append(nxt)
         return items
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            items = self._take()
-            if not items:
-                continue
-            try:
-                for batch in self.plan(items):
-                    self._run(batch)
-            except BaseException as exc:  # a bug here must not strand the waiting task threads
-                log.exception("engine %s failed", self.handler.entry.name)
-                self.fatal = exc
-                for it in items:
-                    it.reject(exc)
 
     def plan(self, items: Sequence[WorkItem]) -> list[list[WorkItem]]:
         """Group, sort by size and cut into batches that respect both caps."""
@@ -148,7 +157,7 @@ class BatchEngine:
             if is_oom(exc):
                 free_memory()
                 if len(batch) == 1:
-                    batch[0].reject(OutOfMemory(f"out of memory running this input alone on {self.handler.entry.name}"))
+                    batch[0].reject(OutOfMemory(f"out of memory running this input alone on {self.name}"))
                     return
                 log.warning("OOM on a batch of %d; splitting it", len(batch))
                 half = len(batch) // 2
@@ -166,4 +175,4 @@ class BatchEngine:
             it.resolve(out)
         if self.observer is not None:
             tokens = sum(self.handler.size(it.prepared) for it in batch)
-            self.observer(self.handler.entry.name, len(batch), tokens, time.perf_counter() - started)
+            self.observer(self.name, len(batch), tokens, time.perf_counter() - started)

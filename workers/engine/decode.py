@@ -1,9 +1,10 @@
 """Continuous batching for causal language models, over transformers' ``DynamicCache``.
 
-One thread owns the model and keeps one running batch: a left-padded KV cache, its attention mask, and
-per row the next token and position. Between decode steps, waiting sequences are prefilled in groups
-of similar length (little padding) and merged into the batch; finished rows leave at once and
-all-padding columns are trimmed away. Every row keeps its own sampling state (processors, a seeded
+The engine keeps one running batch (a left-padded KV cache, its attention mask, and per row the next
+token and position); the worker's lane (``workers.engine.lane``) runs its turns, one decode step
+each. Between decode steps, waiting sequences are prefilled in groups of similar length (little
+padding) and merged into the batch; finished rows leave at once and all-padding columns are trimmed
+away. Every row keeps its own sampling state (processors, a seeded
 generator), so a sequence's tokens do not depend on what it shares the batch with: greedy output
 equals ``model.generate`` on that prompt alone.
 
@@ -21,7 +22,6 @@ import collections
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem, begin
 from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
+from workers.engine.lane import Lane
 from workers.engine.padding import pad_left, pad_token_id
 from workers.engine.prefix import PrefixKV, PrefixObserver, PrefixReuse, Share
 from workers.engine.processors import RowDecoding, Scored, pick, prompt_scores, row_decoding
@@ -193,6 +194,7 @@ class DecodeEngine:
         prefix_cache_tokens: int = 0,
         prefix_observer: PrefixObserver | None = None,
         static_decode: str = "off",
+        lane: Lane | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -206,7 +208,7 @@ class DecodeEngine:
         self.device = model.get_input_embeddings().weight.device
         self.pad_id = pad_token_id(tokenizer, model.config)
 
-        self._inbox: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._groups: dict[int, _Group] = {}
         self._rows: list[_Seq] = []
@@ -235,28 +237,31 @@ class DecodeEngine:
         )
         self._stopping = False
         self.fatal: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name=f"decode-{name}", daemon=True)
-        self._thread.start()
+        # The worker's lane runs this engine's steps with its other engines'; alone, it gets its own.
+        self._own_lane = lane is None
+        self.lane = lane if lane is not None else Lane(f"decode-{name}")
+        self.lane.add(self)
 
     # --- public ---------------------------------------------------------------------------------
 
     def submit(self, item: WorkItem) -> WorkItem:
         self._inbox.put(item)
+        self.lane.wake()
         return item
 
     def stop(self) -> None:
-        """Stop the loop; anything still pending fails as transient, so its message is run again elsewhere."""
+        """Leave the lane; anything still pending fails as transient, so its message is run again elsewhere."""
         self._stopping = True
-        self._inbox.put(None)
-        self._thread.join(timeout=30)
+        self.lane.remove(self)
+        if self._own_lane:
+            self.lane.stop()
         pending = [s.item for s in [*self._rows, *self._waiting]]
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
-                pending.append(item)
+            pending.append(item)
         for item in pending:
             item.reject(TransientError(f"the {self.name} engine stopped before this finished"))
 
@@ -297,36 +302,35 @@ class DecodeEngine:
 
     # --- loop -----------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                self._pull(block=not self._rows and not self._waiting)
-                if self._steps % self.poll_steps == 0:
-                    self._check_stops()
-                if self._waiting and self._rows and self._mergeable:
-                    self._preempt()
-                if self._should_admit():
-                    self._admit()
-                if self._rows:
-                    self._step()
-            except BaseException as exc:  # never strand the task threads waiting on futures
-                log.exception("decode engine %s failed", self.name)
-                self.fatal = exc
-                for seq in [*self._rows, *self._waiting]:
-                    seq.item.reject(exc)
-                self._rows, self._cache, self._mask = [], None, None
-                self._waiting.clear()
-                self._groups.clear()
+    def ready(self) -> bool:
+        return not self._stopping and bool(self._rows or self._waiting or not self._inbox.empty())
 
-    def _pull(self, block: bool) -> None:
+    def turn(self) -> None:
+        """Take what was submitted, admit what fits, and run one decode step (on the lane's thread)."""
+        try:
+            self._pull()
+            if self._steps % self.poll_steps == 0:
+                self._check_stops()
+            if self._waiting and self._rows and self._mergeable:
+                self._preempt()
+            if self._should_admit():
+                self._admit()
+            if self._rows:
+                self._step()
+        except BaseException as exc:  # never strand the task threads waiting on futures
+            log.exception("decode engine %s failed", self.name)
+            self.fatal = exc
+            for seq in [*self._rows, *self._waiting]:
+                seq.item.reject(exc)
+            self._rows, self._cache, self._mask = [], None, None
+            self._waiting.clear()
+            self._groups.clear()
+
+    def _pull(self) -> None:
         while True:
             try:
-                item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
-                return
-            block = False
-            if item is None:
-                self._stopping = True
                 return
             req: GenRequest = item.prepared
             reason = item.stop_reason()
