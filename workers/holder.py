@@ -39,7 +39,7 @@ class Served:
 
     @property
     def healthy(self) -> bool:
-        return self.engine.fatal is None
+        return self.engine.fatal is None and self.engine.lane.alive
 
     def stop(self) -> None:
         self.engine.stop()

@@ -300,6 +300,7 @@ def test_a_worker_loads_and_runs_every_model_on_its_one_lane(tiny_models: Path) 
         assert holder.lane.call(lambda: g.handler.model.device.type) == "cpu"
         names = {t.name for t in threading.enumerate()}
         assert not {n for n in names if n.startswith(("decode-", "engine-"))}  # no engine thread of its own
+        assert holder.healthy
     finally:
         holder.stop()
-    assert not holder.lane.alive
+    assert not holder.lane.alive and not holder.healthy  # a worker whose lane is gone reports unhealthy

@@ -69,7 +69,12 @@ def test_engines_take_turns_instead_of_one_running_dry_first() -> None:
 
     a, b = Logged("a", work=5), Logged("b", work=5)
     try:
-        lane.call(lambda: (lane.add(a), lane.add(b)))  # both in place before the first turn
+
+        def both() -> None:  # both in place before the first turn
+            lane.add(a)
+            lane.add(b)
+
+        lane.call(both)
         wait_for(lambda: a.work == 0 and b.work == 0)
     finally:
         lane.stop()

@@ -1,9 +1,10 @@
 """The handler contract: ``preprocess -> forward -> postprocess``, and only ``forward`` touches the device.
 
 ``preprocess`` (tokenise, check lengths) and ``postprocess`` (decode, score, shape the result) run in
-the worker's task threads; ``forward`` runs in the model's engine thread on a *batch* of prepared
-items from many jobs, so each handler is written batch-first and an item's answer must not depend on
-what it was batched with. Adding a job type is one handler file plus its entry in ``queueformer.contract.tasks``.
+the worker's task threads; ``forward`` runs on the worker's lane (its one thread for model work,
+``workers.engine.lane``) on a *batch* of prepared items from many jobs, so each handler is written
+batch-first and an item's answer must not depend on what it was batched with. Adding a job type is
+one handler file plus its entry in ``queueformer.contract.tasks``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,64 @@
+"""The decode engine's slab cache: copies on admission and compaction keep every row's keys and values."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.engine.kvcache import SlabLayer
+
+
+def filled(rows: int, length: int, seed: int) -> tuple[SlabLayer, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(rows, 2, length, 4, generator=g)
+    v = torch.randn(rows, 2, length, 4, generator=g)
+    layer = SlabLayer()
+    layer.update(k, v)
+    return layer, k, v
+
+
+def poison(layer: SlabLayer) -> None:
+    """NaN in every column after the filled span, as reused memory may hold."""
+    assert layer._k is not None and layer._v is not None
+    layer._k[:, :, layer.end :] = float("nan")
+    layer._v[:, :, layer.end :] = float("nan")
+
+
+def test_merged_rows_are_right_aligned_with_zeros_before_them_whatever_the_memory_held() -> None:
+    a, ka, va = filled(3, 5, 0)
+    b, kb, vb = filled(2, 2, 1)
+    a.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))  # a slab with free room after its span
+    poison(a)
+    ka, va = a.keys.clone(), a.values.clone()  # type: ignore[union-attr]
+    for dest in (None, [torch.tensor([4, 0, 2]), torch.tensor([3, 1])]):
+        out = SlabLayer.merged([a, b], headroom=8, dest=dest)
+        rows = dest[0].tolist() + dest[1].tolist() if dest else [0, 1, 2, 3, 4]
+        assert out.keys is not None and out.values is not None and out.keys.shape == (5, 2, 6, 4)
+        assert torch.equal(out.keys[rows[:3]], ka) and torch.equal(out.values[rows[:3]], va)
+        assert torch.equal(out.keys[rows[3:], :, 4:], kb) and torch.equal(out.values[rows[3:], :, 4:], vb)
+        assert not out.keys[rows[3:], :, :4].any() and not out.values[rows[3:], :, :4].any()
+        out.update(torch.ones(5, 2, 1, 4), torch.ones(5, 2, 1, 4))  # the headroom takes the next column
+        assert out.keys.shape == (5, 2, 7, 4) and torch.equal(out.keys[:, :, -1], torch.ones(5, 2, 4))
+
+
+def test_merged_with_picks_keeps_only_those_rows() -> None:
+    a, ka, _ = filled(4, 3, 2)
+    b, kb, _ = filled(1, 3, 3)
+    out = SlabLayer.merged([a, b], headroom=4, picks=[torch.tensor([3, 1]), None])
+    assert out.keys is not None
+    assert torch.equal(out.keys, torch.cat([ka[[3, 1]], kb]))
+
+
+def test_selecting_rows_copies_the_filled_span_and_keeps_the_room_after_it() -> None:
+    layer, _, _ = filled(4, 6, 4)
+    layer.update(torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4))
+    layer.trim_left(2)  # leading columns every row had as padding
+    poison(layer)
+    keys, values = layer.keys.clone(), layer.values.clone()  # type: ignore[union-attr]
+    capacity = layer._k.shape[2]  # type: ignore[union-attr]
+    layer.batch_select_indices(torch.tensor([3, 0]))
+    assert layer.keys is not None and layer.values is not None
+    assert torch.equal(layer.keys, keys[[3, 0]]) and torch.equal(layer.values, values[[3, 0]])
+    assert layer._k.shape[2] == capacity - 2  # type: ignore[union-attr]
+    before = layer._k.data_ptr()  # type: ignore[union-attr]
+    layer.update(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))  # written in place: no regrowth
+    assert layer._k.data_ptr() == before and layer.get_seq_length() == 6  # type: ignore[union-attr]
