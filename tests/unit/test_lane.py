@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from workers.engine.lane import Lane
+from workers.engine.lane import Lane, on_own_thread
 
 
 class Counter:
@@ -114,3 +114,22 @@ def test_a_call_raises_what_its_function_raised_and_a_stopped_lane_refuses_calls
     lane.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         lane.call(lambda: 1)
+
+
+def test_work_on_its_own_thread_returns_or_raises_and_leaves_no_thread_behind() -> None:
+    seen: list[threading.Thread] = []
+
+    def train() -> int:
+        seen.append(threading.current_thread())
+        torch.ones(256, 256).matmul(torch.ones(256, 256)).sum()
+        return 3
+
+    assert on_own_thread(train, "fine-tune-x") == 3
+    assert seen[0] is not threading.current_thread() and seen[0].name == "fine-tune-x"
+    assert not seen[0].is_alive()  # its OpenMP team went with it
+
+    def broken() -> int:
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        on_own_thread(broken, "fine-tune-y")

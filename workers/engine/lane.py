@@ -147,4 +147,24 @@ class Lane:
                 done.set_exception(exc)
 
 
-__all__ = ["Lane", "Turns"]
+def on_own_thread(fn: Callable[[], T], name: str) -> T:
+    """Run ``fn`` on a new thread that ends with it, and return what it returns (or raise what it raised).
+
+    For long device work beside the lane (a fine-tune): the OpenMP team its thread gets ends with the
+    thread, where a worker's task thread would keep it, and slow the lane, for the worker's life.
+    """
+    done: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            done.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            done.set_exception(exc)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    return done.result()
+
+
+__all__ = ["Lane", "Turns", "on_own_thread"]

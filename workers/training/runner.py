@@ -25,6 +25,7 @@ from queueformer.server import keys
 from queueformer.server.jobs import JobStore
 from queueformer.server.storage import Storage
 from workers import metrics
+from workers.engine.lane import on_own_thread
 from workers.handlers.fine_tune import FineTuneHandler
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class TrainingRunner:
                 raise InternalError(f"job {job_id} is a {spec.task!r} job on the fine-tune path")
             deadline = float(data["deadline"]) if data.get("deadline") else None
             plan = self.handler.preprocess(job_id, spec, data.get("tenant"), self._stop_reason(job_id, deadline, lease))
-            run = self.handler.forward(plan)
+            # on a thread that ends with the run: see workers.engine.lane.on_own_thread
+            run = on_own_thread(lambda: self.handler.forward(plan), f"fine-tune-{job_id}")
             result = self.handler.postprocess(plan, run)
             outcome = self.storage.put_json(self.storage.result_key(job_id), result.model_dump(mode="json"))
         except TransientError:
