@@ -60,7 +60,8 @@ class TrainingRunner:
         # The device first: a lease taken while waiting for it would not be renewed and could lapse.
         with self._device:
             # Redelivery can hand the same job to two consumers; a lease in Redis lets only one train it.
-            lease = self.jobs.r.lock(keys.fine_tune_lease(job_id), timeout=self.lease_s)
+            # Taken here, renewed by the training thread's stop checks: the token is not thread-local.
+            lease = self.jobs.r.lock(keys.fine_tune_lease(job_id), timeout=self.lease_s, thread_local=False)
             if not lease.acquire(blocking=False):
                 # Running elsewhere, or the lease of a dead run has not lapsed yet: try again shortly (the
                 # task retries with backoff); once the job is finished, the retry finds nothing to do.
