@@ -1,9 +1,9 @@
 """Runs a chunk of batch lines: read the byte range, skip what is committed, feed the engine, commit.
 
-Each line is committed exactly once through the batch ledger, so a redelivered chunk only runs the
-lines a dead worker left behind. Worker deaths are judged by strikes, given only to lines that were
-executing when their worker died (``queueformer.server.liveness``): a line struck
-``isolate_after_strikes`` times runs alone, and one that kills its worker running alone is quarantined
+Each line is committed exactly once through the batch ledger, so a redelivered chunk only runs the lines
+a dead worker left behind. Worker deaths are judged by strikes, given only to lines that were executing
+when their worker died (``queueformer.server.liveness``): a line struck ``isolate_after_strikes`` times
+runs alone, and one that kills its worker running alone ``QUARANTINE_AFTER_ALONE`` times is quarantined
 as ``poison_input`` instead of killing worker after worker (celery#1628, OasisPlatform#975). Lines that
 merely waited behind a crash are never quarantined; ``max_deliveries`` is only a backstop.
 """
@@ -36,7 +36,7 @@ from queueformer.contract.units import LinesUnit
 from queueformer.server.batch_input import custom_id_of, iter_range
 from queueformer.server.batches import Batches
 from queueformer.server.ledger import Entry
-from queueformer.server.liveness import line_member
+from queueformer.server.liveness import QUARANTINE_AFTER_ALONE, line_member
 from queueformer.server.storage import Storage
 from workers import metrics
 from workers.engine.item import Tracker, WorkItem
@@ -153,10 +153,10 @@ class LineRunner:
         strikes = self.batches.ledger.strikes(unit.batch, [i for i, _ in rows])
         for (index, line), tries, (struck, alone) in zip(rows, deliveries, strikes, strict=True):
             err: QueueformerError | None = None
-            if alone:
+            if alone >= QUARANTINE_AFTER_ALONE:
                 err = PoisonInput(
-                    f"this request killed its worker when it ran alone (after {struck - alone} deaths of workers "
-                    "running it in a batch); quarantined"
+                    f"this request killed its worker when it ran alone, {alone} times (after {struck - alone} "
+                    "deaths of workers running it in a batch); quarantined"
                 )
             elif tries > self.max_deliveries:
                 err = WorkerLost(f"handed to a worker {tries} times without finishing; quarantined")

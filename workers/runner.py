@@ -26,7 +26,7 @@ from queueformer.contract.jobs import Task
 from queueformer.contract.tasks import parse_job
 from queueformer.contract.units import JobsUnit, LinesUnit, WorkUnit
 from queueformer.server.jobs import JobStore
-from queueformer.server.liveness import job_member
+from queueformer.server.liveness import QUARANTINE_AFTER_ALONE, job_member
 from queueformer.server.storage import Storage
 from workers import metrics
 from workers.engine.item import Tracker, WorkItem
@@ -146,10 +146,10 @@ class Runner:
         """Hand a started job to the engine, or the error that ends it now."""
         # Strikes are worker deaths while this job was executing (queueformer.server.liveness).
         strikes, alone = int(data.get("strikes") or 0), int(data.get("strikes_alone") or 0)
-        if alone:
+        if alone >= QUARANTINE_AFTER_ALONE:
             return PoisonInput(
-                f"this job killed its worker when it ran alone (after {strikes - alone} deaths of workers "
-                "running it in a batch); quarantined"
+                f"this job killed its worker when it ran alone, {alone} times (after {strikes - alone} deaths of "
+                "workers running it in a batch); quarantined"
             ).info()
         if attempt > self.max_deliveries:
             return WorkerLost(f"delivered {attempt} times without finishing; quarantined").info()

@@ -186,7 +186,7 @@ class WorkerSettings(BaseModel):
         ge=1,
         le=100,
         description="Worker deaths a job or line was executing at before it runs alone; one that then kills its "
-        "worker running alone is quarantined as poison_input.",
+        "worker twice running alone is quarantined as poison_input.",
     )
     memory_limit_mb: int = Field(
         0,

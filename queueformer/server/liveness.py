@@ -36,6 +36,11 @@ from queueformer.server import keys
 log = logging.getLogger(__name__)
 
 ALONE = "|alone"  # suffix of an executing member that ran alone in its engine
+# Deaths while running alone before a line or job is quarantined as poison_input. One is not enough:
+# under preemption churn an innocent line struck twice in a batch can be running alone when a third,
+# unrelated kill lands (the chaos tests, which kill each new worker at its first commit, hit it about
+# one run in three). A real poison input costs one more worker death for this.
+QUARANTINE_AFTER_ALONE = 2
 
 Restore = Callable[[list[str]], None]  # put these delivery tags back on their queues (kombu)
 

@@ -66,6 +66,12 @@ class Supervisor:
                         state.streak = 0
                 continue
             if state.due is None:
+                if state.streak and child.name.startswith("worker"):
+                    # Ready and killed between two looks (a preemption right after it took work) still
+                    # ends the row: a dead worker's announcement outlives it until its heartbeat lapses.
+                    ready = self.cluster.ready_worker_pids() if ready is None else ready
+                    if child.proc.pid in ready:
+                        state.streak = 0
                 self._crashed(child, state, now)
             if state.due is not None and now >= state.due:
                 self.cluster.respawn(child)

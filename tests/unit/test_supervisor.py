@@ -90,3 +90,39 @@ def test_a_crash_loop_stops_with_a_message_naming_the_process_and_its_log(tmp_pa
     )
     assert str(cluster.log_dir / "worker-0.log") in message and "loading the model..." in message
     assert isinstance(cluster.children[0].proc, subprocess.Popen)
+
+
+class AnnouncedCluster(Cluster):
+    """A cluster whose fleet record says ``announced`` pids became ready (the record Redis would hold)."""
+
+    announced: set[int] = set()
+
+    def ready_worker_pids(self) -> set[int]:
+        return set(self.announced)
+
+
+def test_a_worker_ready_and_killed_between_two_looks_ends_the_row_of_crashes(tmp_path: Path) -> None:
+    cluster = AnnouncedCluster(load_settings(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:1/0"))
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    log = cluster.log_dir / "worker-0.log"
+    child = Child("worker-0", Cluster._popen(cmd, {}, log), log, cmd, {})
+    cluster.children.append(child)
+    said: list[str] = []
+    sup = Supervisor(cluster, backoff_s=1, say=said.append)
+    try:
+        t = time.monotonic()
+        for n in range(1, 4):  # killed before it ever announced itself: a row of crashes
+            child.proc.kill()
+            child.proc.wait()
+            sup.tick(t)
+            assert said[-1].endswith(f"(crash {n} in a row)")
+            t += 10
+            sup.tick(t)  # restarted
+        cluster.announced = {child.proc.pid}  # it became ready, and is killed before the next look
+        child.proc.kill()
+        child.proc.wait()
+        sup.tick(t + 1)
+        assert said[-1].endswith("restarting it in 1s (crash 1 in a row)")
+    finally:
+        if child.proc.poll() is None:
+            child.proc.kill()
