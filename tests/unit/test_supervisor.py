@@ -51,12 +51,18 @@ def test_a_crashed_worker_is_restarted_with_a_doubling_backoff(tmp_path: Path) -
     assert said[-1].endswith("restarting it in 4s (crash 3 in a row)") and sup.restarts == {"worker-0": 2}
 
 
-def test_a_run_longer_than_healthy_after_ends_the_row_of_crashes(tmp_path: Path) -> None:
-    cluster = Cluster(load_settings(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:1/0"))
+def sleeping_worker(cluster: Cluster) -> Child:
+    """A worker process that runs until killed, added to ``cluster``."""
     cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
     log = cluster.log_dir / "worker-0.log"
     child = Child("worker-0", Cluster._popen(cmd, {}, log), log, cmd, {})
     cluster.children.append(child)
+    return child
+
+
+def test_a_run_longer_than_healthy_after_ends_the_row_of_crashes(tmp_path: Path) -> None:
+    cluster = Cluster(load_settings(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:1/0"))
+    child = sleeping_worker(cluster)
     said: list[str] = []
     sup = Supervisor(cluster, backoff_s=1, healthy_after_s=10, say=said.append)
     try:
@@ -103,10 +109,7 @@ class AnnouncedCluster(Cluster):
 
 def test_a_worker_ready_and_killed_between_two_looks_ends_the_row_of_crashes(tmp_path: Path) -> None:
     cluster = AnnouncedCluster(load_settings(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:1/0"))
-    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
-    log = cluster.log_dir / "worker-0.log"
-    child = Child("worker-0", Cluster._popen(cmd, {}, log), log, cmd, {})
-    cluster.children.append(child)
+    child = sleeping_worker(cluster)
     said: list[str] = []
     sup = Supervisor(cluster, backoff_s=1, say=said.append)
     try:
