@@ -15,7 +15,7 @@ from queueformer.contract.errors import ModelNotFound, WorkerFatal
 from queueformer.contract.registry import Registry
 from queueformer.server.overlay import ModelOverlay
 from queueformer.server.storage import MANIFEST, Storage
-from workers.engine.lane import Lane
+from workers.engine.lane import Lane, run_on
 from workers.holder import Served, serve
 from workers.loading import load_adapter
 
@@ -58,11 +58,7 @@ class FineTunedModels:
                 assert entry.base_model is not None
                 base = self.registry.get(entry.base_model)
                 models_dir = self.models_dir
-                loaded = (
-                    self.lane.call(lambda: load_adapter(here, base, local, models_dir))
-                    if self.lane
-                    else load_adapter(here, base, local, models_dir)
-                )
+                loaded = run_on(self.lane, lambda: load_adapter(here, base, local, models_dir))
                 return serve(here, self.models_dir, poll_steps=self.poll_steps, loaded=loaded, lane=self.lane)
             return serve(here, self.models_dir, poll_steps=self.poll_steps, lane=self.lane)
         except WorkerFatal as exc:

@@ -20,7 +20,7 @@ from queueformer.contract.registry import ModelEntry
 from workers import metrics
 from workers.engine.batcher import BatchEngine
 from workers.engine.decode import DecodeEngine
-from workers.engine.lane import Lane
+from workers.engine.lane import Lane, run_on
 from workers.handlers import handler_class
 from workers.handlers.base import Handler
 from workers.loading import Loaded, load
@@ -60,11 +60,7 @@ def serve(
     engine gets a thread of its own.
     """
     if loaded is None and entry.task != Task.ECHO:
-        loaded = (
-            lane.call(lambda: load(entry, models_dir, offload_folder))
-            if lane is not None
-            else load(entry, models_dir, offload_folder)
-        )
+        loaded = run_on(lane, lambda: load(entry, models_dir, offload_folder))
     if loaded is not None:
         metrics.MODEL_LOADS.labels(entry.name).inc()
     handler = handler_class(entry.task)(entry, loaded)

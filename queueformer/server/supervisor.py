@@ -55,23 +55,26 @@ class Supervisor:
         now = time.monotonic() if now is None else now
         self._tend_redis()
         ready: set[int] | None = None
+
+        def announced(child: Child) -> bool:
+            nonlocal ready
+            if not child.name.startswith("worker"):
+                return False
+            ready = self.cluster.ready_worker_pids() if ready is None else ready
+            return child.proc.pid in ready
+
         for child in self.cluster.children:
             state = self._state.setdefault(child.name, _Restarts(started=now))
-            if child.proc.poll() is None:
-                if state.streak and now - state.started >= self.healthy_after_s:
-                    state.streak = 0
-                elif state.streak and child.name.startswith("worker"):
-                    ready = self.cluster.ready_worker_pids() if ready is None else ready
-                    if child.proc.pid in ready:
-                        state.streak = 0
+            alive = child.proc.poll() is None
+            # A worker that announced itself ready ends the row, alive or just dead: killed between two looks
+            # (a preemption right after it took work), its announcement outlives it until its heartbeat lapses.
+            if state.streak and (
+                (alive and now - state.started >= self.healthy_after_s) or (state.due is None and announced(child))
+            ):
+                state.streak = 0
+            if alive:
                 continue
             if state.due is None:
-                if state.streak and child.name.startswith("worker"):
-                    # Ready and killed between two looks (a preemption right after it took work) still
-                    # ends the row: a dead worker's announcement outlives it until its heartbeat lapses.
-                    ready = self.cluster.ready_worker_pids() if ready is None else ready
-                    if child.proc.pid in ready:
-                        state.streak = 0
                 self._crashed(child, state, now)
             if state.due is not None and now >= state.due:
                 self.cluster.respawn(child)

@@ -4,9 +4,9 @@ The engine keeps one running batch (a left-padded KV cache, its attention mask, 
 token and position); the worker's lane (``workers.engine.lane``) runs its turns, one decode step
 each. Between decode steps, waiting sequences are prefilled in groups of similar length (little
 padding) and merged into the batch; finished rows leave at once and all-padding columns are trimmed
-away. Every row keeps its own sampling state (processors, a seeded
-generator), so a sequence's tokens do not depend on what it shares the batch with: greedy output
-equals ``model.generate`` on that prompt alone.
+away. Every row keeps its own sampling state (processors, a seeded generator), so a sequence's tokens
+do not depend on what it shares the batch with: greedy output equals ``model.generate`` on that prompt
+alone.
 
 The cache is a ``SlabCache`` (``workers.engine.kvcache``): preallocated per-layer buffers written in
 place, instead of ``DynamicCache``'s concatenation of the whole cache at every step. Beam search has no

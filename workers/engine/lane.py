@@ -17,14 +17,11 @@ CUDA context is created by the thread that uses it.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Protocol, TypeVar
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -147,6 +144,11 @@ class Lane:
                 done.set_exception(exc)
 
 
+def run_on(lane: Lane | None, fn: Callable[[], T]) -> T:
+    """``fn()`` on ``lane``'s thread, or here when there is no lane (an engine that gets a thread of its own)."""
+    return lane.call(fn) if lane is not None else fn()
+
+
 def on_own_thread(fn: Callable[[], T], name: str) -> T:
     """Run ``fn`` on a new thread that ends with it, and return what it returns (or raise what it raised).
 
@@ -167,4 +169,4 @@ def on_own_thread(fn: Callable[[], T], name: str) -> T:
     return done.result()
 
 
-__all__ = ["Lane", "Turns", "on_own_thread"]
+__all__ = ["Lane", "Turns", "on_own_thread", "run_on"]
