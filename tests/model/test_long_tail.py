@@ -1,23 +1,32 @@
-"""Long-tail batches: rows of mixed prompt lengths and limits finish at different steps, wait in the
-batch until it is compacted, join mid-run and are reordered by length; each decodes as if alone."""
+"""Long-tail batches: rows of mixed prompt lengths and limits are prefilled packed, finish at different
+steps, wait in the batch until it is compacted, join mid-run and are reordered by length; each decodes
+as if alone. On GPT-2 (learned positions) and a Llama with grouped-query attention (rotary positions)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from queueformer.contract.jobs import GenerateJob
 from queueformer.contract.registry import ModelEntry
+from tests.model.static_cases import llama_gqa
 from workers.engine.item import WorkItem
 from workers.holder import serve
 
 
-def test_rows_with_their_own_lengths_and_limits_decode_as_if_alone(tiny_models: Path) -> None:
-    served = serve(
-        ModelEntry(name="lt", task="generate", path="tiny-gpt2", device_map="cpu", max_batch_size=16), tiny_models
+@pytest.mark.parametrize("model", ["tiny-gpt2", "llama-gqa"])
+def test_rows_with_their_own_lengths_and_limits_decode_as_if_alone(
+    model: str, tiny_models: Path, tmp_path: Path
+) -> None:
+    path = tiny_models / model if model == "tiny-gpt2" else llama_gqa(tmp_path, tiny_models / "tiny-gpt2")
+    # 96 prefill tokens a forward: admissions of 16 rows are cut into several packs
+    entry = ModelEntry(
+        name="lt", task="generate", path=path.name, device_map="cpu", max_batch_size=16, max_batch_tokens=96
     )
+    served = serve(entry, path.parent)
     try:
         rng = random.Random(3)
         words = ["the", "old", "bridge", "crosses", "river", "near", "village", "a", "queue", "holds", "jobs"]
@@ -36,5 +45,6 @@ def test_rows_with_their_own_lengths_and_limits_decode_as_if_alone(tiny_models: 
             want = out[0, ids["input_ids"].shape[1] :].tolist()
             assert item.future.result(timeout=120)[0].token_ids == want
         assert served.engine.running == 0
+        assert served.engine.packs  # every layer honoured the packed bounds: no fallback to padded groups
     finally:
         served.stop()

@@ -1,4 +1,5 @@
-"""The decode engine's attention gives SDPA's answer while skipping each row run's left padding.
+"""The decode engine's attention gives SDPA's answer while skipping each row run's left padding, and
+attends within each prompt of a packed prefill.
 
 Decode steps on a CPU run as grouped matmuls (query heads stacked on their shared key/value head), so
 the checks cover grouped-query heads, keys read as strided views of a preallocated slab, and bfloat16.
@@ -6,11 +7,14 @@ the checks cover grouped-query heads, keys read as strided views of a preallocat
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from workers.engine.kvcache import DECODE_ROWS_PER_CALL, _row_spans, engine_sdpa
+from workers.engine import attention
+from workers.engine.attention import DECODE_ROWS_PER_CALL, _row_spans, engine_sdpa, take_packed_calls
 
 
 class _Attention(torch.nn.Module):
@@ -81,3 +85,54 @@ def test_unused_padding_columns_are_never_read() -> None:
     got = engine_sdpa(module, query, key, value, mask)[0]
     assert torch.isnan(sdpa_attention_forward(module, query, key, value, mask)[0]).any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+def test_a_packed_prefill_attends_within_each_prompt_as_if_alone(heads: int, kv_heads: int) -> None:
+    torch.manual_seed(2)
+    lengths, dim = [5, 1, 17, 9], 16
+    bounds = [0, 5, 6, 23, 32]
+    query = torch.randn(1, heads, sum(lengths), dim)
+    key, value = torch.randn(2, 1, kv_heads, sum(lengths), dim).unbind(0)
+    module = _Attention(heads // kv_heads)
+    take_packed_calls()
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    got = engine_sdpa(module, query, key, value, None, scaling=0.3, cu_seq_lens_q=cu, cu_seq_lens_k=cu)[0]
+    assert take_packed_calls() == 1
+    assert got.shape == (1, sum(lengths), heads, dim)
+    for a, b in itertools.pairwise(bounds):
+        alone = sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scaling=0.3, is_causal=True
+        )[0]
+        torch.testing.assert_close(got[:, a:b], alone, rtol=0, atol=0)
+
+
+def test_bounds_that_do_not_fit_the_call_are_not_counted_as_honoured() -> None:
+    query = torch.randn(2, 4, 6, 16)  # two rows: not one packed sequence
+    key, value = torch.randn(2, 2, 4, 6, 16).unbind(0)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    take_packed_calls()
+    engine_sdpa(_Attention(), query, key, value, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    assert take_packed_calls() == 0
+
+
+def test_a_decode_steps_runs_are_planned_once_and_shared_by_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    rows, heads, dim, width = 70, 4, 16, 40
+    mask = left_padded(torch.randint(1, width, (rows,)).tolist(), width)
+    query = torch.randn(rows, heads, 1, dim)
+    module = _Attention()
+    layers = [torch.randn(2, rows, heads, width, dim).unbind(0) for _ in range(3)]
+    plans: list[torch.Tensor] = []
+
+    def counted(m: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
+        plans.append(m)
+        return _row_spans(m, n)
+
+    monkeypatch.setattr(attention, "_row_spans", counted)
+    outs = [engine_sdpa(module, query, k, v, mask)[0] for k, v in layers]
+    assert len(plans) == 1  # one plan for the step's three layers
+    engine_sdpa(module, query, *layers[0], mask.clone())  # the next step's mask: planned anew
+    assert len(plans) == 2
+    for (k, v), got in zip(layers, outs, strict=True):
+        torch.testing.assert_close(got, sdpa_attention_forward(module, query, k, v, mask)[0], rtol=1e-5, atol=1e-6)

@@ -62,3 +62,16 @@ def test_selecting_rows_copies_the_filled_span_and_keeps_the_room_after_it() -> 
     before = layer._k.data_ptr()  # type: ignore[union-attr]
     layer.update(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))  # written in place: no regrowth
     assert layer._k.data_ptr() == before and layer.get_seq_length() == 6  # type: ignore[union-attr]
+
+
+def test_a_packed_prefills_segments_become_right_aligned_rows_with_zero_padding() -> None:
+    packed, k, v = filled(1, 12, 2)  # one row holding three prompts end to end: 4, 1 and 7 tokens
+    rows = packed.unpacked([(0, 4), (4, 5), (5, 12)], headroom=3)
+    assert rows.keys is not None and rows.values is not None
+    assert rows.keys.shape == (3, 2, 7, 4)
+    assert rows._k is not None and rows._k.shape[2] == 10  # room for three decode steps
+    for row, (a, b) in enumerate([(0, 4), (4, 5), (5, 12)]):
+        n = b - a
+        assert torch.equal(rows.keys[row, :, 7 - n :], k[0, :, a:b])
+        assert torch.equal(rows.values[row, :, 7 - n :], v[0, :, a:b])
+        assert not rows.keys[row, :, : 7 - n].any() and not rows.values[row, :, : 7 - n].any()

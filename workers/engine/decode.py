@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor
 
 from queueformer.contract.errors import InvalidInput, OutOfMemory, TransientError
+from workers.engine.attention import ATTENTION, take_packed_calls
 from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem, begin
-from workers.engine.kvcache import ATTENTION, SlabCache, num_layers, plain_attention
+from workers.engine.kvcache import SlabCache, num_layers, plain_attention
 from workers.engine.lane import Lane
 from workers.engine.padding import pad_left, pad_token_id
 from workers.engine.prefix import PrefixKV, PrefixObserver, PrefixReuse, Share
@@ -223,6 +224,8 @@ class DecodeEngine:
         self._layers = num_layers(model.config) if self._mergeable else 0
         if self._mergeable and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(ATTENTION)
+        # Prompts are prefilled packed (one sequence, no padding) where the engine's attention runs.
+        self._packs = self._mergeable and getattr(model.config, "_attn_implementation", None) == ATTENTION
         if not self._mergeable:
             log.warning("%s: sliding-window or hybrid attention; decoding one group at a time", name)
         # Prefix reuse copies keys and values between rows: only for caches the engine owns (slabs).
@@ -264,6 +267,11 @@ class DecodeEngine:
             pending.append(item)
         for item in pending:
             item.reject(TransientError(f"the {self.name} engine stopped before this finished"))
+
+    @property
+    def packs(self) -> bool:
+        """True while prompts are prefilled packed (see ``_prefill_pack``)."""
+        return self._packs
 
     @property
     def running(self) -> int:
@@ -434,6 +442,10 @@ class DecodeEngine:
             picked = sorted(picked + whole, key=lambda s: len(s.req.input_ids))
             for share in shares:
                 parts.extend(self._prefill_share(share))
+        if self._packs:
+            # rows that score their prompt need logits at every position: prefilled in padded groups
+            parts.extend(self._prefill_packed([s for s in picked if not s.req.prompt_logprobs]))
+            picked = [s for s in picked if s.req.prompt_logprobs]
         groups = self._prefill_groups(picked)
         if not self._mergeable:
             # Unmergeable caches decode one group at a time; the rest go back to the front.
@@ -537,6 +549,71 @@ class DecodeEngine:
             free_memory()
             return None  # the rows are prefilled whole, each on its own budget
         return PrefixKV.from_cache(share.tokens, out.past_key_values, 0, torch.arange(n, device=self.device))
+
+    def _prefill_packed(self, seqs: list[_Seq]) -> list[_Part]:
+        """Prefill prompts packed as one sequence per ``max_batch_tokens``: no padding, one forward each."""
+        parts: list[_Part] = []
+        pack: list[_Seq] = []
+        tokens = 0
+        for s in seqs:
+            n = len(s.req.input_ids)
+            if pack and tokens + n > self.max_batch_tokens:
+                parts.extend(self._prefill_pack(pack))
+                pack, tokens = [], 0
+            pack.append(s)
+            tokens += n
+        if pack:
+            parts.extend(self._prefill_pack(pack))
+        return parts
+
+    def _prefill_pack(self, pack: list[_Seq]) -> list[_Part]:
+        """One packed prefill: the prompts end to end, positions restarting at each, attention per prompt.
+
+        The bounds travel as transformers' varlen arguments to the engine's attention
+        (``workers.engine.attention``); a model whose layers did not all honour them (attention code
+        that bypasses the registered function) is prefilled in padded groups from then on.
+        """
+        lengths = [len(s.req.input_ids) for s in pack]
+        cu = [0, *itertools.accumulate(lengths)]
+        ids = torch.tensor([[t for s in pack for t in s.req.input_ids]], dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
+        bounds = torch.tensor(cu, dtype=torch.int32, device=self.device)
+        for s in pack:
+            if s.decoding is not None:
+                s.decoding.start()
+        take_packed_calls()
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=pos,
+                    past_key_values=SlabCache(self._layers),
+                    use_cache=True,
+                    logits_to_keep=bounds[1:].long() - 1,  # each prompt's last position
+                    cu_seq_lens_q=bounds,
+                    cu_seq_lens_k=bounds,
+                    max_length_q=max(lengths),
+                    max_length_k=max(lengths),
+                )
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            free_memory()
+            if len(pack) == 1:
+                self._fail(pack[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
+                return []
+            half = len(pack) // 2
+            return self._prefill_pack(pack[:half]) + self._prefill_pack(pack[half:])
+        if take_packed_calls() != self._layers:
+            log.warning("%s: attention did not honour packed prefill bounds; prefilling in padded groups", self.name)
+            self._packs = False
+            return [p for group in self._prefill_groups(pack) for p in self._prefill(group)]
+        cache = out.past_key_values.unpacked(list(itertools.pairwise(cu)))
+        width = max(lengths)
+        n = torch.tensor(lengths, device=self.device)
+        mask = (torch.arange(width, device=self.device)[None] >= (width - n)[:, None]).long()
+        nxt = self._select(pack, out.logits[0].float())
+        return [_Part(pack, cache, mask, torch.tensor(nxt, dtype=torch.long, device=self.device), n)]
 
     def _prefill(self, group: list[_Seq], prefix: PrefixKV | None = None) -> list[_Part]:
         """Prefill one group (splitting it on OOM) and pick each row's first token.

@@ -5,7 +5,9 @@ copies every key and value of the batch: at 64 rows x 128 tokens that copy was 4
 step on CPU. Here each layer owns a buffer ``[rows, heads, capacity, head_dim]``; a step writes one
 column in place and attention reads a view of the filled span. Capacity grows by doubling (amortised
 O(1) per token). Rows leave with ``select_rows``, leading all-padding columns are dropped by moving a
-start offset (no copy), and batches are combined with ``merged`` (one copy per admission round).
+start offset (no copy), and batches are combined with ``merged`` (one copy per admission round). A
+packed prefill (many prompts as one sequence) leaves one row of segments; ``unpacked`` lays them out
+as left-padded rows.
 """
 
 from __future__ import annotations
@@ -13,11 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 _MIN_HEADROOM = 64
 
@@ -112,6 +110,22 @@ class SlabLayer(DynamicLayer):
     def trim_left(self, n: int) -> None:
         self.start += n
 
+    def unpacked(self, bounds: list[tuple[int, int]], headroom: int) -> SlabLayer:
+        """The segments ``[a, b)`` of this one-row layer as rows, right-aligned on the longest."""
+        k, v = self.keys, self.values
+        assert k is not None and v is not None and k.shape[0] == 1
+        width = max(b - a for a, b in bounds)
+        out = SlabLayer()
+        out.lazy_initialization(k, v)
+        out._k = k.new_empty((len(bounds), k.shape[1], width + headroom, k.shape[3]))
+        out._v = v.new_empty((len(bounds), v.shape[1], width + headroom, v.shape[3]))
+        for slab, packed in ((out._k, k), (out._v, v)):
+            for row, (a, b) in enumerate(bounds):
+                slab[row, :, width - (b - a) : width] = packed[0, :, a:b]
+                slab[row, :, : width - (b - a)] = 0.0  # read (masked) by attention: zeros, never garbage
+        out.start, out.end = 0, width
+        return out
+
     @staticmethod
     def merged(
         layers: list[SlabLayer],
@@ -201,6 +215,12 @@ class SlabCache(DynamicCache):
         ]
         return out
 
+    def unpacked(self, bounds: list[tuple[int, int]], headroom: int = _MIN_HEADROOM) -> SlabCache:
+        """The rows of a packed prefill (segments ``[a, b)`` of one row), left-padded to the longest."""
+        out = SlabCache(0)
+        out.layers = [layer.unpacked(bounds, headroom) for layer in self.slabs]
+        return out
+
 
 def num_layers(config: Any) -> int:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -209,93 +229,3 @@ def num_layers(config: Any) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot tell how many layers {type(config).__name__} has")
-
-
-DECODE_ROWS_PER_CALL = 32
-
-
-def _row_spans(mask: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
-    """``(first row, end row, first column any of them attends to)`` for each run of ``rows`` rows."""
-    valid = mask[:, 0, -1, :]  # [batch, kv columns]
-    n, width = valid.shape
-    spans = list(range(0, n, rows))
-    padded = F.pad(valid, (0, 0, 0, len(spans) * rows - n))  # pads with False
-    # argmax of a 0/1 row is its first 1; an all-padding group (none here) would start at column 0
-    starts = padded.view(len(spans), rows, width).any(1).to(torch.uint8).argmax(1).tolist()
-    return [(r, min(n, r + rows), c) for r, c in zip(spans, starts, strict=True)]
-
-
-def _grouped_decode(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float | None,
-) -> torch.Tensor:
-    """One decode position per row as two batched matmuls: ``[rows, 1, heads, dim]``.
-
-    The query heads that share a key/value head (grouped-query attention) are stacked as that head's
-    queries, so keys and values are read in place, never repeated per query head; on a 2-core CPU this
-    beat SDPA's flash kernel, which is tiled for long queries, by 1.3-2.2x at one query position. The softmax
-    runs in float32 and is cast back, as transformers' eager attention does.
-    """
-    rows, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else dim**-0.5
-    q = (query * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2))  # [rows, kv heads, group, columns]
-    # mask [rows, 1, 1, columns], True attends. Adding a 0/-inf bias broadcast over the heads is ~5x
-    # cheaper than a masked_fill_ with the broadcast mask, and exact (x + 0 == x).
-    bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, float("-inf"))
-    scores.add_(bias)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs, value)  # [rows, kv heads, group, dim]
-    return out.reshape(rows, 1, heads, dim)
-
-
-# Attention extras the grouped decode does not implement: those calls keep SDPA.
-_SDPA_ONLY = ("position_bias", "softcap", "s_aux", "sinks", "sliding_window")
-
-
-def engine_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """Attention for the decode engine: SDPA, except for decode steps on a CPU.
-
-    A decode step (one query position per row) runs ``_grouped_decode`` over runs of 32 rows, each
-    from the first column any of its rows uses. Rows of the running batch are left-padded to its
-    longest sequence, and rows that join together are ordered by length, so a run of short rows reads
-    only its own few columns instead of the longest row's: the cost of a step follows the lengths of
-    its rows, not the batch's longest. Prefills and other devices keep SDPA.
-    """
-    rows = DECODE_ROWS_PER_CALL
-    if (
-        query.device.type != "cpu"  # measured on CPUs only; elsewhere one kernel call per layer stays
-        or query.shape[2] != 1
-        or attention_mask is None
-        or attention_mask.dtype != torch.bool
-        or attention_mask.shape[0] != query.shape[0]
-        or attention_mask.shape[2] != 1
-        or any(kwargs.get(name) is not None for name in _SDPA_ONLY)
-        or query.shape[1] % key.shape[1]
-        or (kwargs.get("dropout") or 0.0) > 0.0
-    ):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling")
-    outs = [
-        _grouped_decode(query[a:b], key[a:b, :, c:], value[a:b, :, c:], attention_mask[a:b, ..., c:], scaling)
-        for a, b, c in _row_spans(attention_mask, rows)
-    ]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
-
-
-ATTENTION = "queueformer_sdpa"
-AttentionInterface.register(ATTENTION, engine_sdpa)
-# Same masks as sdpa (bool, or none at all where is_causal suffices): an unknown name would fall back
-# to eager's dense additive masks and slow every prefill down.
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)

@@ -178,6 +178,34 @@ class Row(Protocol):
         """``[1, length]``: the row's prompt and generated tokens."""
 
 
+_BLOCK = 128
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(logits, dim=-1)`` (the first maximum of each row), without argmax's slow CPU kernel.
+
+    On a CPU argmax over ``[256, 8192]`` float32 took 1.7 ms, a max reduction 0.07 ms: the maximum is
+    taken per block of 128, then argmax runs over the block maxima and over the one block holding the
+    first maximum. Rows with NaN (argmax picks the NaN) and other devices keep argmax.
+    """
+    vocab = logits.shape[-1]
+    if logits.device.type != "cpu" or vocab < 4 * _BLOCK:
+        return torch.argmax(logits, dim=-1)
+    full = vocab - vocab % _BLOCK
+    maxima = logits[:, :full].unflatten(-1, (full // _BLOCK, _BLOCK)).amax(-1)
+    if full < vocab:
+        maxima = torch.cat([maxima, logits[:, full:].amax(-1, keepdim=True)], dim=-1)
+    best = maxima.amax(-1, keepdim=True)
+    block = (maxima == best).to(torch.uint8).argmax(-1)  # the first block holding a row's maximum
+    # that block's columns (the last block's overhang clamped onto the row's last column, after it in order)
+    cols = (block[:, None] * _BLOCK + torch.arange(_BLOCK, device=logits.device)).clamp_(max=vocab - 1)
+    chosen = block * _BLOCK + (logits.gather(1, cols) == best).to(torch.uint8).argmax(-1)
+    nan = torch.isnan(best[:, 0])
+    if bool(nan.any()):
+        chosen[nan] = torch.argmax(logits[nan], dim=-1)
+    return chosen
+
+
 @torch.inference_mode()
 def pick(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[list[int], list[Scored | None]]:
     """Each row's next token from its processed scores, and its log-probability where asked for.
@@ -192,7 +220,7 @@ def pick(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[list[int], list[Sco
         if decoding is not None and decoding.processors:
             ids[i] = rows[i].ids().to(logits.device)
             logits[i : i + 1] = decoding.processors(cast(torch.LongTensor, ids[i]), logits[i : i + 1])
-    chosen: list[int] = torch.argmax(logits, dim=-1).tolist()
+    chosen: list[int] = greedy(logits).tolist()
     for i in active:
         generator = rows[i].generator
         if generator is not None:
@@ -217,4 +245,4 @@ def prompt_scores(logits: torch.Tensor, prompt: Sequence[int], k: int) -> list[S
     return out
 
 
-__all__ = ["RowDecoding", "Scored", "eos_ids", "pick", "prompt_scores", "resolve", "row_decoding"]
+__all__ = ["RowDecoding", "Scored", "eos_ids", "greedy", "pick", "prompt_scores", "resolve", "row_decoding"]
