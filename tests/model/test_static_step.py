@@ -127,9 +127,7 @@ def test_a_batch_trimmed_at_every_step_moves_back_to_the_arena_s_first_column(st
     for _ in range(2):
         cache = SlabCache(num_layers(model.config))
         with torch.inference_mode():
-            out = model(
-                input_ids=ids, position_ids=torch.arange(20).expand(3, 20), past_key_values=cache, logits_to_keep=1
-            )
+            out = model(input_ids=ids, position_ids=torch.arange(20).expand(3, 20), cache=cache, logits_to_keep=1)
         caches.append(cache)
         nxt = out.logits[:, -1].argmax(-1)
     fast, slow = caches
@@ -143,7 +141,7 @@ def test_a_batch_trimmed_at_every_step_moves_back_to_the_arena_s_first_column(st
                 input_ids=nxt[:, None],
                 attention_mask=F.pad(mask, (0, 1), value=1),
                 position_ids=pos[:, None],
-                past_key_values=slow,
+                cache=slow,
                 logits_to_keep=1,
             ).logits[:, -1]
         assert got is not None, "the step ran"

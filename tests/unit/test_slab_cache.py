@@ -75,3 +75,21 @@ def test_a_packed_prefills_segments_become_right_aligned_rows_with_zero_padding(
         assert torch.equal(rows.keys[row, :, 7 - n :], k[0, :, a:b])
         assert torch.equal(rows.values[row, :, 7 - n :], v[0, :, a:b])
         assert not rows.keys[row, :, : 7 - n].any() and not rows.values[row, :, : 7 - n].any()
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes() -> None:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from workers.engine.kvcache import cache_argument, returned_cache
+
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, cache: object = None, **kwargs: object) -> None: ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None, **kwargs: object) -> None: ...
+
+    assert cache_argument(Renamed()) == "cache"
+    assert cache_argument(Older()) == "past_key_values"
+    held = SlabLayer()
+    assert returned_cache(CausalLMOutputWithPast(cache=held)) is held
+    assert returned_cache({"past_key_values": held}) is held

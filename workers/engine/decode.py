@@ -36,7 +36,7 @@ from workers.engine.attention import ATTENTION, take_packed_calls
 from workers.engine.constraint import Constraint, Grammar, mask_rows
 from workers.engine.device import free_memory, is_oom
 from workers.engine.item import WorkItem, begin
-from workers.engine.kvcache import SlabCache, num_layers, plain_attention
+from workers.engine.kvcache import SlabCache, cache_argument, num_layers, plain_attention, returned_cache
 from workers.engine.lane import Lane
 from workers.engine.padding import pad_left, pad_token_id
 from workers.engine.prefix import PrefixKV, PrefixObserver, PrefixReuse, Share
@@ -208,6 +208,7 @@ class DecodeEngine:
         self.observer = observer
         self.device = model.get_input_embeddings().weight.device
         self.pad_id = pad_token_id(tokenizer, model.config)
+        self._cache_arg = cache_argument(model)
 
         self._inbox: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
         self._waiting: collections.deque[_Seq] = collections.deque()
@@ -539,7 +540,7 @@ class DecodeEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=cache,
+                    **{self._cache_arg: cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -548,7 +549,7 @@ class DecodeEngine:
                 raise
             free_memory()
             return None  # the rows are prefilled whole, each on its own budget
-        return PrefixKV.from_cache(share.tokens, out.past_key_values, 0, torch.arange(n, device=self.device))
+        return PrefixKV.from_cache(share.tokens, returned_cache(out), 0, torch.arange(n, device=self.device))
 
     def _prefill_packed(self, seqs: list[_Seq]) -> list[_Part]:
         """Prefill prompts packed as one sequence per ``max_batch_tokens``: no padding, one forward each."""
@@ -587,7 +588,7 @@ class DecodeEngine:
                 out = self.model(
                     input_ids=ids,
                     position_ids=pos,
-                    past_key_values=SlabCache(self._layers),
+                    **{self._cache_arg: SlabCache(self._layers)},
                     use_cache=True,
                     logits_to_keep=bounds[1:].long() - 1,  # each prompt's last position
                     cu_seq_lens_q=bounds,
@@ -608,7 +609,7 @@ class DecodeEngine:
             log.warning("%s: attention did not honour packed prefill bounds; prefilling in padded groups", self.name)
             self._packs = False
             return [p for group in self._prefill_groups(pack) for p in self._prefill(group)]
-        cache = out.past_key_values.unpacked(list(itertools.pairwise(cu)))
+        cache = returned_cache(out).unpacked(list(itertools.pairwise(cu)))
         width = max(lengths)
         n = torch.tensor(lengths, device=self.device)
         mask = (torch.arange(width, device=self.device)[None] >= (width - n)[:, None]).long()
@@ -638,7 +639,7 @@ class DecodeEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    past_key_values=cache,
+                    **{self._cache_arg: cache},
                     use_cache=True,
                     logits_to_keep=0 if echo else 1,  # 0: every position, to score the prompt
                 )
@@ -657,7 +658,7 @@ class DecodeEngine:
                 s.prompt_scored = prompt_scores(out.logits[i, -n:], s.req.input_ids, s.req.logprobs or 0)
         nxt = self._select(group, out.logits[:, -1, :].float())
         next_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)
-        return [_Part(group, out.past_key_values, mask, next_ids, mask.sum(-1).to(torch.long))]
+        return [_Part(group, returned_cache(out), mask, next_ids, mask.sum(-1).to(torch.long))]
 
     def _join(self, parts: list[_Part]) -> None:
         """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run.
@@ -762,11 +763,11 @@ class DecodeEngine:
             input_ids=self._next[:, None],
             attention_mask=mask,
             position_ids=self._pos[:, None],
-            past_key_values=self._cache,
+            **{self._cache_arg: self._cache},
             use_cache=True,
             logits_to_keep=1,
         )
-        self._cache = out.past_key_values
+        self._cache = returned_cache(out)
         return out.logits[:, -1, :]
 
     def _on_step_oom(self) -> None:

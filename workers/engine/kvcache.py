@@ -12,6 +12,7 @@ as left-padded rows.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -179,6 +180,20 @@ def plain_attention(config: Any) -> bool:
         return False
     types = getattr(text, "layer_types", None)
     return not types or all(t == "full_attention" for t in types)
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword the model's forward takes a KV cache by.
+
+    transformers renamed ``past_key_values`` to ``cache`` (the old name is deprecated and goes in 5.40,
+    inside the versions this project allows); a model whose forward predates the rename keeps the old one.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward handed back, under either name (see ``cache_argument``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 class SlabCache(DynamicCache):

@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from workers.engine.device import is_oom
-from workers.engine.kvcache import SlabCache, SlabLayer
+from workers.engine.kvcache import SlabCache, SlabLayer, cache_argument
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class StaticStep:
 
     def __init__(self, model: Any, *, pad_id: int, graphs: bool, name: str) -> None:
         self.model = model
+        self._cache_arg = cache_argument(model)
         self.pad_id = pad_id
         self.graphs = graphs
         self.name = name
@@ -190,7 +191,7 @@ class StaticStep:
             input_ids=self._ids[:rows],
             position_ids=self._pos[:rows],
             attention_mask=self._mask[:rows, :, :, :columns],
-            past_key_values=cache,
+            **{self._cache_arg: cache},
             use_cache=True,
             logits_to_keep=1,
         )
