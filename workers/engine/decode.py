@@ -734,12 +734,8 @@ class DecodeEngine:
         if rows == len(self._rows):
             nxt = self._select(self._rows, logits)
         else:  # retired rows still in the batch decode padding until the next compaction
-            nxt = [self.pad_id] * len(self._rows)
-            idx = torch.tensor(live, device=logits.device)
-            for i, tok in zip(
-                live, self._select([self._rows[i] for i in live], logits.index_select(0, idx)), strict=True
-            ):
-                nxt[i] = tok
+            picked = self._select([None if s.retired else s for s in self._rows], logits)
+            nxt = [self.pad_id if s.retired else tok for s, tok in zip(self._rows, picked, strict=True)]
         self._next = torch.tensor(nxt, dtype=torch.long, device=self.device)
         # a retired row keeps its position: it must never run past the model's position limit
         self._pos = self._pos + (1 if rows == len(self._rows) else self._alive())
@@ -790,16 +786,21 @@ class DecodeEngine:
         self._select_rows(list(range(keep)))
         log.warning("%s: OOM in a decode step; batch cut to %d rows", self.name, keep)
 
-    def _select(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Pick each row's next token, append it and mark rows that finish."""
+    def _select(self, seqs: list[_Seq] | list[_Seq | None], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token, append it and mark rows that finish.
+
+        A None row (retired, still in the batch) gets a token nobody reads: its logits are left in
+        place rather than the live rows' copied out.
+        """
         # Structured output first, so every processor (penalties, top-k/top-p) works on allowed tokens only.
-        mask_rows(logits, [s.constraint for s in seqs])
+        mask_rows(logits, [s.constraint if s is not None else None for s in seqs])
         chosen, scored = pick(logits, seqs)
         for s, sc in zip(seqs, scored, strict=True):
-            if sc is not None:
+            if s is not None and sc is not None:
                 s.scored.append(sc)
         for s, tok in zip(seqs, chosen, strict=True):
-            self._append(s, tok)
+            if s is not None:
+                self._append(s, tok)
         return list(chosen)
 
     def _append(self, s: _Seq, tok: int) -> None:
