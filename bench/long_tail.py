@@ -77,13 +77,22 @@ def run(quick: bool = False, full: bool = False, rounds: int = 2, lines: int | N
     spread = by_len[:: max(1, n // 16)][:16]
     registry_path = CACHE / "long-tail-registry.yaml"
     registry_path.write_text(registry_yaml(model_dir, entries(dtypes)))
+
+    def load(d: str) -> Any:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[d])).eval()
+
+    # The loop runs before the cluster starts: measured right after it, while its processes settled, the
+    # loop ran at half its speed (137-150 tok/s against 275 alone), which flattered the cluster 2x.
+    for d in dtypes:
+        model = load(d)
+        measure(
+            f"loop {d} (one generate per line, 16 lines)",
+            loop_rate(model, [ids[i] for i in spread], [new[i] for i in spread]),
+        )
+        del model
     with cluster(registry_path, model_dir, list(entries(dtypes))) as url:
         for d in dtypes:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[d])).eval()
-            measure(
-                f"loop {d} (one generate per line, 16 lines)",
-                loop_rate(model, [ids[i] for i in spread], [new[i] for i in spread]),
-            )
+            model = load(d)
             pairs = [(f"long-tail-{d}", "reuse on"), (f"long-tail-{d}-noreuse", "reuse off")]
             for name, _ in pairs:
                 batch_rate(url, name, workload(8, seed=1))  # warm-up
@@ -105,14 +114,18 @@ def run(quick: bool = False, full: bool = False, rounds: int = 2, lines: int | N
             "target": 2.5 if d == "fp32" else 3.0,
             "baseline": best_key,
         }
-        ratios[f"cluster {d} / loop {d}"] = {
-            "value": c / rates[f"loop {d} (one generate per line, 16 lines)"],
-            "target": 20.0,
-        }
         ratios[f"cluster {d} reuse on / reuse off (no shared prefixes)"] = {
             "value": c / rates[f"cluster {d} (reuse off)"],
             "target": 0.97,
         }
+    # against the tutorial loop, each at the dtype it runs fastest in
+    cluster_best = max(dtypes, key=lambda d: rates[f"cluster {d} (reuse on)"])
+    loop_best = max(dtypes, key=lambda d: rates[f"loop {d} (one generate per line, 16 lines)"])
+    ratios[f"cluster ({cluster_best}) / loop ({loop_best}), each at its best dtype"] = {
+        "value": rates[f"cluster {cluster_best} (reuse on)"]
+        / rates[f"loop {loop_best} (one generate per line, 16 lines)"],
+        "target": 20.0,
+    }
     say(table("useful tokens per second", ["pattern", "tok/s"], list(rates.items())))
     rows = [(k, v["value"], v["target"], "yes" if v["value"] >= v["target"] else "NO") for k, v in ratios.items()]
     say(table("ratios", ["ratio", "measured", "target", "met"], rows))

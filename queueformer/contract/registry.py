@@ -58,7 +58,14 @@ class ModelEntry(BaseModel):
     )
     offload_folder: str | None = None
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most sequences decoded together.")
-    max_batch_tokens: int = Field(8192, ge=16, description="Most prompt tokens prefilled in one step.")
+    max_batch_tokens: int = Field(
+        8192,
+        ge=16,
+        description=(
+            "Most prompt tokens prefilled in one forward (prompts packed end to end where the model's attention "
+            "allows, else in padded groups; a longer prompt is prefilled alone)."
+        ),
+    )
     max_input_tokens: int | None = Field(None, ge=1, description="Longest accepted input; default: the model's limit.")
     kv_cache_tokens: int = Field(
         65_536, ge=64, description="Most KV-cache positions (batch x padded length) held at once."
