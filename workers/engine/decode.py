@@ -597,14 +597,7 @@ class DecodeEngine:
                     max_length_k=max(lengths),
                 )
         except Exception as exc:
-            if not is_oom(exc):
-                raise
-            free_memory()
-            if len(pack) == 1:
-                self._fail(pack[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
-                return []
-            half = len(pack) // 2
-            return self._prefill_pack(pack[:half]) + self._prefill_pack(pack[half:])
+            return self._halve_on_oom(exc, pack, self._prefill_pack)
         if take_packed_calls() != self._layers:
             log.warning("%s: attention did not honour packed prefill bounds; prefilling in padded groups", self.name)
             self._packs = False
@@ -644,14 +637,7 @@ class DecodeEngine:
                     logits_to_keep=0 if echo else 1,  # 0: every position, to score the prompt
                 )
         except Exception as exc:
-            if not is_oom(exc):
-                raise
-            free_memory()
-            if len(group) == 1:
-                self._fail(group[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
-                return []
-            half = len(group) // 2
-            return self._prefill(group[:half], prefix) + self._prefill(group[half:], prefix)
+            return self._halve_on_oom(exc, group, lambda rows: self._prefill(rows, prefix))
         for i, s in enumerate(group):
             if s.req.prompt_logprobs:
                 n = len(s.req.input_ids)
@@ -659,6 +645,19 @@ class DecodeEngine:
         nxt = self._select(group, out.logits[:, -1, :].float())
         next_ids = torch.tensor(nxt, dtype=torch.long, device=self.device)
         return [_Part(group, returned_cache(out), mask, next_ids, mask.sum(-1).to(torch.long))]
+
+    def _halve_on_oom(
+        self, exc: Exception, rows: list[_Seq], again: Callable[[list[_Seq]], list[_Part]]
+    ) -> list[_Part]:
+        """A prefill that failed: out of memory, each half is tried again (a lone row fails); else re-raised."""
+        if not is_oom(exc):
+            raise exc
+        free_memory()
+        if len(rows) == 1:
+            self._fail(rows[0], OutOfMemory(f"out of memory prefilling this prompt alone on {self.name}"))
+            return []
+        half = len(rows) // 2
+        return again(rows[:half]) + again(rows[half:])
 
     def _join(self, parts: list[_Part]) -> None:
         """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run.
