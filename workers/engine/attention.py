@@ -55,6 +55,7 @@ class _State(threading.local):
     """Per thread (an engine's forwards all run on its lane): the last decode plan and packed-call count."""
 
     plan: _Plan | None = None
+    bounds: tuple[torch.Tensor, list[int]] | None = None  # the packed prefill's bounds tensor, read once
     packed: int = 0
 
 
@@ -126,6 +127,16 @@ def _grouped_decode(
     return out.reshape(rows, 1, heads, dim).to(dtype)
 
 
+def _bounds(cu: torch.Tensor) -> list[int]:
+    """The bounds as Python ints, read from the tensor once per forward (on a GPU each read waits for it)."""
+    held = _state.bounds
+    if held is not None and held[0] is cu:
+        return held[1]
+    bounds = [int(x) for x in cu.tolist()]
+    _state.bounds = (cu, bounds)
+    return bounds
+
+
 def _packed_prefill(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -164,7 +175,7 @@ def engine_sdpa(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
-        bounds = [int(x) for x in cu.tolist()]
+        bounds = _bounds(cu)
         if query.shape[0] == 1 and query.shape[2] == key.shape[2] == bounds[-1]:
             return _packed_prefill(module, query, key, value, bounds, kwargs), None
     if (
