@@ -727,8 +727,7 @@ class DecodeEngine:
             self._on_step_oom()
             return
         self._mask = mask
-        live = [i for i, s in enumerate(self._rows) if not s.retired]
-        rows = len(live)
+        rows = self._live()
         logits = last.float()
         if rows == len(self._rows):
             nxt = self._select(self._rows, logits)
