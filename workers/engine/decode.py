@@ -221,6 +221,7 @@ class DecodeEngine:
         self._cap = max_batch_size  # lowered after an OOM, raised back as steps succeed
         self._ok_steps = 0
         self._steps = 0
+        self.admissions = 0  # prefill-and-join rounds: each copies the running cache
         self._mergeable = plain_attention(model.config)
         self._layers = num_layers(model.config) if self._mergeable else 0
         if self._mergeable and getattr(model.config, "_attn_implementation", None) == "sdpa":
@@ -287,17 +288,34 @@ class DecodeEngine:
     def _should_admit(self) -> bool:
         """Admit when there is room, but not a row or two at a time into a large running batch.
 
-        Joining copies the whole cache, so rows wait until an eighth of the batch is free (or every
-        waiting row fits): a few steps' delay for those rows instead of a copy of every row per step.
+        Joining copies the whole cache, so rows wait until an eighth of the batch they would make is
+        free (or every waiting row fits): a few steps' delay for those rows instead of a copy of every
+        row per step. Room counts both the batch cap and the KV budget: where the budget binds first,
+        rows free up one or two a step, and admitting each alone cost more than the decoding itself.
         """
         live = self._live()
-        room = self._cap - live
-        if not self._waiting or room <= 0 or (self._rows and not self._mergeable):
+        if not self._waiting or self._cap - live <= 0 or (self._rows and not self._mergeable):
             return False
-        if live == 0 or room >= max(1, self._cap // 8) or len(self._waiting) <= room:
+        room = self._admissible()
+        if live == 0 or room >= len(self._waiting) or room >= max(1, (live + room) // 8):
             return True
         # more urgent work than anything running joins at once
-        return self._waiting[0].item.priority > min(s.item.priority for s in self._rows if not s.retired)
+        return room > 0 and self._waiting[0].item.priority > min(s.item.priority for s in self._rows if not s.retired)
+
+    def _admissible(self) -> int:
+        """How many rows from the front of the queue join now: the batch cap and the KV budget (rows x the
+        longest final length, prefixes kept for reuse included) both hold; the first always joins alone."""
+        live = self._live()
+        room = self._cap - live
+        longest = max((s.final_length for s in self._rows if not s.retired), default=0)
+        budget = self.kv_cache_tokens - (self.prefix.tokens if self.prefix is not None else 0)
+        n = 0
+        for cand in itertools.islice(self._waiting, max(0, room)):
+            longest = max(longest, cand.final_length)
+            if (n or live) and (live + n + 1) * longest > budget:
+                break
+            n += 1
+        return n
 
     @property
     def waiting(self) -> int:
@@ -418,21 +436,12 @@ class DecodeEngine:
             self._waiting = collections.deque(s for s in self._waiting if s.item is not suspect)
             self._prefill_and_join(alone)
             return
-        room = self._cap - live
-        picked: list[_Seq] = []
-        longest = max((s.final_length for s in self._rows if not s.retired), default=0)
-        budget = self.kv_cache_tokens - (self.prefix.tokens if self.prefix is not None else 0)
-        while self._waiting and len(picked) < room:
-            cand = self._waiting[0]
-            new_longest = max(longest, cand.final_length)
-            if picked and (live + len(picked) + 1) * new_longest > budget:
-                break
-            picked.append(self._waiting.popleft())
-            longest = new_longest
+        picked = [self._waiting.popleft() for _ in range(self._admissible())]
         if picked:
             self._prefill_and_join(picked)
 
     def _prefill_and_join(self, picked: list[_Seq]) -> None:
+        self.admissions += 1
         begin(list({id(s.item): s.item for s in picked}.values()))
         picked.sort(key=lambda s: len(s.req.input_ids))
         parts: list[_Part] = []
