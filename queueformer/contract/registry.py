@@ -68,7 +68,11 @@ class ModelEntry(BaseModel):
     )
     max_input_tokens: int | None = Field(None, ge=1, description="Longest accepted input; default: the model's limit.")
     kv_cache_tokens: int = Field(
-        65_536, ge=64, description="Most KV-cache positions (batch x padded length) held at once."
+        65_536,
+        ge=64,
+        description="Most KV-cache positions (batch x padded length) held at once: rows join a running batch "
+        "while rows x the longest final length (prompt + max tokens) fits, an eighth of the batch at a time. "
+        "Raise it with max_batch_size, or the budget, not the cap, sets the batch.",
     )
     prefix_cache_tokens: int = Field(
         8192,
