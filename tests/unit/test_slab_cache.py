@@ -48,6 +48,21 @@ def test_merged_with_picks_keeps_only_those_rows() -> None:
     assert torch.equal(out.keys, torch.cat([ka[[3, 1]], kb]))
 
 
+def test_filling_holes_moves_only_the_last_rows_and_keeps_the_room_after_the_span() -> None:
+    layer, _, _ = filled(6, 5, 7)
+    layer.update(torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4))
+    layer.trim_left(1)
+    keys, values = layer.keys.clone(), layer.values.clone()  # type: ignore[union-attr]
+    storage = layer._k.data_ptr()  # type: ignore[union-attr]
+    # rows 1 and 3 finished; of the kept rows 0, 2, 4, 5 the last two move into their places
+    layer.fill_holes(torch.tensor([1, 3]), torch.tensor([4, 5]), 4)
+    assert layer.keys is not None and layer.values is not None
+    assert torch.equal(layer.keys, keys[[0, 4, 2, 5]]) and torch.equal(layer.values, values[[0, 4, 2, 5]])
+    assert layer._k is not None and layer._k.data_ptr() == storage  # in place: nothing else was copied
+    layer.update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
+    assert layer.keys.shape == (4, 2, 6, 4) and torch.equal(layer.keys[:, :, -1], torch.ones(4, 2, 4))
+
+
 def test_selecting_rows_copies_the_filled_span_and_keeps_the_room_after_it() -> None:
     layer, _, _ = filled(4, 6, 4)
     layer.update(torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4))

@@ -279,9 +279,6 @@ class DecodeEngine:
     def running(self) -> int:
         return self._live()
 
-    def _alive(self) -> torch.Tensor:
-        return torch.tensor([0 if s.retired else 1 for s in self._rows], dtype=torch.long, device=self.device)
-
     def _live(self) -> int:
         return sum(1 for s in self._rows if not s.retired)
 
@@ -736,16 +733,10 @@ class DecodeEngine:
             self._on_step_oom()
             return
         self._mask = mask
-        rows = self._live()
-        logits = last.float()
-        if rows == len(self._rows):
-            nxt = self._select(self._rows, logits)
-        else:  # retired rows still in the batch decode padding until the next compaction
-            picked = self._select([None if s.retired else s for s in self._rows], logits)
-            nxt = [self.pad_id if s.retired else tok for s, tok in zip(self._rows, picked, strict=True)]
+        rows = len(self._rows)  # finished rows left the batch at the step they finished (_retire)
+        nxt = self._select(self._rows, last.float())
         self._next = torch.tensor(nxt, dtype=torch.long, device=self.device)
-        # a retired row keeps its position: it must never run past the model's position limit
-        self._pos = self._pos + (1 if rows == len(self._rows) else self._alive())
+        self._pos = self._pos + 1
         self._steps += 1
         self._ok_steps += 1
         if self._cap < self.max_batch_size and self._ok_steps >= 32:
@@ -794,11 +785,7 @@ class DecodeEngine:
         log.warning("%s: OOM in a decode step; batch cut to %d rows", self.name, keep)
 
     def _select(self, seqs: list[_Seq] | list[_Seq | None], logits: torch.Tensor) -> list[int]:
-        """Pick each row's next token, append it and mark rows that finish.
-
-        A None row (retired, still in the batch) gets a token nobody reads: its logits are left in
-        place rather than the live rows' copied out.
-        """
+        """Pick each row's next token, append it and mark rows that finish (a None row: no token)."""
         # Structured output first, so every processor (penalties, top-k/top-p) works on allowed tokens only.
         mask_rows(logits, [s.constraint if s is not None else None for s in seqs])
         chosen, scored = pick(logits, seqs)
@@ -845,11 +832,7 @@ class DecodeEngine:
         return True
 
     def _retire(self) -> None:
-        """Answer finished rows now; take them out of the batch once an eighth of it has finished.
-
-        Taking rows out copies the whole cache: done every step (rows of long-tail files finish at
-        nearly every step) it cost more than decoding a few finished rows along.
-        """
+        """Answer finished rows now and take them out of the batch (see ``_fill_holes``)."""
         done = [i for i, s in enumerate(self._rows) if s.finish is not None and not s.retired]
         if not done:
             return
@@ -863,15 +846,16 @@ class DecodeEngine:
                     self._groups.pop(id(s.item), None)
             elif s.item.future.done():
                 self._groups.pop(id(s.item), None)
-        keep = [i for i, s in enumerate(self._rows) if s.finish is None]
-        if not self._mergeable or not keep or 8 * (len(self._rows) - len(keep)) >= len(self._rows):
-            self._select_rows(keep)
+        self._select_rows([i for i, s in enumerate(self._rows) if s.finish is None])
 
     def _select_rows(self, keep: list[int]) -> None:
         if not keep:
             self._rows, self._cache, self._mask, self._next, self._pos = [], None, None, None, None
             return
         assert self._mask is not None and self._next is not None and self._pos is not None
+        if isinstance(self._cache, SlabCache) and len(keep) < len(self._rows):
+            self._fill_holes(keep)
+            return
         if len(keep) < len(self._rows):
             idx = torch.tensor(keep, device=self.device)
             self._cache.batch_select_indices(idx)
@@ -879,7 +863,40 @@ class DecodeEngine:
             self._next = self._next.index_select(0, idx)
             self._pos = self._pos.index_select(0, idx)
             self._rows = [self._rows[i] for i in keep]
-        # Drop leading columns that are padding in every remaining row.
+        self._trim()
+
+    def _fill_holes(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` (ascending): the kept rows past ``len(keep)`` move into the places of the rows
+        that leave before it; the others stay where they are.
+
+        Only the moved rows' keys and values are copied. Copying every kept row into a new slab cost
+        as much as a decode step, so finished rows used to wait in the batch (decoding padding) until
+        an eighth of it had finished; now they leave at the step they finish. Rows that joined
+        together are ordered longest first; a moved row breaks that order until the next join.
+        """
+        assert self._mask is not None and self._next is not None and self._pos is not None
+        n = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        for h, m in zip(holes, movers, strict=True):
+            order[h] = m
+        self._cache.fill_holes(
+            torch.tensor(holes, dtype=torch.long, device=self.device),
+            torch.tensor(movers, dtype=torch.long, device=self.device),
+            n,
+        )
+        idx = torch.tensor(order, device=self.device)
+        self._mask = self._mask.index_select(0, idx)
+        self._next = self._next.index_select(0, idx)
+        self._pos = self._pos.index_select(0, idx)
+        self._rows = [self._rows[i] for i in order]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every remaining row."""
+        assert self._mask is not None
         lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum().item())
         if lead and self._mergeable:
             self._mask = self._mask[:, lead:]

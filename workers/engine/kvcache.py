@@ -111,6 +111,23 @@ class SlabLayer(DynamicLayer):
     def trim_left(self, n: int) -> None:
         self.start += n
 
+    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
+        """Keep the first ``rows`` rows, rows ``movers`` copied into rows ``holes`` first (in place).
+
+        Only the moved rows are copied: a compaction that copied every kept row cost as much as a
+        decode step; this one costs a few rows, so finished rows leave the batch at once.
+        The slab keeps its allocation (the rows after ``rows`` stay unused until it is next replaced).
+        """
+        for name in ("_k", "_v"):
+            slab = getattr(self, name)
+            if slab is None:
+                continue
+            if holes.numel():
+                span = slab[:, :, self.start : self.end]
+                with torch.inference_mode():  # the slab was written by forwards under inference mode
+                    span.index_copy_(0, holes, span.index_select(0, movers))
+            setattr(self, name, slab[:rows])
+
     def unpacked(self, bounds: list[tuple[int, int]], headroom: int) -> SlabLayer:
         """The segments ``[a, b)`` of this one-row layer as rows, right-aligned on the longest."""
         k, v = self.keys, self.values
@@ -213,6 +230,10 @@ class SlabCache(DynamicCache):
     def trim_left(self, n: int) -> None:
         for layer in self.slabs:
             layer.trim_left(n)
+
+    def fill_holes(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
+        for layer in self.slabs:
+            layer.fill_holes(holes, movers, rows)
 
     @classmethod
     def merged(
