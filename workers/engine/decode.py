@@ -108,7 +108,7 @@ class _Seq:
     generator: torch.Generator | None = None
     decoding: RowDecoding | None = None
     constraint: Constraint | None = None
-    retired: bool = False  # finished and answered; its row leaves the batch at the next compaction
+    retired: bool = False  # finished and answered; its row leaves the batch at the same step (_retire)
     scored: list[Scored] = field(default_factory=list)
     prompt_scored: list[Scored | None] | None = None
 
