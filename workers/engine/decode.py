@@ -301,7 +301,8 @@ class DecodeEngine:
 
     def _admissible(self) -> int:
         """How many rows from the front of the queue join now: the batch cap and the KV budget (rows x the
-        longest final length, prefixes kept for reuse included) both hold; the first always joins alone."""
+        longest final length, prefixes kept for reuse included) both hold; into an empty batch, the first
+        row joins whatever its length (alone, it runs on its own budget)."""
         live = self._live()
         room = self._cap - live
         longest = max((s.final_length for s in self._rows if not s.retired), default=0)
