@@ -40,14 +40,6 @@ def test_merged_rows_are_right_aligned_with_zeros_before_them_whatever_the_memor
         assert out.keys.shape == (5, 2, 7, 4) and torch.equal(out.keys[:, :, -1], torch.ones(5, 2, 4))
 
 
-def test_merged_with_picks_keeps_only_those_rows() -> None:
-    a, ka, _ = filled(4, 3, 2)
-    b, kb, _ = filled(1, 3, 3)
-    out = SlabLayer.merged([a, b], headroom=4, picks=[torch.tensor([3, 1]), None])
-    assert out.keys is not None
-    assert torch.equal(out.keys, torch.cat([ka[[3, 1]], kb]))
-
-
 def test_filling_holes_moves_only_the_last_rows_and_keeps_the_room_after_the_span() -> None:
     layer, _, _ = filled(6, 5, 7)
     layer.update(torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4))

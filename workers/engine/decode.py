@@ -108,7 +108,6 @@ class _Seq:
     generator: torch.Generator | None = None
     decoding: RowDecoding | None = None
     constraint: Constraint | None = None
-    retired: bool = False  # finished and answered; its row leaves the batch at the same step (_retire)
     scored: list[Scored] = field(default_factory=list)
     prompt_scored: list[Scored | None] | None = None
 
@@ -277,10 +276,7 @@ class DecodeEngine:
 
     @property
     def running(self) -> int:
-        return self._live()
-
-    def _live(self) -> int:
-        return sum(1 for s in self._rows if not s.retired)
+        return len(self._rows)
 
     def _should_admit(self) -> bool:
         """Admit when there is room, but not a row or two at a time into a large running batch.
@@ -290,22 +286,22 @@ class DecodeEngine:
         row per step. Room counts both the batch cap and the KV budget: where the budget binds first,
         rows free up one or two a step, and admitting each alone cost more than the decoding itself.
         """
-        live = self._live()
+        live = len(self._rows)
         if not self._waiting or self._cap - live <= 0 or (self._rows and not self._mergeable):
             return False
         room = self._admissible()
         if live == 0 or room >= len(self._waiting) or room >= max(1, (live + room) // 8):
             return True
         # more urgent work than anything running joins at once
-        return room > 0 and self._waiting[0].item.priority > min(s.item.priority for s in self._rows if not s.retired)
+        return room > 0 and self._waiting[0].item.priority > min(s.item.priority for s in self._rows)
 
     def _admissible(self) -> int:
         """How many rows from the front of the queue join now: the batch cap and the KV budget (rows x the
         longest final length, prefixes kept for reuse included) both hold; into an empty batch, the first
         row joins whatever its length (alone, it runs on its own budget)."""
-        live = self._live()
+        live = len(self._rows)
         room = self._cap - live
-        longest = max((s.final_length for s in self._rows if not s.retired), default=0)
+        longest = max((s.final_length for s in self._rows), default=0)
         budget = self.kv_cache_tokens - (self.prefix.tokens if self.prefix is not None else 0)
         n = 0
         for cand in itertools.islice(self._waiting, max(0, room)):
@@ -423,8 +419,8 @@ class DecodeEngine:
     # --- admission and prefill -----------------------------------------------------------------
 
     def _admit(self) -> None:
-        live = self._live()
-        if any(s.item.alone for s in self._rows if not s.retired):
+        live = len(self._rows)
+        if any(s.item.alone for s in self._rows):
             return  # a suspect of earlier crashes runs alone until it finishes
         suspect = next((s.item for s in self._waiting if s.item.alone), None)
         if suspect is not None:
@@ -474,18 +470,14 @@ class DecodeEngine:
         instead of after the longest running line. Streamed rows are never taken back: their tokens
         have been sent.
         """
-        live = [s for s in self._rows if not s.retired]
+        live = self._rows
         room = self._cap - len(live)
         urgent = self._waiting[0].item.priority
         if room > 0 or not live or urgent <= min(s.item.priority for s in live):
             return
         want = sum(1 for s in itertools.takewhile(lambda s: s.item.priority == urgent, self._waiting))
         victims = sorted(
-            (
-                i
-                for i, s in enumerate(self._rows)
-                if s.item.priority < urgent and s.item.on_token is None and not s.retired
-            ),
+            (i for i, s in enumerate(self._rows) if s.item.priority < urgent and s.item.on_token is None),
             key=lambda i: (self._rows[i].item.priority, len(self._rows[i].tokens)),
         )[: want - room]
         if not victims:
@@ -669,55 +661,41 @@ class DecodeEngine:
     def _join(self, parts: list[_Part]) -> None:
         """Add prefilled groups to the running batch with one copy of the cache, sized for the whole run.
 
-        The copy also drops retired rows and orders rows by length: decode attention reads each run
-        of rows from its own first used column (``engine_sdpa``), so neighbours of similar length
-        read little padding.
+        The copy orders rows by length: decode attention reads each run of rows from its own first
+        used column (``engine_sdpa``), so neighbours of similar length read little padding. Rows that
+        finished at their first token join too and leave at the next ``_retire``; unmergeable caches
+        only ever join one part into an empty batch.
         """
         if self._rows:
             assert self._mask is not None and self._next is not None and self._pos is not None
             parts = [_Part(self._rows, self._cache, self._mask, self._next, self._pos), *parts]
-        if len(parts) == 1 and not any(s.retired for s in parts[0].rows):
+        if len(parts) == 1:
             p = parts[0]
             self._rows, self._cache, self._mask, self._next, self._pos = list(p.rows), p.cache, p.mask, p.next, p.pos
             return
-        kept = [[r for r, s in enumerate(p.rows) if not s.retired] for p in parts]
-        flat = [p.rows[r] for p, rows in zip(parts, kept, strict=True) for r in rows]
-        if not flat:
-            self._rows, self._cache, self._mask, self._next, self._pos = [], None, None, None, None
-            return
+        assert self._mergeable
+        flat = [s for p in parts for s in p.rows]
         order = sorted(range(len(flat)), key=lambda i: -flat[i].length)  # output row -> flat index
         place = [0] * len(flat)
         for out_row, i in enumerate(order):
             place[i] = out_row
-        picks: list[torch.Tensor | None] = []
         dest: list[torch.Tensor] = []
         at = 0
-        for p, rows in zip(parts, kept, strict=True):
-            picks.append(None if len(rows) == len(p.rows) else torch.tensor(rows, device=self.device))
-            dest.append(torch.tensor(place[at : at + len(rows)], device=self.device))
-            at += len(rows)
+        for p in parts:
+            dest.append(torch.tensor(place[at : at + len(p.rows)], device=self.device))
+            at += len(p.rows)
         width = max(p.mask.shape[1] for p in parts)
         longest = max(s.final_length for s in flat)
-        if self._mergeable:
-            self._cache = SlabCache.merged(
-                [p.cache for p in parts], headroom=max(8, longest - width), picks=picks, dest=dest
-            )
-        else:  # one part (unmergeable caches never join): drop retired rows in place
-            assert len(parts) == 1
-            parts[0].cache.batch_select_indices(torch.tensor(kept[0], device=self.device))
-            order = list(range(len(flat)))
+        self._cache = SlabCache.merged([p.cache for p in parts], headroom=max(8, longest - width), dest=dest)
         perm = torch.tensor(order, device=self.device)
 
         def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-            chosen = [t if pick is None else t.index_select(0, pick) for t, pick in zip(tensors, picks, strict=True)]
-            return torch.cat(chosen, dim=0).index_select(0, perm)
+            return torch.cat(tensors, dim=0).index_select(0, perm)
 
         self._mask = cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts])
         self._next = cat([p.next for p in parts])
         self._pos = cat([p.pos for p in parts])
         self._rows = [flat[i] for i in order]
-        if not self._mergeable:
-            self._cache = parts[0].cache
 
     # --- decoding ---------------------------------------------------------------------------------
 
@@ -776,8 +754,7 @@ class DecodeEngine:
             self._retire()
             return
         keep = len(self._rows) // 2
-        evicted = [s for s in self._rows[keep:] if not s.retired]
-        for s in reversed(evicted):
+        for s in reversed(self._rows[keep:]):
             s.reset()
             self._waiting.appendleft(s)
         self._cap = max(1, keep)
@@ -785,17 +762,16 @@ class DecodeEngine:
         self._select_rows(list(range(keep)))
         log.warning("%s: OOM in a decode step; batch cut to %d rows", self.name, keep)
 
-    def _select(self, seqs: list[_Seq] | list[_Seq | None], logits: torch.Tensor) -> list[int]:
-        """Pick each row's next token, append it and mark rows that finish (a None row: no token)."""
+    def _select(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token, append it and mark rows that finish."""
         # Structured output first, so every processor (penalties, top-k/top-p) works on allowed tokens only.
-        mask_rows(logits, [s.constraint if s is not None else None for s in seqs])
+        mask_rows(logits, [s.constraint for s in seqs])
         chosen, scored = pick(logits, seqs)
         for s, sc in zip(seqs, scored, strict=True):
-            if s is not None and sc is not None:
+            if sc is not None:
                 s.scored.append(sc)
         for s, tok in zip(seqs, chosen, strict=True):
-            if s is not None:
-                self._append(s, tok)
+            self._append(s, tok)
         return list(chosen)
 
     def _append(self, s: _Seq, tok: int) -> None:
@@ -834,12 +810,11 @@ class DecodeEngine:
 
     def _retire(self) -> None:
         """Answer finished rows now and take them out of the batch (see ``_fill_holes``)."""
-        done = [i for i, s in enumerate(self._rows) if s.finish is not None and not s.retired]
+        done = [i for i, s in enumerate(self._rows) if s.finish is not None]
         if not done:
             return
         for i in done:
             s = self._rows[i]
-            s.retired = True
             group = self._groups.get(id(s.item))
             if group is not None and s.finish != "cancelled":
                 group.done(s)

@@ -148,21 +148,13 @@ class SlabLayer(DynamicLayer):
     def merged(
         layers: list[SlabLayer],
         headroom: int,
-        picks: list[torch.Tensor | None] | None = None,
         dest: list[torch.Tensor] | None = None,
     ) -> SlabLayer:
         """The rows of every layer stacked, right-aligned on the longest (the rest left-padded).
 
-        ``picks`` keeps only those rows of a layer (None: all); ``dest`` places each layer's (kept) rows
-        at those rows of the result instead of in order.
+        ``dest`` places each layer's rows at those rows of the result instead of in order.
         """
-        keys = []
-        for i, x in enumerate(layers):
-            k, v = x.keys, x.values
-            pick = picks[i] if picks is not None else None
-            if pick is not None and k is not None and v is not None:
-                k, v = k.index_select(0, pick), v.index_select(0, pick)
-            keys.append((k, v))
+        keys = [(x.keys, x.values) for x in layers]
         width = max(k.shape[2] for k, _ in keys if k is not None)
         rows = sum(k.shape[0] for k, _ in keys if k is not None)
         k0, v0 = keys[0]
@@ -240,13 +232,12 @@ class SlabCache(DynamicCache):
         cls,
         caches: list[SlabCache],
         headroom: int = _MIN_HEADROOM,
-        picks: list[torch.Tensor | None] | None = None,
         dest: list[torch.Tensor] | None = None,
     ) -> SlabCache:
         """One cache holding the rows of ``caches`` (see ``SlabLayer.merged``), with ``headroom`` free columns."""
         out = cls(0)
         out.layers = [
-            SlabLayer.merged(list(per_layer), headroom, picks, dest)
+            SlabLayer.merged(list(per_layer), headroom, dest)
             for per_layer in zip(*(c.slabs for c in caches), strict=True)
         ]
         return out

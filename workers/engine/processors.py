@@ -207,15 +207,13 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def pick(logits: torch.Tensor, rows: Sequence[Row | None]) -> tuple[list[int], list[Scored | None]]:
+def pick(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[list[int], list[Scored | None]]:
     """Each row's next token from its processed scores, and its log-probability where asked for.
 
     ``logits`` ([rows, vocab], float32) is processed in place row by row, so the greedy rows of the
-    whole batch take one argmax and log-probabilities are read from the very scores sampled from. A
-    None row is only argmaxed (nobody reads its token).
+    whole batch take one argmax and log-probabilities are read from the very scores sampled from.
     """
-    live = [(i, r) for i, r in enumerate(rows) if r is not None]
-    active = [(i, r) for i, r in live if (r.decoding is not None and r.decoding.processors) or r.generator]
+    active = [(i, r) for i, r in enumerate(rows) if (r.decoding is not None and r.decoding.processors) or r.generator]
     for i, r in active:
         if r.decoding is not None and r.decoding.processors:
             ids = cast(torch.LongTensor, r.ids().to(logits.device))
@@ -226,7 +224,7 @@ def pick(logits: torch.Tensor, rows: Sequence[Row | None]) -> tuple[list[int], l
             probs = torch.softmax(logits[i : i + 1], dim=-1).cpu()
             chosen[i] = int(torch.multinomial(probs, 1, generator=r.generator).item())
     scored: list[Scored | None] = [None] * len(rows)
-    wanted = [(i, r.top_logprobs) for i, r in live if r.top_logprobs is not None]
+    wanted = [(i, r.top_logprobs) for i, r in enumerate(rows) if r.top_logprobs is not None]
     if wanted:
         logprobs = torch.log_softmax(logits[[i for i, _ in wanted]], dim=-1).cpu()
         for j, (i, k) in enumerate(wanted):
